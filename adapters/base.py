@@ -1,0 +1,192 @@
+"""What every adapter is: turn a job into an argv + env + stdin, and a CLI's output into an outcome.
+
+Adapters never spawn processes themselves (the engine's one runner does that, so timeouts, kills
+and logging behave the same for every agent) and never import the engine or the server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorKind(StrEnum):
+    auth = "auth"
+    rate_limit = "rate_limit"
+    network = "network"
+    timeout = "timeout"
+    not_installed = "not_installed"
+    no_changes = "no_changes"
+    check_failed = "check_failed"
+    crash = "crash"
+    cancelled = "cancelled"
+    invalid_output = "invalid_output"
+
+
+TRANSIENT = frozenset({ErrorKind.rate_limit, ErrorKind.network})
+
+
+class ErrorInfo(BaseModel):
+    kind: ErrorKind
+    message: str
+
+
+class AgentSpec(BaseModel):
+    """One `[agents.NAME]` table of the config. Adapter-specific keys are kept as extras."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    kind: str
+    command: list[str] | None = Field(None, description="argv prefix of the CLI; None = the kind's default")
+    model: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    enabled: bool = True
+    max_parallel: int | None = None
+    tiers: list[str] = Field(default_factory=list)
+    argv: list[str] | None = None
+
+    def extra(self, key: str, default=None):
+        return (self.model_extra or {}).get(key, default)
+
+
+COUNCIL_CONTEXT = (
+    "You are one member of a council of coding agents. You work in an isolated git checkout made "
+    "for you alone: edit files there, do not push, do not switch or create branches, and do not "
+    "touch anything outside this directory. Leave your changes in the working tree (committing "
+    "is optional)."
+)
+
+
+@dataclass
+class Job:
+    """One attempt as an adapter sees it."""
+
+    prompt: str
+    worktree: Path
+    timeout_s: float
+    check: str | None = None
+    budget_usd: float | None = None
+
+    def context(self) -> str:
+        if self.check:
+            return f"{COUNCIL_CONTEXT} Before you finish, run `{self.check}` and make it pass."
+        return COUNCIL_CONTEXT
+
+
+@dataclass
+class Invocation:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    stdin: bytes | None = None  # None: /dev/null
+    secrets: list[str] = field(default_factory=list)  # values to redact from logs and status
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    error: ErrorInfo | None = None
+    cost_usd: float | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    session_id: str | None = None
+    summary: str | None = None
+
+
+@dataclass
+class Availability:
+    ok: bool
+    message: str
+    version: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+class Parser:
+    """Reads one attempt's output as it streams; `finish` gives the outcome once it exits."""
+
+    def feed(self, stream: str, text: str) -> str | None:
+        """Take one line; return a short human note for progress displays, or None."""
+        return None
+
+    def finish(self, exit_code: int) -> Outcome:
+        if exit_code == 0:
+            return Outcome(ok=True)
+        return Outcome(ok=False, error=ErrorInfo(kind=ErrorKind.crash, message=f"exited with code {exit_code}"))
+
+
+# The environment an agent gets: these names from ours, plus the adapter's own and the agent's
+# `env` table. Nothing else leaks from the server's environment into a CLI.
+BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TMPDIR", "TZ",
+            "SHELL", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+            "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+            "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "VIRTUAL_ENV")
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.I)
+
+
+class Adapter:
+    """Base for one agent kind. Subclasses set `kind`, `default_command`, `auth_env` and override
+    `invocation` and `parser`; `available` answers whether this machine can run it."""
+
+    kind: ClassVar[str] = ""
+    default_command: ClassVar[list[str]] = []
+    auth_env: ClassVar[tuple[str, ...]] = ()  # extra variables passed through from our environment
+
+    def __init__(self, spec: AgentSpec, environ: dict[str, str] | None = None):
+        self.spec = spec
+        self.environ = dict(os.environ if environ is None else environ)
+
+    @property
+    def command(self) -> list[str]:
+        return list(self.spec.command or self.default_command)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        names = BASE_ENV + self.auth_env
+        env = {k: v for k, v in self.environ.items() if k in names or k.startswith("LC_")}
+        env.update(extra)
+        env.update(self.spec.env)
+        return env
+
+    def secrets(self, env: dict[str, str]) -> list[str]:
+        return [v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= 4]
+
+    def make(self, argv: list[str], job: Job, stdin: bytes | None = None, **extra_env: str) -> Invocation:
+        env = self.env(**extra_env)
+        return Invocation(argv=argv, env=env, cwd=job.worktree, stdin=stdin, secrets=self.secrets(env))
+
+    def invocation(self, job: Job) -> Invocation:
+        raise NotImplementedError
+
+    def parser(self, job: Job) -> Parser:
+        return Parser()
+
+    async def available(self) -> Availability:
+        cmd = self.command
+        if not cmd:
+            return Availability(False, f"agent {self.spec.name!r} has no command configured")
+        exe = resolve_executable(cmd[0], self.env().get("PATH"))
+        if exe is None:
+            return Availability(False, f"{cmd[0]!r} not found on PATH; install it or set "
+                                       f"[agents.{self.spec.name}] command = \"/path/to/{cmd[0]}\"")
+        return Availability(True, f"found {exe}")
+
+
+def resolve_executable(name: str, path: str | None = None) -> str | None:
+    if os.sep in name:
+        p = Path(name).expanduser()
+        return str(p) if p.is_file() and os.access(p, os.X_OK) else None
+    return shutil.which(name, path=path)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        if s and s in text:
+            text = text.replace(s, "***")
+    return text

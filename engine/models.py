@@ -1,0 +1,146 @@
+"""The records the engine keeps and every surface returns (MCP tools, `--json`, the store).
+
+One set of pydantic models so the CLI's `--json` and the MCP tools' structured results are the
+same document by construction.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+from adapters.base import ErrorInfo, ErrorKind
+
+__all__ = [
+    "AttemptState", "TaskState", "ErrorInfo", "ErrorKind", "CheckResult", "Attempt", "Task",
+    "TaskList", "LogLine", "LogChunk", "MergeResult", "GcReport", "now", "ACTIVE_TASK", "FINISHED_ATTEMPT",
+]
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class TaskState(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    merged = "merged"
+    interrupted = "interrupted"
+
+
+class AttemptState(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    timed_out = "timed_out"
+    cancelled = "cancelled"
+    skipped = "skipped"
+    interrupted = "interrupted"
+
+
+ACTIVE_TASK = frozenset({TaskState.queued, TaskState.running})
+FINISHED_ATTEMPT = frozenset(set(AttemptState) - {AttemptState.queued, AttemptState.running})
+
+
+class CheckResult(BaseModel):
+    command: str
+    passed: bool
+    exit_code: int | None = None
+
+
+class Attempt(BaseModel):
+    agent: str
+    state: AttemptState = AttemptState.queued
+    stage: int = Field(0, description="0 for the first routing stage, 1 for an escalation")
+    branch: str | None = None
+    worktree: str | None = None
+    exit_code: int | None = None
+    error: ErrorInfo | None = None
+    cost_usd: float | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    session_id: str | None = None
+    files_changed: int = 0
+    insertions: int = 0
+    deletions: int = 0
+    check: CheckResult | None = None
+    retries: int = 0
+    summary: str | None = None
+    duration_s: float | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class Task(BaseModel):
+    task_id: str
+    repo: str
+    base: str = Field(description="the commit the attempts started from")
+    into: str | None = Field(None, description="the branch checked out at submission")
+    prompt: str
+    tier: str | None = None
+    agents: list[str] = Field(default_factory=list, description="the agents asked for, by stage")
+    check: str | None = None
+    timeout_s: float
+    budget_usd: float | None = None
+    state: TaskState = TaskState.queued
+    created_at: datetime = Field(default_factory=now)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    best: str | None = None
+    best_reason: str | None = None
+    total_cost_usd: float = 0.0
+    merge_commit: str | None = None
+    attempts: list[Attempt] = Field(default_factory=list)
+
+    def attempt(self, agent: str) -> Attempt:
+        for a in self.attempts:
+            if a.agent == agent:
+                return a
+        raise KeyError(agent)
+
+
+class TaskList(BaseModel):
+    tasks: list[Task]
+
+
+class LogLine(BaseModel):
+    seq: int
+    agent: str
+    stream: str = Field(description="stdout, stderr, check or council (the engine's own notes)")
+    text: str
+    ts: datetime
+
+
+class LogChunk(BaseModel):
+    task_id: str
+    lines: list[LogLine]
+    next_cursor: int = Field(description="pass back as cursor to get the lines after these")
+    done: bool = Field(description="the task has finished and every line has been returned")
+
+
+class MergeResult(BaseModel):
+    merged: bool
+    task_id: str
+    agent: str | None = None
+    strategy: str
+    into: str | None = None
+    commit: str | None = None
+    files: list[str] = Field(default_factory=list)
+    insertions: int = 0
+    deletions: int = 0
+    conflicts: list[str] = Field(default_factory=list)
+    backup_ref: str | None = None
+    removed: list[str] = Field(default_factory=list)
+    dry_run: bool = False
+    message: str
+
+
+class GcReport(BaseModel):
+    removed: list[str] = Field(default_factory=list)
+    kept: list[str] = Field(default_factory=list, description="what was left, and why")
