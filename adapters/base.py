@@ -107,6 +107,7 @@ class Availability:
     message: str
     version: str | None = None
     details: dict = field(default_factory=dict)
+    error_kind: ErrorKind = ErrorKind.not_installed  # what a skipped attempt records when not ok
 
 
 class Parser:
