@@ -6,14 +6,18 @@ and logging behave the same for every agent) and never import the engine or the 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import ClassVar
 
+import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -74,6 +78,7 @@ class Job:
     timeout_s: float
     check: str | None = None
     budget_usd: float | None = None
+    tier: str | None = None  # cheap|standard|complex, for CLIs that size their own effort
 
     def context(self) -> str:
         if self.check:
@@ -191,3 +196,63 @@ def redact(text: str, secrets: list[str]) -> str:
         if s and s in text:
             text = text.replace(s, "***")
     return text
+
+
+# Words in an agent's error text that say which kind of failure it is; rate limits first because
+# quota errors often mention the API key too.
+_TEXT_KINDS = (
+    (ErrorKind.rate_limit, re.compile(r"\b429\b|\b529\b|rate.?limit|quota|resource.?exhausted|too many requests"
+                                      r"|overloaded", re.I)),
+    (ErrorKind.auth, re.compile(r"\b40[13]\b|unauthori[sz]ed|authenticat|invalid.{0,12}key|api key not valid"
+                                r"|not logged in|/login|permission_denied|forbidden", re.I)),
+    (ErrorKind.network, re.compile(r"unable to connect|connection.?(refused|reset|error)|econn|enotfound|eai_again"
+                                   r"|etimedout|fetch failed|socket hang up|getaddrinfo|could not resolve"
+                                   r"|name or service not known|network", re.I)),
+)
+
+
+def classify_text(text: str) -> ErrorKind | None:
+    """The failure kind an error message implies (auth, rate_limit, network), or None."""
+    for kind, pattern in _TEXT_KINDS:
+        if pattern.search(text):
+            return kind
+    return None
+
+
+def json_object(text: str) -> dict | None:
+    """One JSON-lines record, or None for anything else (banners, warnings, partial lines)."""
+    text = text.strip()
+    if not text.startswith("{"):
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+async def probe_version(argv: list[str], env: dict[str, str], timeout_s: float = 5.0) -> str | None:
+    """First line of `CLI --version`, best effort: a broken or hanging install must not stall doctor."""
+    try:
+        with anyio.fail_after(timeout_s):
+            done = await anyio.run_process(argv, env=env, check=False, stdin=subprocess.DEVNULL)
+    except (OSError, TimeoutError):
+        return None
+    lines = done.stdout.decode(errors="replace").strip().splitlines()
+    return lines[0].strip() if done.returncode == 0 and lines else None
+
+
+# Adapters that are not a CLI (ollama's HTTP client, auto-claude's two-step driver) run one of our
+# own modules as the agent process, so the engine's single runner still spawns, logs and kills it.
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def module_argv(module: str, *args: str) -> list[str]:
+    """`python -P -m module`: -P keeps the worktree (the cwd) off sys.path, so a user's repo that
+    has its own `adapters` package cannot replace ours."""
+    return [sys.executable, "-P", "-m", module, *args]
+
+
+def module_pythonpath(env: dict[str, str]) -> str:
+    """PYTHONPATH that finds this package first, keeping any the agent's env already sets."""
+    return os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
