@@ -153,7 +153,7 @@ class ModelStandin:
 
     # -- Gemini generateContent -------------------------------------------------------------
 
-    def gemini(self, body: dict) -> tuple[str, dict]:
+    def gemini(self, body: dict, model: str = "gemini-standin") -> tuple[str, dict]:
         """Pick the answer to one generateContent request: (label, one GenerateContentResponse)."""
         n = self._next_id()
         contents = body.get("contents") or []
@@ -170,17 +170,51 @@ class ModelStandin:
                                        "args": {"file_path": self.file_path, "content": self.content}}}]
         elif gen.get("responseMimeType") == "application/json" or gen.get("responseJsonSchema") \
                 or gen.get("responseSchema"):
-            # A side request that wants JSON (next-speaker check, routing, loop detection...).
-            label = "json (side request)"
-            parts = [{"text": json.dumps({"next_speaker": "user", "reasoning": "The task is done.",
-                                          "model_choice": "flash", "complexity_score": 1})}]
+            # A side request that wants JSON (model routing, next-speaker check, loop detection...):
+            # answer with the smallest value that fits the schema it asked for.
+            schema = gen.get("responseJsonSchema") or gen.get("responseSchema") or {}
+            value = _example(schema)
+            label = f"json (side request: {', '.join(value) if isinstance(value, dict) else type(value).__name__})"
+            parts = [{"text": json.dumps(value)}]
         else:
             label = "text STOP" if after_tool else "text (side request)"
             parts = [{"text": self.done_text}]
         return label, {"candidates": [{"content": {"role": "model", "parts": parts},
                                        "finishReason": "STOP", "index": 0}],
-                       "usageMetadata": usage, "modelVersion": "gemini-standin",
+                       "usageMetadata": usage, "modelVersion": model,
                        "responseId": f"standin{n:04d}"}
+
+
+# Preferred answers for fields that side requests are known to ask for.
+_KNOWN = {"next_speaker": "user", "complexity_score": 1}
+
+
+def _example(schema: dict, name: str = ""):
+    """The simplest value that satisfies a JSON schema (or a Gemini `Schema` with upper-case types)."""
+    if not isinstance(schema, dict):
+        return None
+    if name in _KNOWN:
+        return _KNOWN[name]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf"):
+        if schema.get(key):
+            return _example(schema[key][0], name)
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if str(k).lower() != "null"), "string")
+    kind = str(kind).lower()
+    if kind == "object":
+        props = schema.get("properties") or {}
+        return {k: _example(v, k) for k, v in props.items()}
+    if kind == "array":
+        return [_example(schema["items"])] * int(schema.get("minItems") or 0) if "items" in schema else []
+    if kind in ("number", "integer"):
+        low = schema.get("minimum", 1)
+        return int(low) if kind == "integer" else low
+    if kind == "boolean":
+        return False
+    return "The task is done."
 
 
 def _last_user_has(messages: list, block_type: str) -> bool:
@@ -259,7 +293,7 @@ class _Handler(BaseHTTPRequestHandler):
         if m and self.command == "POST":
             method = m["method"]
             if method in ("streamGenerateContent", "generateContent"):
-                label, resp = owner.gemini(data)
+                label, resp = owner.gemini(data, m["model"])
                 rec.answer = f"{method}: {label}"
                 if method == "streamGenerateContent":
                     self._send(200, f"data: {json.dumps(resp)}\r\n\r\n".encode(), "text/event-stream")
