@@ -84,6 +84,7 @@ class Task(BaseModel):
     into: str | None = Field(None, description="the branch checked out at submission")
     prompt: str
     tier: str | None = None
+    tier_reason: str | None = Field(None, description="given, explicit agents, or how the prompt was classified")
     agents: list[str] = Field(default_factory=list, description="the agents asked for, by stage")
     check: str | None = None
     timeout_s: float

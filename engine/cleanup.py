@@ -1,0 +1,219 @@
+"""Remove what tasks leave behind — worktrees and council branches — without deleting work.
+
+A worktree is the council's scratch space: it goes (forcefully) unless its agent may still be
+running or it lies outside the council's worktrees root, where nothing is ever deleted. A branch
+goes only when its commits can't be lost: the caller discards it (an attempt that was not picked),
+its changes are already in `into`, or its tip is reachable from another ref. Everything else is
+kept and reported with the reason, so `gc` never deletes unmerged work silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Collection, Iterable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import anyio
+
+from engine.gitcmd import GitError, git
+from engine.merge import changes_in
+from engine.models import ACTIVE_TASK, AttemptState, GcReport, Task, TaskState, now
+
+__all__ = ["remove_attempt", "gc"]
+
+_RUNNING_ATTEMPT = frozenset({AttemptState.queued, AttemptState.running})
+
+
+async def _inside(path: str | Path, root: str | Path) -> Path | None:
+    """`path` resolved, if it lies strictly inside `root` (symlinks resolved too), else None."""
+    resolved = await anyio.Path(path).resolve()
+    return Path(resolved) if Path(await anyio.Path(root).resolve()) in Path(resolved).parents else None
+
+
+def _rmtree_and_empty_parents(path: Path, root: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    parent = path.parent
+    while parent != root and root in parent.parents:
+        try:
+            parent.rmdir()  # only when empty: the task's directory once its last attempt is gone
+        except OSError:
+            break
+        parent = parent.parent
+
+
+async def _remove_worktree(repo: str | Path | None, worktree: str | Path, root: str | Path,
+                           report: GcReport) -> None:
+    path = await _inside(worktree, root)
+    if path is None:
+        report.kept.append(f"{worktree}: outside the council worktrees root {root}; not touched")
+        return
+    removed = False
+    if repo is not None:
+        try:  # twice forced: also when modified or locked; this is the council's own scratch space
+            await git(repo, "worktree", "remove", "--force", "--force", str(path))
+            removed = True
+        except GitError:
+            pass  # not (or no longer) a registered worktree: the leftovers go below, prune forgets it
+    if await anyio.Path(path).exists():
+        removed = True
+    await anyio.to_thread.run_sync(_rmtree_and_empty_parents, path, Path(await anyio.Path(root).resolve()))
+    if repo is not None:
+        await git(repo, "worktree", "prune")
+    if removed:
+        report.removed.append(str(path))
+
+
+async def _unique_work(repo: str | Path, branch: str, into: str | None, base: str | None) -> bool:
+    """True when deleting `branch` would lose commits: its tip is in no other ref and its changes
+    are not in `into`."""
+    tip = await git(repo, "rev-parse", f"refs/heads/{branch}")
+    holders = await git(repo, "for-each-ref", "--contains", tip, "--format=%(refname)")
+    if any(ref != f"refs/heads/{branch}" for ref in holders.splitlines()):
+        return False
+    return not (into and await changes_in(repo, branch, into, base))
+
+
+async def _remove_branch(repo: str | Path, branch: str, into: str | None, base: str | None,
+                         discard: bool, report: GcReport) -> None:
+    if not await git(repo, "for-each-ref", f"refs/heads/{branch}"):
+        return  # already gone
+    if not discard and await _unique_work(repo, branch, into, base):
+        where = f"not in {into}" if into else "in no other branch"
+        report.kept.append(f"{branch}: has work {where}; merge it, or delete it with `git branch -D {branch}`")
+        return
+    try:
+        await git(repo, "branch", "-D", branch)  # git refuses while a worktree has it checked out
+    except GitError as e:
+        report.kept.append(f"{branch}: {e.stderr}")
+        return
+    report.removed.append(branch)
+
+
+async def remove_attempt(repo: str | Path, *, root: str | Path, worktree: str | Path | None = None,
+                         branch: str | None = None, into: str | None = None, base: str | None = None,
+                         discard: bool = False, running: bool = False) -> GcReport:
+    """Remove one attempt's worktree (only inside `root`) and branch; report what went and what stayed.
+
+    The branch is deleted when `discard` (the caller decided, e.g. an attempt that was not picked),
+    when its changes since `base` are already in `into` (any strategy), or when its tip is reachable
+    from another ref. `running=True` (its agent may still be working) keeps both.
+    """
+    report = GcReport()
+    if running:
+        report.kept += [f"{item}: its agent is still running" for item in (worktree, branch) if item]
+        return report
+    if worktree:
+        await _remove_worktree(repo, worktree, root, report)
+    if branch:
+        await _remove_branch(repo, branch, into, base, discard, report)
+    return report
+
+
+def _merge_into(report: GcReport, part: GcReport) -> None:
+    report.removed += part.removed
+    report.kept += part.kept
+
+
+async def _subdirs(path: Path) -> list[Path]:
+    if not await anyio.Path(path).is_dir():
+        return []
+    return sorted([Path(p) async for p in anyio.Path(path).iterdir() if await p.is_dir()])
+
+
+async def _repo_of(worktree: Path) -> Path | None:
+    """The repository a worktree belongs to, or None when it is no (intact) git worktree."""
+    try:
+        common = Path(await git(worktree, "rev-parse", "--path-format=absolute", "--git-common-dir"))
+        top = Path(await git(worktree, "rev-parse", "--show-toplevel"))
+    except GitError:
+        return None
+    if top != worktree:
+        return None  # a plain directory inside some enclosing repository
+    return common.parent if common.name == ".git" else common
+
+
+async def gc(root: str | Path, tasks: Iterable[Task], *, age_s: float, busy: Collection[str | Path] = (),
+             at: datetime | None = None) -> GcReport:
+    """Reclaim what tasks finished more than `age_s` ago left behind, and the council's litter.
+
+    - Known finished tasks: worktrees go; branches go when the task was merged (the other
+      attempts were not picked) or when nothing would be lost (see remove_attempt).
+    - Queued/running tasks, attempts still running and worktrees in `busy` are never touched.
+    - Directories under `root` of unknown tasks, older than `age_s`: removed if they are not git
+      worktrees or clean ones; kept if they hold uncommitted changes.
+    - `council/*` branches of unknown tasks in the repos seen: deleted only if no work is lost.
+    """
+    root = Path(root)
+    cutoff = (at or now()) - timedelta(seconds=age_s)
+    busy_paths = {Path(await anyio.Path(p).resolve()) for p in busy}
+    known = {t.task_id: t for t in tasks}
+    report = GcReport()
+    repos: set[Path] = set()
+    recorded: set[Path] = set()
+    handled: set[tuple[Path, str]] = set()
+
+    for task in known.values():
+        repo = Path(task.repo)
+        has_repo = await anyio.Path(repo).is_dir()
+        if has_repo:
+            repos.add(repo)
+        worktrees = [Path(await anyio.Path(a.worktree).resolve()) for a in task.attempts if a.worktree]
+        recorded.update(worktrees)
+        if task.state in ACTIVE_TASK or (task.finished_at or task.created_at) > cutoff:
+            if any([await anyio.Path(w).exists() for w in worktrees]):
+                why = f"still {task.state}" if task.state in ACTIVE_TASK else f"finished less than {age_s:g}s ago"
+                report.kept.append(f"task {task.task_id}: {why}")
+            continue
+        for attempt in task.attempts:
+            running = attempt.state in _RUNNING_ATTEMPT or (
+                attempt.worktree is not None and Path(await anyio.Path(attempt.worktree).resolve()) in busy_paths)
+            if not has_repo:  # the repo is gone: its worktrees are plain disk litter
+                if attempt.worktree and not running:
+                    await _remove_worktree(None, attempt.worktree, root, report)
+                continue
+            _merge_into(report, await remove_attempt(
+                repo, root=root, worktree=attempt.worktree, branch=attempt.branch, into=task.into,
+                base=task.base, discard=task.state == TaskState.merged, running=running))
+            if attempt.branch:
+                handled.add((repo, attempt.branch))
+
+    for task_dir in await _subdirs(root):
+        owner = known.get(task_dir.name)
+        if owner is not None and owner.state in ACTIVE_TASK:
+            continue  # its worktrees may still be being created
+        for wt in await _subdirs(task_dir):
+            wt = Path(await anyio.Path(wt).resolve())
+            if wt in busy_paths:
+                report.kept.append(f"{wt}: busy")
+            if wt in recorded or wt in busy_paths:
+                continue
+            mtime = datetime.fromtimestamp((await anyio.Path(wt).stat()).st_mtime, cutoff.tzinfo)
+            if mtime > cutoff:
+                report.kept.append(f"{wt}: unknown worktree, younger than {age_s:g}s")
+                continue
+            repo = await _repo_of(wt)
+            if repo is not None and await git(wt, "status", "--porcelain", "--untracked-files=all"):
+                report.kept.append(f"{wt}: unknown worktree with uncommitted changes; "
+                                   f"commit them or remove it with `git worktree remove --force {wt}`")
+                continue
+            if repo is not None:
+                repos.add(repo)
+            await _remove_worktree(repo, wt, root, report)
+        with contextlib.suppress(OSError):
+            await anyio.Path(task_dir).rmdir()  # only when empty
+
+    for repo in sorted(repos):
+        names = await git(repo, "for-each-ref", "--format=%(refname:strip=2)", "refs/heads/council/")
+        for branch in names.splitlines():
+            if (repo, branch) in handled:
+                continue
+            task = known.get(branch.split("/")[1]) if branch.count("/") >= 2 else None
+            if task is not None and (task.state in ACTIVE_TASK or (task.finished_at or task.created_at) > cutoff):
+                continue
+            _merge_into(report, await remove_attempt(
+                repo, root=root, branch=branch, into=task.into if task else None,
+                base=task.base if task else None, discard=task is not None and task.state == TaskState.merged))
+        await git(repo, "worktree", "prune")
+    return report

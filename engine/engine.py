@@ -1,0 +1,482 @@
+"""The shared parallel engine: a task fans out to agents, each in its own worktree, at once.
+
+One Engine per process (the MCP server's lifespan, or a `cli-council run`). It hosts the tasks
+submitted to it in its own task group; every other process reads and cancels them through the
+store. Parallelism is capped globally and per agent with CapacityLimiters that hold across tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shlex
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+
+from adapters import make_adapter
+from adapters.base import TRANSIENT, Adapter, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, redact
+
+from . import judge, routing, runner
+from .config import TIERS, Config, ConfigError, home_dir, load_config
+from .gitcmd import GitError, diff_stat, git, git_ok
+from .models import (ACTIVE_TASK, Attempt, AttemptState, CheckResult, LogChunk, LogLine, Task,
+                     TaskList, TaskState, now)
+from .store import Store
+from .worktrees import Worktrees
+
+
+class CouncilError(ValueError):
+    """Bad input or a request that cannot be met; the message says what to do. Nothing was changed."""
+
+
+class NotFound(CouncilError):
+    pass
+
+
+def _self_owner() -> tuple[int, int | None]:
+    return os.getpid(), runner.proc_start_time(os.getpid())
+
+
+def _alive(pid: int | None, start: int | None) -> bool:
+    if pid is None:
+        return False
+    if pid == os.getpid():
+        return True
+    if start is not None:
+        return runner.proc_start_time(pid) == start
+    return runner.proc_start_time(pid) is not None
+
+
+class Engine:
+    def __init__(self, config: Config | None = None, home: Path | None = None,
+                 environ: dict[str, str] | None = None):
+        self.environ = dict(os.environ if environ is None else environ)
+        self.config = config if config is not None else load_config()
+        self.home = home or home_dir(self.environ)
+        self.store = Store(self.home / "council.db")
+        self.worktrees = Worktrees(self.home / "worktrees")
+        self.owner = _self_owner()
+        self._global = anyio.CapacityLimiter(self.config.engine.max_parallel)
+        self._per_agent: dict[str, anyio.CapacityLimiter] = {}
+        self._hosted: dict[str, Task] = {}
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._changed: dict[str, anyio.Event] = {}
+        self._seq: dict[str, int] = {}
+        self._secrets: dict[str, list[str]] = {}
+        self._tg = None
+        self._stopping = False
+
+    # lifecycle
+
+    async def __aenter__(self) -> "Engine":
+        await self.store.open()
+        await self.recover()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._watch_cancel_requests)
+        return self
+
+    async def __aexit__(self, *exc) -> bool | None:
+        self._stopping = True  # running attempts end as interrupted: the host stopped, not the user
+        self._tg.cancel_scope.cancel()
+        try:
+            return await self._tg.__aexit__(*exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.store.close()
+
+    async def recover(self) -> list[str]:
+        """Tasks whose host process died are marked interrupted (their worktrees stay for inspection),
+        and any agent process group they left behind is stopped."""
+        found = []
+        for task_id, pid, start in await self.store.owners([s.value for s in ACTIVE_TASK]):
+            if _alive(pid, start):
+                continue
+            task = await self.store.get_task(task_id)
+            for a in task.attempts:
+                if a.state in (AttemptState.queued, AttemptState.running):
+                    a.state = AttemptState.interrupted
+                    a.error = ErrorInfo(kind=ErrorKind.crash, message="the process hosting this task stopped")
+            for _, agent, pgid, pg_start in await self.store.procs(task_id):
+                await runner.stop_recorded_group(pgid, pg_start, self.config.engine.kill_grace_s)
+                await self.store.clear_proc(task_id, agent)
+            task.state = TaskState.interrupted
+            task.finished_at = now()
+            await self.store.save_task(task)
+            found.append(task_id)
+        return found
+
+    # the API every surface calls
+
+    async def submit(self, repo: str, prompt: str, agents: list[str] | None = None, tier: str | None = None,
+                     base: str | None = None, check: str | None = None, timeout_s: float | None = None,
+                     budget_usd: float | None = None) -> Task:
+        """Validate, record and start a task; returns at once while the attempts run."""
+        if self._tg is None:
+            raise RuntimeError("Engine must be entered (async with Engine() as engine) before submit")
+        task = await self._new_task(repo, prompt, agents, tier, base, check, timeout_s, budget_usd)
+        self._hosted[task.task_id] = task
+        self._seq[task.task_id] = 0
+        await self.store.save_task(task, owner=self.owner)
+        self._tg.start_soon(self._run_task, task, agents)
+        return task.model_copy(deep=True)
+
+    async def get(self, task_id: str) -> Task:
+        if task_id in self._hosted:
+            return self._hosted[task_id].model_copy(deep=True)
+        task = await self.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"no task {task_id!r}; list_tasks shows the known ones")
+        return task
+
+    async def wait(self, task_id: str, wait_s: float = 0) -> Task:
+        """The task as soon as it has finished, or as it is when wait_s runs out."""
+        deadline = time.monotonic() + max(0.0, wait_s)
+        while True:
+            task = await self.get(task_id)
+            left = deadline - time.monotonic()
+            if task.state not in ACTIVE_TASK or left <= 0:
+                return task
+            await self._wait_change(task_id, min(left, 0.5))
+
+    async def list(self, repo: str | None = None, limit: int = 20) -> TaskList:
+        if repo is not None:
+            repo = await self._toplevel(repo, must_exist=False) or repo
+        tasks = await self.store.list_tasks(repo, max(1, min(limit, 1000)))
+        return TaskList(tasks=[self._hosted.get(t.task_id, t).model_copy(deep=True) for t in tasks])
+
+    async def logs(self, task_id: str, agent: str | None = None, cursor: int = 0, wait_s: float = 0,
+                   limit: int = 500) -> LogChunk:
+        """Lines after `cursor`; with wait_s, waits for the first new line (or the task's end)."""
+        limit = max(1, min(limit, 5000))
+        deadline = time.monotonic() + max(0.0, wait_s)
+        while True:
+            task = await self.get(task_id)
+            lines = await self.store.read_logs(task_id, cursor, agent, limit)
+            finished = task.state not in ACTIVE_TASK
+            left = deadline - time.monotonic()
+            if lines or finished or left <= 0:
+                return LogChunk(task_id=task_id, lines=lines, next_cursor=lines[-1].seq if lines else cursor,
+                                done=finished and len(lines) < limit)
+            await self._wait_change(task_id, min(left, 0.5))
+
+    async def cancel(self, task_id: str) -> Task:
+        """Stop every running attempt of a task, here or in the process hosting it."""
+        task = await self.get(task_id)
+        if task.state not in ACTIVE_TASK:
+            return task
+        if task_id in self._scopes:
+            self._scopes[task_id].cancel()
+            return await self.wait(task_id, 10)
+        # Hosted elsewhere: flag it for the host, and stop the process groups ourselves if the
+        # host does not act in time (or is gone).
+        await self.store.request_cancel(task_id)
+        task = await self.wait(task_id, 2)
+        if task.state in ACTIVE_TASK:
+            for _, _, pgid, start in await self.store.procs(task_id):
+                await runner.stop_recorded_group(pgid, start, self.config.engine.kill_grace_s)
+            if not await self._host_alive(task_id):
+                await self.recover()
+        return await self.wait(task_id, 10)
+
+    # building a task
+
+    async def _new_task(self, repo, prompt, agents, tier, base, check, timeout_s, budget_usd) -> Task:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise CouncilError("prompt is empty: say what the agents should do")
+        if timeout_s is not None and not timeout_s > 0:
+            raise CouncilError(f"timeout_s must be > 0 seconds, got {timeout_s}")
+        if budget_usd is not None and budget_usd < 0:
+            raise CouncilError(f"budget_usd must be >= 0, got {budget_usd}")
+        if tier is not None and tier not in TIERS:
+            raise CouncilError(f"unknown tier {tier!r}; use one of {', '.join(TIERS)}")
+        if check is not None:
+            try:
+                if not shlex.split(check):
+                    raise CouncilError("check is empty; give a command such as 'pytest -q', or leave it out")
+            except ValueError as e:
+                raise CouncilError(f"check {check!r} cannot be parsed: {e}") from None
+        if agents is not None:
+            if not agents:
+                raise CouncilError("agents is an empty list; name at least one agent, or leave it out to route by tier")
+            for name in agents:
+                try:
+                    spec = self.config.agent(name)
+                except ConfigError as e:
+                    raise CouncilError(str(e)) from None
+                if not spec.enabled:
+                    raise CouncilError(f"agent {name!r} is disabled in the config ([agents.{name}] enabled = false)")
+        top = await self._toplevel(repo)
+        if base is not None and (not base.strip() or base.startswith("-")):
+            raise CouncilError(f"base {base!r} is not a valid ref")
+        ref = base or "HEAD"
+        if not await git_ok(top, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}"):
+            raise CouncilError(f"base {ref!r} does not resolve to a commit in {top}" if base else
+                               f"{top} has no commits yet; commit something first")
+        commit = await git(top, "rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
+        into = await git(top, "symbolic-ref", "--quiet", "--short", "HEAD", check=False) or None
+        why = "explicit agents" if agents else "given"
+        if tier is None and not agents:
+            tier, why = routing.classify(prompt)
+            why = f"classified: {why}"
+        plan = routing.stages(self.config, tier, agents)
+        unknown = [a for stage in plan for a in stage if a not in self.config.agents]
+        if unknown:
+            raise CouncilError(f"routing for tier {tier!r} names unknown agents {unknown}; fix [routing] in the config")
+        return Task(task_id=uuid.uuid4().hex[:12], repo=top, base=commit, into=into, prompt=prompt, tier=tier, tier_reason=why,
+                    agents=[a for stage in plan for a in stage], check=check,
+                    timeout_s=timeout_s or self.config.engine.default_timeout_s, budget_usd=budget_usd,
+                    attempts=[Attempt(agent=a, stage=0) for a in plan[0]])
+
+    async def _toplevel(self, repo: str, must_exist: bool = True) -> str | None:
+        path = Path(str(repo)).expanduser()
+        if not path.is_absolute() or not path.is_dir():
+            if must_exist:
+                raise CouncilError(f"repo {repo!r} is not an existing directory (give an absolute path)")
+            return None
+        if not await git_ok(path, "rev-parse", "--git-dir"):
+            if must_exist:
+                raise CouncilError(f"repo {repo!r} is not a git repository (run `git init` there first)")
+            return None
+        top = await git(path, "rev-parse", "--show-toplevel", check=False)
+        if not top:
+            if must_exist:
+                raise CouncilError(f"repo {repo!r} has no working tree (bare repositories are not supported)")
+            return None
+        return str(Path(top).resolve())
+
+    # running a task
+
+    async def _run_task(self, task: Task, explicit_agents: list[str] | None) -> None:
+        plan = routing.stages(self.config, task.tier, explicit_agents)
+        with anyio.CancelScope() as scope:
+            self._scopes[task.task_id] = scope
+            try:
+                task.state, task.started_at = TaskState.running, now()
+                await self._save(task)
+                await self._note(task, f"task started: tier {task.tier} ({task.tier_reason}), stages {plan}")
+                for stage, agents in enumerate(plan):
+                    if stage > 0:
+                        if not await self._should_escalate(task):
+                            break
+                        await self._note(task, f"escalating to {', '.join(agents)}: stage {stage - 1} gave no good result")
+                        task.attempts += [Attempt(agent=a, stage=stage) for a in agents]
+                        await self._save(task)
+                    async with anyio.create_task_group() as tg:
+                        for attempt in [a for a in task.attempts if a.stage == stage]:
+                            tg.start_soon(self._run_attempt, task, attempt)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    # The closing note is logged before the state turns final, so a reader that
+                    # sees the task finished has every line.
+                    ended = self._ended(task, cancelled=scope.cancel_called)
+                    await self._note(task, f"task {ended['state']}" + (
+                        f"; best: {ended['best']} ({ended['best_reason']})" if ended["best"] else ""))
+                    for key, value in ended.items():
+                        setattr(task, key, value)
+                    await self._save(task)
+                    self._scopes.pop(task.task_id, None)
+                    self._hosted.pop(task.task_id, None)
+                    self._secrets.pop(task.task_id, None)
+                    self._notify(task.task_id)
+
+    async def _should_escalate(self, task: Task) -> bool:
+        if await self.store.cancel_requested([task.task_id]):
+            return False
+        if task.budget_usd is not None and task.total_cost_usd >= task.budget_usd:
+            await self._note(task, f"not escalating: budget ${task.budget_usd:g} spent")
+            return False
+        return not any(a.state == AttemptState.succeeded and a.files_changed > 0 for a in task.attempts)
+
+    def _ended(self, task: Task, cancelled: bool) -> dict:
+        """The task's final fields: picked on evidence, or cancelled/interrupted."""
+        if cancelled or any(a.state in (AttemptState.queued, AttemptState.running) for a in task.attempts):
+            end = AttemptState.interrupted if self._stopping else AttemptState.cancelled
+            for a in task.attempts:
+                if a.state in (AttemptState.queued, AttemptState.running):
+                    a.state = end
+                    a.error = ErrorInfo(kind=ErrorKind.cancelled, message="the server stopped" if self._stopping else "cancelled")
+            state = TaskState.interrupted if self._stopping else TaskState.cancelled
+            best, reason = None, None
+        else:
+            best, reason = judge.pick_best(task.attempts)
+            ok = best is not None and task.attempt(best).state == AttemptState.succeeded
+            if all(a.state == AttemptState.skipped for a in task.attempts):
+                reason = "no agent could run here: " + "; ".join(
+                    f"{a.agent}: {a.error.message}" for a in task.attempts if a.error)
+            state = TaskState.succeeded if ok else TaskState.failed
+        return {"state": state, "best": best, "best_reason": reason, "finished_at": now()}
+
+    def _limiter(self, agent: str) -> anyio.CapacityLimiter:
+        if agent not in self._per_agent:
+            cap = self.config.agent(agent).max_parallel or self.config.engine.max_parallel
+            self._per_agent[agent] = anyio.CapacityLimiter(cap)
+        return self._per_agent[agent]
+
+    async def _run_attempt(self, task: Task, attempt: Attempt) -> None:
+        adapter = make_adapter(self.config.agent(attempt.agent), self.environ)
+        try:
+            avail = await adapter.available()
+        except Exception as e:  # an adapter's probe failing must skip one agent, not break the task
+            avail = Availability(False, f"could not check {attempt.agent}: {e!r}")
+        if not avail.ok:
+            attempt.state = AttemptState.skipped
+            attempt.error = ErrorInfo(kind=avail.error_kind, message=avail.message)
+            await self._note(task, f"skipped: {avail.message}", attempt.agent)
+            return await self._save(task)
+        async with self._global, self._limiter(attempt.agent):
+            attempt.state, attempt.started_at = AttemptState.running, now()
+            await self._save(task)
+            t0 = time.monotonic()
+            try:
+                await self._attempt_body(task, attempt, adapter)
+            except GitError as e:
+                attempt.state = AttemptState.failed
+                attempt.error = ErrorInfo(kind=ErrorKind.crash, message=str(e))
+            finally:
+                attempt.duration_s = round(time.monotonic() - t0, 3)
+                attempt.finished_at = now()
+                with anyio.CancelScope(shield=True):
+                    task.total_cost_usd = round(sum(a.cost_usd or 0.0 for a in task.attempts), 6)
+                    if attempt.state in (AttemptState.succeeded, AttemptState.failed, AttemptState.timed_out):
+                        await self._note(task, f"{attempt.state}" + (f": {attempt.error.message}" if attempt.error else ""), attempt.agent)
+                    await self._save(task)
+
+    async def _attempt_body(self, task: Task, attempt: Attempt, adapter: Adapter) -> None:
+        path, attempt.branch = await self.worktrees.add(task.repo, task.task_id, attempt.agent, task.base)
+        attempt.worktree = str(path)
+        await self._save(task)
+        job = Job(prompt=task.prompt, worktree=path, timeout_s=task.timeout_s, check=task.check,
+                  budget_usd=task.budget_usd)
+        deadline = time.monotonic() + task.timeout_s
+        retries_left = self.config.engine.retries
+        try:
+            while True:
+                outcome, result = await self._run_agent(task, attempt, adapter, job, deadline - time.monotonic())
+                if result.timed_out or outcome.error is None or outcome.error.kind not in TRANSIENT or retries_left <= 0:
+                    break
+                delay = min(self.config.engine.retry_max_s, self.config.engine.retry_base_s * 2 ** attempt.retries)
+                delay *= random.uniform(0.5, 1.0)  # jitter: retries of parallel attempts do not stampede
+                if time.monotonic() + delay >= deadline:
+                    break
+                attempt.retries += 1
+                retries_left -= 1
+                await self._note(task, f"{outcome.error.kind}: {outcome.error.message}; retry {attempt.retries} in {delay:.1f}s", attempt.agent)
+                await anyio.sleep(delay)
+                await self.worktrees.reset(path, task.base)
+        finally:
+            with anyio.CancelScope(shield=True):  # whatever the agent did is kept, even when cancelled
+                await self.worktrees.commit_all(path, f"council {task.task_id}: {attempt.agent}\n\n{task.prompt.splitlines()[0][:200]}")
+                files, attempt.insertions, attempt.deletions = await diff_stat(path, task.base, "HEAD")
+                attempt.files_changed = len(files)
+        attempt.exit_code = result.exit_code
+        attempt.error = outcome.error
+        for field in ("cost_usd", "tokens_in", "tokens_out", "session_id", "summary"):
+            setattr(attempt, field, getattr(outcome, field))
+        if attempt.summary:
+            attempt.summary = redact(attempt.summary, self._secrets.get(task.task_id, []))
+        if result.timed_out:
+            attempt.state = AttemptState.timed_out
+            attempt.error = ErrorInfo(kind=ErrorKind.timeout, message=f"no result within {task.timeout_s:g}s; the process group was killed")
+            return
+        if outcome.ok and not attempt.files_changed:
+            attempt.error = ErrorInfo(kind=ErrorKind.no_changes, message="the agent finished without changing any file")
+        if task.check and attempt.files_changed and attempt.error is None:
+            attempt.check = await self._run_check(task, attempt, path)
+            if not attempt.check.passed:
+                attempt.error = ErrorInfo(kind=ErrorKind.check_failed, message=f"`{task.check}` failed (exit {attempt.check.exit_code})")
+        attempt.state = AttemptState.succeeded if outcome.ok and attempt.error is None else AttemptState.failed
+
+    async def _run_agent(self, task: Task, attempt: Attempt, adapter: Adapter, job: Job,
+                         budget_s: float) -> tuple[Outcome, runner.RunResult]:
+        try:
+            inv = adapter.invocation(job)
+        except (ValueError, OSError) as e:
+            return Outcome(ok=False, error=ErrorInfo(kind=ErrorKind.invalid_output, message=str(e))), runner.RunResult(None)
+        secrets = self._secrets.setdefault(task.task_id, [])
+        secrets += [s for s in inv.secrets if s not in secrets]
+        parser = adapter.parser(job)
+
+        async def on_line(stream: str, text: str) -> None:
+            try:
+                parser.feed(stream, text)
+            except Exception as e:  # a line the parser chokes on is still logged; finish() judges
+                await self._note(task, f"parser error on a line: {e!r}", attempt.agent)
+            await self._log(task, attempt.agent, stream, text)
+
+        async def on_start(pgid: int) -> None:
+            await self.store.set_proc(task.task_id, attempt.agent, pgid, runner.proc_start_time(pgid))
+
+        await self._note(task, f"running: {shlex.join(inv.argv[:1])} in {job.worktree}", attempt.agent)
+        try:
+            result = await runner.run(inv, timeout_s=max(budget_s, 0.001), on_line=on_line, on_start=on_start,
+                                      kill_grace_s=self.config.engine.kill_grace_s)
+        except runner.SpawnError as e:
+            return Outcome(ok=False, error=ErrorInfo(kind=ErrorKind.not_installed, message=str(e))), runner.RunResult(None)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.store.clear_proc(task.task_id, attempt.agent)
+        if result.timed_out:
+            return Outcome(ok=False), result
+        try:
+            return parser.finish(result.exit_code), result
+        except Exception as e:  # a parser bug must fail one attempt, not the engine
+            return Outcome(ok=False, error=ErrorInfo(kind=ErrorKind.invalid_output, message=f"cannot read the agent's output: {e!r}")), result
+
+    async def _run_check(self, task: Task, attempt: Attempt, path: Path) -> CheckResult:
+        inv = Invocation(argv=shlex.split(task.check), env=self.environ, cwd=path)
+
+        async def on_line(stream: str, text: str) -> None:
+            await self._log(task, attempt.agent, "check", text)
+
+        await self._note(task, f"check: {task.check}", attempt.agent)
+        try:
+            result = await runner.run(inv, timeout_s=self.config.engine.check_timeout_s, on_line=on_line,
+                                      kill_grace_s=self.config.engine.kill_grace_s)
+        except runner.SpawnError as e:
+            await self._log(task, attempt.agent, "check", str(e))
+            return CheckResult(command=task.check, passed=False, exit_code=None)
+        return CheckResult(command=task.check, passed=result.exit_code == 0, exit_code=result.exit_code)
+
+    # logs, notes and change notification
+
+    async def _log(self, task: Task, agent: str, stream: str, text: str) -> None:
+        self._seq[task.task_id] += 1
+        line = LogLine(seq=self._seq[task.task_id], agent=agent, stream=stream,
+                       text=redact(text, self._secrets.get(task.task_id, [])), ts=now())
+        await self.store.append_log(task.task_id, line)
+        self._notify(task.task_id)
+
+    async def _note(self, task: Task, text: str, agent: str = "council") -> None:
+        await self._log(task, agent, "council", text)
+
+    async def _save(self, task: Task) -> None:
+        await self.store.save_task(task)
+        self._notify(task.task_id)
+
+    def _notify(self, task_id: str) -> None:
+        ev = self._changed.pop(task_id, None)
+        if ev is not None:
+            ev.set()
+
+    async def _wait_change(self, task_id: str, timeout: float) -> None:
+        """Wake on a change made here, or after `timeout` to look at what other processes wrote."""
+        ev = self._changed.setdefault(task_id, anyio.Event())
+        with anyio.move_on_after(timeout):
+            await ev.wait()
+
+    async def _host_alive(self, task_id: str) -> bool:
+        for tid, pid, start in await self.store.owners([s.value for s in ACTIVE_TASK]):
+            if tid == task_id:
+                return _alive(pid, start)
+        return False
+
+    async def _watch_cancel_requests(self) -> None:
+        """`cli-council cancel` from another shell flags the task in the store; act on it here."""
+        while True:
+            await anyio.sleep(0.3)
+            for task_id in await self.store.cancel_requested(list(self._scopes)):
+                self._scopes[task_id].cancel()

@@ -1,0 +1,279 @@
+"""Bring an attempt's branch into a target branch without ever losing work.
+
+Everything is first computed as git objects only (merge-tree, commit-tree), so a conflict, a dry run
+or a refusal leaves refs, index and working trees exactly as they were. Only then is the target
+moved, after `refs/council/backup/<task_id>` records its old tip:
+- not checked out anywhere: the ref moves with its old value as a guard (`update-ref NEW OLD`);
+- checked out and clean: `git merge --ff-only NEW` in that worktree moves ref and files together,
+  and git itself refuses if anything changed in between.
+
+Normal outcomes (no changes, conflicts, already merged, dry run) come back as a MergeResult with
+merged=False. A target that can't be moved safely right now (uncommitted changes, an operation in
+progress, untracked files in the way, unknown refs) raises MergeRefused, whose message says what
+the user should do; the engine turns it into merged=False at its boundary.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+
+from engine.gitcmd import COUNCIL_IDENTITY, GitError, diff_stat, git, git_ok
+from engine.models import MergeResult
+
+__all__ = ["MergeRefused", "STRATEGIES", "merge_branch", "changes_in"]
+
+STRATEGIES = ("squash", "merge", "rebase")
+_HELPER_MSG = "cli-council: throwaway commit for a three-way merge with an explicit base\n"
+# Files git leaves in a worktree's git dir while an operation waits for the user.
+_IN_PROGRESS = ("MERGE_HEAD", "CHERRY_PICK_HEAD", "REVERT_HEAD", "rebase-merge", "rebase-apply", "sequencer")
+
+
+class MergeRefused(ValueError):
+    """The target can't be moved safely right now; nothing was changed. The message says what to do."""
+
+
+async def _resolve(repo: str | Path, rev: str) -> str | None:
+    try:
+        return await git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except GitError:
+        return None
+
+
+async def _merge_base(repo: str | Path, a: str, b: str) -> str | None:
+    try:
+        return await git(repo, "merge-base", a, b)
+    except GitError:
+        return None
+
+
+async def _tree(repo: str | Path, rev: str) -> str:
+    return await git(repo, "rev-parse", f"{rev}^{{tree}}")
+
+
+async def _commit(repo: str | Path, tree: str, parents: list[str], message: str,
+                  env: dict[str, str] | None = None) -> str:
+    parent_args = [arg for p in parents for arg in ("-p", p)]
+    return await git(repo, *COUNCIL_IDENTITY, "commit-tree", tree, *parent_args, "-F", "-",
+                     input=message.encode(), env=env)
+
+
+async def _merge_trees(repo: str | Path, ours: str, theirs: str) -> tuple[str, list[str]]:
+    """merge-tree with git's own merge base: (result tree, conflicting paths). Writes objects only."""
+    args = ("merge-tree", "--write-tree", "--name-only", "--no-messages", "-z", ours, theirs)
+    try:
+        return await git(repo, *args), []
+    except GitError as e:
+        if e.code != 1:
+            raise
+    # Exit 1 means conflicts. The helper drops stdout on failure; merge-tree is deterministic, so ask again.
+    tree, *paths = [p for p in (await git(repo, *args, check=False)).split("\0") if p]
+    return tree, paths
+
+
+async def _three_way(repo: str | Path, base: str, ours: str, theirs: str) -> tuple[str, list[str]]:
+    """Apply the changes base..theirs onto ours: (result tree, conflicting paths).
+
+    git 2.39's merge-tree has no --merge-base, so both sides are re-parented onto `base` with
+    throwaway commits; `base` is then their only merge base whatever the real history looks like.
+    """
+    if ours == base:
+        return await _tree(repo, theirs), []
+    side_a = await _commit(repo, f"{ours}^{{tree}}", [base], _HELPER_MSG)
+    side_b = await _commit(repo, f"{theirs}^{{tree}}", [base], _HELPER_MSG)
+    return await _merge_trees(repo, side_a, side_b)
+
+
+async def changes_in(repo: str | Path, branch: str, into: str, base: str | None = None) -> bool:
+    """True when every change of base..branch is already in `into`, however it got there
+    (merge, rebase, squash, cherry-pick). `base` defaults to their merge base."""
+    tip, target = await _resolve(repo, branch), await _resolve(repo, into)
+    if tip is None or target is None:
+        return False
+    if await git_ok(repo, "merge-base", "--is-ancestor", tip, target):
+        return True
+    base = await _resolve(repo, base) if base else await _merge_base(repo, target, tip)
+    if base is None:
+        return False  # unrelated histories
+    tree, conflicts = await _three_way(repo, base, target, tip)
+    return not conflicts and tree == await _tree(repo, target)
+
+
+async def _rebase(repo: str | Path, base: str, branch_tip: str, onto: str) -> tuple[str, list[str], str]:
+    """Replay base..branch onto `onto` as new commits (objects only): (new tip, conflicts, note)."""
+    if not await git_ok(repo, "merge-base", "--is-ancestor", base, branch_tip):
+        raise MergeRefused("the attempt's branch does not descend from the task's base; use strategy squash")
+    out = await git(repo, "log", "-z", "--reverse", "--topo-order", "--date=raw",
+                    "--format=%H%x00%P%x00%an%x00%ae%x00%ad%x00%B", f"{base}..{branch_tip}")
+    fields = out.split("\0")
+    tip = onto
+    for i in range(0, len(fields) - 5, 6):
+        sha, parents, name, email, date, body = fields[i:i + 6]
+        if " " in parents:
+            raise MergeRefused(f"the attempt contains a merge commit ({sha[:12]}); use strategy squash or merge")
+        tree, conflicts = await _three_way(repo, parents, tip, sha)
+        if conflicts:
+            return tip, conflicts, f"replaying {sha[:12]} conflicts"
+        if tree == await _tree(repo, tip):
+            continue  # already applied upstream: drop it, as git rebase does
+        author = {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email, "GIT_AUTHOR_DATE": date}
+        tip = await _commit(repo, tree, [tip], body.rstrip("\n") + "\n", env=author)
+    return tip, [], ""
+
+
+async def _worktrees(repo: str | Path) -> list[dict[str, str]]:
+    out = await git(repo, "worktree", "list", "--porcelain", "-z")
+    entries, current = [], {}
+    for field in out.split("\0"):
+        if not field:
+            if current:
+                entries.append(current)
+            current = {}
+            continue
+        key, _, value = field.partition(" ")
+        current[key] = value
+    if current:
+        entries.append(current)
+    return entries
+
+
+async def _git_dir(worktree: str) -> Path:
+    return Path(await git(worktree, "rev-parse", "--absolute-git-dir"))
+
+
+async def _in_progress(git_dir: Path) -> list[str]:
+    return [name for name in _IN_PROGRESS if await anyio.Path(git_dir / name).exists()]
+
+
+async def _find_checkout(repo: str | Path, into: str) -> str | None:
+    """The worktree that has `into` checked out, or None. Refuses when a worktree is rebasing it."""
+    ref = f"refs/heads/{into}"
+    for wt in await _worktrees(repo):
+        if "prunable" in wt or "bare" in wt:
+            continue  # no working tree there to keep in step
+        if wt.get("branch") == ref:
+            return wt["worktree"]
+        if "detached" in wt:  # a rebase detaches HEAD but will write the branch when it ends
+            git_dir = await _git_dir(wt["worktree"])
+            for name in ("rebase-merge/head-name", "rebase-apply/head-name"):
+                head_name = anyio.Path(git_dir / name)
+                if await head_name.exists() and (await head_name.read_text()).strip() == ref:
+                    raise MergeRefused(f"{into} is being rebased in {wt['worktree']}: "
+                                       "finish it (git rebase --continue) or abort it, then merge again")
+    return None
+
+
+def _in_the_way(worktree: str, added: list[str], deleted: set[str]) -> list[str]:
+    """Paths on disk (untracked or ignored) that writing the `added` files would overwrite or remove."""
+    blocked = []
+    for path in added:
+        parts = path.split("/")
+        for n in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:n])
+            full = os.path.join(worktree, prefix)
+            if prefix in deleted or not os.path.lexists(full):
+                continue
+            if n == len(parts) or os.path.islink(full) or not os.path.isdir(full):
+                blocked.append(prefix)
+                break
+    return sorted(set(blocked))
+
+
+async def _check_checkout(worktree: str, into: str, old: str, new: str) -> None:
+    """Refuse unless moving `into` from old to new in `worktree` is certain to lose nothing."""
+    busy = await _in_progress(await _git_dir(worktree))
+    if busy:
+        raise MergeRefused(f"{worktree} (on {into}) has an operation in progress ({', '.join(busy)}): "
+                           "finish or abort it, then merge again")
+    dirty = [p for p in (await git(worktree, "status", "--porcelain=v1", "-z", "--untracked-files=no",
+                                   "--no-renames")).split("\0") if p]
+    if dirty:
+        shown = ", ".join(p[3:] for p in dirty[:5]) + (" ..." if len(dirty) > 5 else "")
+        raise MergeRefused(f"{worktree} (on {into}) has uncommitted changes ({shown}): "
+                           "commit or stash them, then merge again (or merge with --dry-run to preview)")
+    status = (await git(worktree, "diff", "--name-status", "-z", "--no-renames", old, new)).split("\0")
+    pairs = list(zip(status[0::2], status[1::2]))
+    added = [p for s, p in pairs if s == "A"]
+    deleted = {p for s, p in pairs if s == "D"}
+    blocked = await anyio.to_thread.run_sync(_in_the_way, worktree, added, deleted)
+    if blocked:
+        raise MergeRefused(f"untracked files in {worktree} would be overwritten by the merge "
+                           f"({', '.join(blocked[:5])}): move or delete them, then merge again")
+
+
+async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, strategy: str = "squash",
+                       message: str, task_id: str, dry_run: bool = False) -> MergeResult:
+    """Bring `branch` (an attempt that started at `base`) into the local branch `into`.
+
+    squash: one council commit on into's tip with the attempt's own changes (base..branch);
+    merge: a council merge commit with parents (into's tip, branch); rebase: the attempt's commits
+    replayed on into's tip, authors kept. `message` is the commit message for squash and merge.
+    Returns merged=True with `commit` the new tip and `backup_ref` at the old one, or merged=False
+    with the reason (and `conflicts`); raises MergeRefused when the target can't move safely now.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+    into = into.removeprefix("refs/heads/")
+    ref = f"refs/heads/{into}"
+    branch_tip, base_c, old = (await _resolve(repo, branch), await _resolve(repo, base), await _resolve(repo, ref))
+    for name, value in ((branch, branch_tip), (base, base_c), (into, old)):
+        if value is None:
+            raise MergeRefused(f"{name} is not a commit or branch in {repo}")
+
+    def result(merged: bool, text: str, **fields) -> MergeResult:
+        return MergeResult(merged=merged, task_id=task_id, strategy=strategy, into=into,
+                           dry_run=dry_run, message=text, **fields)
+
+    if await _tree(repo, base_c) == await _tree(repo, branch_tip):
+        return result(False, f"{branch} has no changes relative to the task's base; nothing to merge")
+
+    message = (message.strip() or f"cli-council: {strategy} {branch} (task {task_id})") + "\n"
+    note = ""
+    if strategy == "squash":
+        tree, conflicts = await _three_way(repo, base_c, old, branch_tip)
+        new = await _commit(repo, tree, [old], message) if not conflicts else old
+    elif strategy == "merge":
+        tree, conflicts = await _merge_trees(repo, old, branch_tip)
+        new = await _commit(repo, tree, [old, branch_tip], message) if not conflicts else old
+    else:
+        new, conflicts, note = await _rebase(repo, base_c, branch_tip, old)
+
+    if conflicts:
+        files, ins, dels = await diff_stat(repo, base_c, branch_tip)
+        return result(False, f"{branch} conflicts with {into} in {len(conflicts)} file(s)"
+                             f"{' (' + note + ')' if note else ''}; nothing was changed",
+                      conflicts=conflicts, files=files, insertions=ins, deletions=dels)
+    if await _tree(repo, new) == await _tree(repo, old):
+        return result(False, f"{into} already has the changes of {branch}; nothing to merge")
+
+    files, ins, dels = await diff_stat(repo, old, new)
+    counts = dict(files=files, insertions=ins, deletions=dels)
+    try:
+        checkout = await _find_checkout(repo, into)
+        if checkout:
+            await _check_checkout(checkout, into, old, new)
+    except MergeRefused as e:
+        if not dry_run:
+            raise
+        return result(False, f"dry run: {strategy} would apply cleanly, but right now {e}", **counts)
+    if dry_run:
+        return result(False, f"dry run: {strategy} of {branch} into {into} would apply cleanly "
+                             f"({len(files)} file(s), +{ins} -{dels})", **counts)
+
+    backup_ref = f"refs/council/backup/{task_id}"
+    reflog = f"cli-council: {strategy} {branch} (task {task_id})"
+    await git(repo, "update-ref", "-m", reflog, backup_ref, old)
+    try:
+        if checkout:
+            await git(checkout, *COUNCIL_IDENTITY, "merge", "--ff-only", "--no-stat", "-q", new,
+                      env={"GIT_REFLOG_ACTION": reflog})
+        else:
+            await git(repo, "update-ref", "-m", reflog, ref, new, old)
+    except GitError as e:
+        raise MergeRefused(f"could not move {into} ({e.stderr}); nothing was merged, try again") from e
+    where = f"and updated {checkout}" if checkout else "(not checked out; only the branch moved)"
+    return result(True, f"{strategy} of {branch} into {into} {where}: {new[:12]}, "
+                        f"{len(files)} file(s), +{ins} -{dels}; old tip saved at {backup_ref}",
+                  commit=new, backup_ref=backup_ref, **counts)

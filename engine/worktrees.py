@@ -1,0 +1,60 @@
+"""Attempt worktrees: one per agent under CLI_COUNCIL_HOME/worktrees, never inside the user's repo."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import anyio
+
+from .gitcmd import COUNCIL_IDENTITY, GitError, git
+
+# Scratch that agents keep in their checkout and that is never part of a result.
+EXCLUDES = (":(exclude).auto-claude",)
+
+
+def branch_name(task_id: str, agent: str) -> str:
+    return f"council/{task_id}/{agent}"
+
+
+class Worktrees:
+    def __init__(self, root: Path):
+        self.root = root
+        self._locks: dict[str, anyio.Lock] = {}
+
+    def path(self, task_id: str, agent: str) -> Path:
+        return self.root / task_id / agent
+
+    def lock(self, repo: str) -> anyio.Lock:
+        """git 2.39 can fail on concurrent `worktree add` to one repo, so adds are serialized per repo."""
+        return self._locks.setdefault(repo, anyio.Lock())
+
+    async def add(self, repo: str, task_id: str, agent: str, base: str) -> tuple[Path, str]:
+        path, branch = self.path(task_id, agent), branch_name(task_id, agent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        async with self.lock(repo):
+            for attempt in range(3):
+                try:
+                    await git(repo, "worktree", "add", "--quiet", "-b", branch, str(path), base)
+                    return path, branch
+                except GitError as e:
+                    if attempt == 2 or "commondir" not in e.stderr:
+                        raise
+                    await git(repo, "worktree", "prune")
+                    await git(repo, "branch", "-D", branch, check=False)
+                    await anyio.to_thread.run_sync(shutil.rmtree, path, True)
+                    await anyio.sleep(0.1)
+        raise AssertionError("unreachable")
+
+    async def commit_all(self, path: Path, message: str) -> bool:
+        """Commit whatever the agent left uncommitted; False when there was nothing."""
+        await git(path, "add", "-A", "--", ".", *EXCLUDES)
+        if not await git(path, "diff", "--cached", "--name-only"):
+            return False
+        await git(path, *COUNCIL_IDENTITY, "commit", "--quiet", "--no-verify", "-m", message)
+        return True
+
+    async def reset(self, path: Path, base: str) -> None:
+        """Back to the base commit before a retry, so a retried agent starts clean."""
+        await git(path, "reset", "--quiet", "--hard", base)
+        await git(path, "clean", "-fdq")
