@@ -79,11 +79,13 @@ class Engine:
         self._tg.start_soon(self._watch_cancel_requests)
         return self
 
-    async def __aexit__(self, *exc) -> bool | None:
+    async def __aexit__(self, *exc) -> None:
         self._stopping = True  # running attempts end as interrupted: the host stopped, not the user
         self._tg.cancel_scope.cancel()
         try:
-            return await self._tg.__aexit__(*exc)
+            # The caller's own exception (bad input, Ctrl-C) passes through as itself, not wrapped
+            # in an ExceptionGroup: the engine's tasks were only cancelled, not failed.
+            await self._tg.__aexit__(None, None, None)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.store.close()

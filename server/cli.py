@@ -1,0 +1,248 @@
+"""The `cli-council` command line: the same engine as the MCP tools, for scripts and humans.
+
+`--json` prints exactly one JSON document: the model the matching MCP tool returns. Bad input
+exits 2 with the engine's message; `run` exits 0 when the task succeeded and 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+
+import anyio
+from pydantic import BaseModel
+
+from adapters import make_adapter
+from engine.config import TIERS, ConfigError, load_config
+from engine.engine import CouncilError, Engine
+from engine.models import ACTIVE_TASK, Task, TaskState
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cli-council", description="Run a council of AI coding CLIs on a repo.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="serve the MCP tools (stdio for Claude Desktop/Code, or streamable HTTP)")
+    s.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765)
+
+    d = sub.add_parser("doctor", help="which agents are usable here, and what to do about the rest")
+    d.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("run", help="run a task in the foreground until it ends")
+    r.add_argument("--repo", required=True)
+    r.add_argument("--agents", type=lambda v: [a.strip() for a in v.split(",") if a.strip()])
+    r.add_argument("--tier", choices=TIERS)
+    r.add_argument("--base")
+    r.add_argument("--check")
+    r.add_argument("--timeout", type=float)
+    r.add_argument("--budget", type=float, dest="budget_usd")
+    r.add_argument("--wait", action="store_true", default=True, help="the default: stay until the task ends")
+    r.add_argument("--json", action="store_true")
+    r.add_argument("prompt")
+
+    st = sub.add_parser("status", help="one task, or the recent ones")
+    st.add_argument("task_id", nargs="?")
+    st.add_argument("--repo")
+    st.add_argument("--limit", type=int, default=20)
+    st.add_argument("--json", action="store_true")
+
+    lg = sub.add_parser("logs", help="a task's log lines")
+    lg.add_argument("task_id")
+    lg.add_argument("--agent")
+    lg.add_argument("--follow", "-f", action="store_true")
+    lg.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("merge", help="merge an attempt (the best by default) into the task's branch")
+    m.add_argument("task_id")
+    m.add_argument("--agent")
+    m.add_argument("--strategy", choices=["squash", "merge", "rebase"], default="squash")
+    m.add_argument("--into")
+    m.add_argument("--dry-run", action="store_true")
+    m.add_argument("--no-cleanup", dest="cleanup", action="store_false")
+    m.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("cancel", help="stop every running attempt of a task")
+    c.add_argument("task_id")
+    c.add_argument("--json", action="store_true")
+
+    g = sub.add_parser("gc", help="prune finished worktrees, orphaned branches and dead processes")
+    g.add_argument("--older-than", type=float, dest="older_than_s", help="seconds; default [engine] gc_age_s")
+    g.add_argument("--json", action="store_true")
+    return p
+
+
+def emit(model: BaseModel) -> None:
+    print(model.model_dump_json(indent=2))
+
+
+def describe(task: Task) -> str:
+    lines = [f"task {task.task_id}  {task.state}  tier {task.tier}  repo {task.repo}",
+             f"  prompt: {task.prompt.splitlines()[0][:100]}"]
+    for a in task.attempts:
+        cost = f" ${a.cost_usd:.4f}" if a.cost_usd else ""
+        check = f" check {'passed' if a.check.passed else 'failed'}" if a.check else ""
+        err = f"  [{a.error.kind}] {a.error.message}" if a.error else ""
+        dur = f" {a.duration_s:.1f}s" if a.duration_s is not None else ""
+        lines.append(f"  {a.agent:<12} {a.state:<11} +{a.insertions}/-{a.deletions} in {a.files_changed} files"
+                     f"{dur}{cost}{check}{err}")
+    if task.best:
+        lines.append(f"  best: {task.best} ({task.best_reason})")
+    elif task.best_reason:
+        lines.append(f"  no best: {task.best_reason}")
+    return "\n".join(lines)
+
+
+async def live_progress(engine: Engine, task_id: str) -> None:
+    """One line per agent, redrawn in place: state, elapsed time, last log line."""
+    cursor, last, drawn = 0, {}, 0
+    while True:
+        chunk = await engine.logs(task_id, cursor=cursor, wait_s=0.5)
+        for line in chunk.lines:
+            last[line.agent] = line.text
+        cursor = chunk.next_cursor
+        task = await engine.get(task_id)
+        rows = []
+        for a in task.attempts:
+            elapsed = a.duration_s if a.duration_s is not None else (
+                time.time() - a.started_at.timestamp() if a.started_at else 0.0)
+            rows.append(f"{a.agent:<12} {a.state:<10} {elapsed:6.1f}s  {last.get(a.agent, '')[:80]}")
+        sys.stderr.write("\x1b[F\x1b[2K" * drawn + "".join(r + "\n" for r in rows))
+        sys.stderr.flush()
+        drawn = len(rows)
+        if chunk.done:
+            return
+
+
+async def cmd_run(args, engine: Engine) -> int:
+    task = await engine.submit(args.repo, args.prompt, agents=args.agents, tier=args.tier, base=args.base,
+                               check=args.check, timeout_s=args.timeout, budget_usd=args.budget_usd)
+    print(f"task {task.task_id}", file=sys.stderr, flush=True)
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+            async def on_signal():
+                async for _ in signals:
+                    print("cancelling...", file=sys.stderr, flush=True)
+                    await engine.cancel(task.task_id)
+                    return
+            tg.start_soon(on_signal)
+            if sys.stderr.isatty() and not args.json:
+                await live_progress(engine, task.task_id)
+            task = await engine.wait(task.task_id, float("inf"))
+            tg.cancel_scope.cancel()
+    emit(task) if args.json else print(describe(task))
+    return 0 if task.state == TaskState.succeeded else 1
+
+
+async def cmd_status(args, engine: Engine) -> int:
+    if args.task_id:
+        task = await engine.get(args.task_id)
+        emit(task) if args.json else print(describe(task))
+        return 0
+    tasks = await engine.list(args.repo, args.limit)
+    if args.json:
+        emit(tasks)
+    else:
+        for t in tasks.tasks:
+            print(f"{t.task_id}  {t.state:<11} {t.created_at:%Y-%m-%d %H:%M}  best={t.best or '-':<12} "
+                  f"{t.repo}  {t.prompt.splitlines()[0][:50]}")
+    return 0
+
+
+async def cmd_logs(args, engine: Engine) -> int:
+    cursor = 0
+    while True:
+        chunk = await engine.logs(args.task_id, agent=args.agent, cursor=cursor, wait_s=5 if args.follow else 0,
+                                  limit=5000)
+        for line in chunk.lines:
+            if args.json:
+                print(line.model_dump_json())
+            else:
+                print(f"{line.seq:>5} {line.agent}/{line.stream}: {line.text}")
+        cursor = chunk.next_cursor
+        if chunk.done or (not args.follow and len(chunk.lines) < 5000):
+            return 0
+
+
+async def cmd_merge(args, engine: Engine) -> int:
+    result = await engine.merge(args.task_id, agent=args.agent, strategy=args.strategy, into=args.into,
+                                dry_run=args.dry_run, cleanup=args.cleanup)
+    if args.json:
+        emit(result)
+    else:
+        print(result.message)
+        if result.conflicts:
+            print("conflicts: " + ", ".join(result.conflicts))
+        for r in result.removed:
+            print(f"removed {r}")
+    return 0 if result.merged or (args.dry_run and not result.conflicts) else 1
+
+
+async def cmd_cancel(args, engine: Engine) -> int:
+    task = await engine.cancel(args.task_id)
+    emit(task) if args.json else print(describe(task))
+    return 0 if task.state not in ACTIVE_TASK else 1
+
+
+async def cmd_gc(args, engine: Engine) -> int:
+    report = await engine.gc(older_than_s=args.older_than_s)
+    if args.json:
+        emit(report)
+    else:
+        for r in report.removed:
+            print(f"removed {r}")
+        for k in report.kept:
+            print(f"kept {k}")
+    return 0
+
+
+async def cmd_doctor(args) -> int:
+    config = load_config()
+    rows = []
+    for name, spec in config.agents.items():
+        adapter = make_adapter(spec)
+        avail = await adapter.available()
+        rows.append({"agent": name, "kind": spec.kind, "enabled": spec.enabled, "ok": avail.ok,
+                     "version": avail.version, "message": avail.message, **avail.details})
+    if args.json:
+        print(json.dumps({"agents": rows}, indent=2))
+    else:
+        for r in rows:
+            mark = "ok " if r["ok"] and r["enabled"] else "-- "
+            print(f"{mark}{r['agent']:<12} {r['kind']:<12} {r['version'] or '':<14} "
+                  f"{'' if r['enabled'] else '(disabled) '}{r['message']}")
+    return 0 if any(r["ok"] and r["enabled"] for r in rows) else 1
+
+
+COMMANDS = {"run": cmd_run, "status": cmd_status, "logs": cmd_logs, "merge": cmd_merge,
+            "cancel": cmd_cancel, "gc": cmd_gc}
+
+
+async def amain(args) -> int:
+    if args.cmd == "doctor":
+        return await cmd_doctor(args)
+    async with Engine() as engine:
+        return await COMMANDS[args.cmd](args, engine)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.cmd == "serve":
+            from .app import serve
+            serve(args.transport, args.host, args.port)
+            return 0
+        return anyio.run(amain, args)
+    except (CouncilError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

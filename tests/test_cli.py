@@ -1,0 +1,129 @@
+"""`cli-council` as a user runs it: real processes sharing council.db across shells."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import fake, git, pid_running
+
+
+def write_config(path: Path, agents: dict, **engine) -> None:
+    lines = ["[engine]", "kill_grace_s = 1"] + [f"{k} = {json.dumps(v)}" for k, v in engine.items()]
+    for name, table in agents.items():
+        lines.append(f'[agents."{name}"]')
+        lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def cli(*args: str, check_code: int | None = 0, timeout: float = 60) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    if check_code is not None:
+        assert proc.returncode == check_code, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def start_run(repo: Path, agent: str, prompt: str = "work") -> tuple[subprocess.Popen, str]:
+    """`cli-council run` in the background; returns it and the task id it announces on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "run", "--repo", str(repo), "--agents", agent,
+                             "--json", prompt], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    first = proc.stderr.readline()
+    assert first.startswith("task "), first
+    return proc, first.split()[1]
+
+
+def wait_for(predicate, timeout: float = 20):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.fixture
+def config(tmp_path) -> Path:
+    return Path(os.environ["CLI_COUNCIL_CONFIG"])
+
+
+def test_run_json_prints_the_task_and_exit_codes(repo, config):
+    write_config(config, {"good": fake("--write", "g.txt=1"), "bad": fake("--exit", "4")})
+    ok = cli("run", "--repo", str(repo), "--agents", "good", "--json", "make g")
+    task = json.loads(ok.stdout)
+    assert task["state"] == "succeeded" and task["best"] == "good"
+    assert ok.stderr.startswith(f"task {task['task_id']}")
+    failed = json.loads(cli("run", "--repo", str(repo), "--agents", "bad", "--json", "fail", check_code=1).stdout)
+    assert failed["state"] == "failed" and failed["attempts"][0]["exit_code"] == 4
+    listed = json.loads(cli("status", "--json").stdout)
+    assert {t["task_id"] for t in listed["tasks"]} == {task["task_id"], failed["task_id"]}
+    one = json.loads(cli("status", task["task_id"], "--json").stdout)
+    assert one == task
+    logs = cli("logs", task["task_id"]).stdout
+    assert "good/stdout: fake agent got: make g" in logs
+
+
+def test_bad_input_exits_2_with_a_message_and_records_nothing(repo, config, tmp_path):
+    write_config(config, {"good": fake("--write", "g.txt=1")})
+    for args in (["--repo", str(tmp_path / "nope"), "--agents", "good", "p"],
+                 ["--repo", str(repo), "--agents", "ghost", "p"],
+                 ["--repo", str(repo), "--agents", "good", "--base=-x", "p"],
+                 ["--repo", str(repo), "--agents", "good", "--timeout", "0", "p"],
+                 ["--repo", str(repo), "--agents", "good", ""]):
+        proc = cli("run", *args, check_code=2)
+        assert proc.stderr.startswith("error: ") and proc.stdout == ""
+    assert json.loads(cli("status", "--json").stdout) == {"tasks": []}
+    assert cli("status", "nope", check_code=2).stderr.startswith("error: no task")
+
+
+def test_cancel_from_another_shell_stops_the_run(repo, config, tmp_path):
+    child, pidfile = tmp_path / "child.pid", tmp_path / "agent.pid"
+    write_config(config, {"slow": fake("--child", str(child), "--pidfile", str(pidfile), "--sleep", "60")})
+    run, task_id = start_run(repo, "slow")
+    try:
+        wait_for(child.exists)
+        cancelled = json.loads(cli("cancel", task_id, "--json").stdout)
+        assert cancelled["state"] == "cancelled"
+        out, _ = run.communicate(timeout=20)
+        assert run.returncode == 1 and json.loads(out)["state"] == "cancelled"
+    finally:
+        run.kill()
+    for f in (child, pidfile):
+        assert not pid_running(int(f.read_text())), f"{f.name} survived cancel"
+
+
+def test_restart_after_a_kill_marks_running_attempts_interrupted(repo, config, tmp_path, council_home):
+    child, pidfile = tmp_path / "child.pid", tmp_path / "agent.pid"
+    write_config(config, {"slow": fake("--child", str(child), "--pidfile", str(pidfile), "--sleep", "60")})
+    run, task_id = start_run(repo, "slow")
+    wait_for(child.exists)
+    os.kill(run.pid, signal.SIGKILL)  # the host dies without any cleanup
+    run.wait(10)
+    assert pid_running(int(pidfile.read_text())), "the agent should have outlived its killed host"
+    task = json.loads(cli("status", task_id, "--json").stdout)  # a new process starts the engine
+    assert task["state"] == "interrupted"
+    attempt = task["attempts"][0]
+    assert attempt["state"] == "interrupted"
+    assert Path(attempt["worktree"]).is_dir(), "an interrupted attempt's worktree stays for inspection"
+    for f in (child, pidfile):  # and the orphaned agent group was stopped, not left running
+        wait_for(lambda: not pid_running(int(f.read_text())), 10)
+
+
+def test_logs_follow_from_another_shell(repo, config):
+    write_config(config, {"chatty": fake("--lines", "3", "--sleep", "1.5", "--write", "c.txt=1")})
+    run, task_id = start_run(repo, "chatty", "talk")
+    try:
+        follow = cli("logs", task_id, "--follow", "--agent", "chatty", timeout=30).stdout
+        assert "chatty/stdout: line 2" in follow and "chatty/stdout: done" in follow
+        run.communicate(timeout=20)
+        assert run.returncode == 0
+    finally:
+        run.kill()
