@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from .base import Adapter, AgentSpec
+from .claude import ClaudeAdapter
 from .command import CommandAdapter
+from .gemini import GeminiAdapter
 
-KINDS: dict[str, type[Adapter]] = {cls.kind: cls for cls in (CommandAdapter,)}
+KINDS: dict[str, type[Adapter]] = {cls.kind: cls for cls in (CommandAdapter, ClaudeAdapter, GeminiAdapter)}
 
 
 def make_adapter(spec: AgentSpec, environ: dict[str, str] | None = None) -> Adapter:
