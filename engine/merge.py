@@ -64,7 +64,7 @@ async def _merge_trees(repo: str | Path, ours: str, theirs: str) -> tuple[str, l
     """merge-tree with git's own merge base: (result tree, conflicting paths). Writes objects only."""
     args = ("merge-tree", "--write-tree", "--name-only", "--no-messages", "-z", ours, theirs)
     try:
-        return await git(repo, *args), []
+        return (await git(repo, *args)).split("\0")[0], []
     except GitError as e:
         if e.code != 1:
             raise
