@@ -49,6 +49,7 @@ class ModelStandin:
     file_path: str
     content: str
     done_text: str = DONE_TEXT
+    fail_status: int | None = None  # answer every model call with this HTTP error instead
     requests: list[Recorded] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
@@ -272,6 +273,13 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.owner
 
         if self.command == "POST" and route == "/v1/messages":
+            if owner.fail_status:
+                rec.answer = f"HTTP {owner.fail_status} (scripted failure)"
+                kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
+                        529: "overloaded_error"}.get(owner.fail_status, "api_error")
+                self._json(owner.fail_status, {"type": "error", "error": {
+                    "type": kind, "message": f"model stand-in: scripted HTTP {owner.fail_status}"}})
+                return
             rec.answer, answer = owner.anthropic(data)
             if isinstance(answer, dict):
                 self._json(200, answer)
@@ -292,6 +300,14 @@ class _Handler(BaseHTTPRequestHandler):
         m = _GEMINI_PATH.match(route)
         if m and self.command == "POST":
             method = m["method"]
+            if method in ("streamGenerateContent", "generateContent") and owner.fail_status:
+                rec.answer = f"{method}: HTTP {owner.fail_status} (scripted failure)"
+                status = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED"}.get(
+                    owner.fail_status, "INTERNAL")
+                self._json(owner.fail_status, {"error": {
+                    "code": owner.fail_status, "message": f"model stand-in: scripted HTTP {owner.fail_status}",
+                    "status": status}})
+                return
             if method in ("streamGenerateContent", "generateContent"):
                 label, resp = owner.gemini(data, m["model"])
                 rec.answer = f"{method}: {label}"

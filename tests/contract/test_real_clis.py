@@ -26,7 +26,7 @@ import pytest
 from model_standin import ANTHROPIC_IN, ANTHROPIC_OUT, GEMINI_IN, GEMINI_OUT, ModelStandin
 
 from adapters import make_adapter
-from adapters.base import COUNCIL_CONTEXT, AgentSpec, Job, Outcome
+from adapters.base import COUNCIL_CONTEXT, AgentSpec, ErrorKind, Job, Outcome
 
 pytestmark = pytest.mark.contract
 
@@ -97,9 +97,13 @@ def home(tmp_path: Path) -> Path:
 
 
 def base_environ(home: Path) -> dict[str, str]:
-    """What the adapter sees as our environment: only the basics, with a private HOME."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8"}
-    for name in ("TMPDIR", "SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS"):
+    """What the adapter sees as our environment: only the basics, with a private HOME and TMPDIR
+    (gemini drops `gemini-client-error-*.json` reports into the temp dir on API errors)."""
+    tmp = home.parent / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TMPDIR": str(tmp),
+           "LANG": "C.UTF-8"}
+    for name in ("SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS"):
         if name in os.environ:
             env[name] = os.environ[name]
     # Proxies from the host must not catch our loopback traffic.
@@ -172,25 +176,44 @@ async def drive(adapter, job: Job) -> Run:
     return Run(parser.finish(code), code, lines["stdout"], lines["stderr"], notes)
 
 
-def mentions(standin: ModelStandin, text: str, route_part: str) -> bool:
-    """Whether some model request to `route_part` carried `text` anywhere in its body."""
-    return any(route_part in r.path and text in json.dumps(r.body) for r in standin.requests)
+def claude_adapter(standin: ModelStandin, home: Path, model: str | None = None):
+    spec = AgentSpec(name="claude", kind="claude", command=[str(cli_path("claude"))], model=model,
+                     env={"ANTHROPIC_BASE_URL": standin.url, "ANTHROPIC_API_KEY": CLAUDE_KEY, **CLAUDE_QUIET_ENV})
+    return make_adapter(spec, environ=base_environ(home))
 
 
-async def test_claude_writes_file_and_reports_cost(worktree: Path, home: Path) -> None:
-    exe = cli_path("claude")
+def gemini_adapter(standin: ModelStandin, home: Path, model: str | None = None):
+    exe = cli_path("gemini")
+    (home / ".gemini").mkdir(exist_ok=True)
+    (home / ".gemini" / "settings.json").write_text(json.dumps(GEMINI_SETTINGS))
+    spec = AgentSpec(name="gemini", kind="gemini", command=[str(exe)], model=model,
+                     env={"GOOGLE_GEMINI_BASE_URL": standin.url, "GEMINI_API_KEY": GEMINI_KEY},
+                     price_in_per_mtok=GEMINI_PRICE_IN, price_out_per_mtok=GEMINI_PRICE_OUT)
+    return make_adapter(spec, environ=base_environ(home))
+
+
+CLAUDE_KEY = "sk-ant-standin-contract-0000"
+GEMINI_KEY = "standin-contract-0000"
+CHECK = "git status --short"
+
+# (model, check, budget_usd): the defaults, and every optional flag the adapter can add.
+CLAUDE_CASES = [pytest.param(None, None, None, id="defaults"),
+                pytest.param("claude-sonnet-4-5", CHECK, 2.0, id="model-check-budget")]
+GEMINI_CASES = [pytest.param(None, None, id="defaults"),
+                pytest.param("gemini-2.5-pro", CHECK, id="model-check")]
+
+
+@pytest.mark.parametrize(("model", "check", "budget"), CLAUDE_CASES)
+async def test_claude_writes_file_and_reports_cost(worktree: Path, home: Path, model, check, budget) -> None:
     target = worktree / "notes" / "claude.txt"
     content = "hello from claude\n"
     prompt = "Create notes/claude.txt containing the line: hello from claude"
     with ModelStandin(str(target), content) as standin:
-        spec = AgentSpec(name="claude", kind="claude", command=[str(exe)],
-                         env={"ANTHROPIC_BASE_URL": standin.url,
-                              "ANTHROPIC_API_KEY": "sk-ant-standin-contract-0000", **CLAUDE_QUIET_ENV})
-        adapter = make_adapter(spec, environ=base_environ(home))
-        job = Job(prompt=prompt, worktree=worktree, timeout_s=TIMEOUT_S)
-        run = await drive(adapter, job)
-        print(run.describe(standin))
+        adapter = claude_adapter(standin, home, model)
+        run = await drive(adapter, Job(prompt=prompt, worktree=worktree, timeout_s=TIMEOUT_S,
+                                       check=check, budget_usd=budget))
         why = run.describe(standin)
+        print(why)
 
         assert target.is_file(), f"the file did not land in the worktree\n{why}"
         assert target.read_text() == content, why
@@ -208,32 +231,30 @@ async def test_claude_writes_file_and_reports_cost(worktree: Path, home: Path) -
         assert run.outcome.session_id == init["session_id"] == result["session_id"], why
         assert run.outcome.summary and "Done." in run.outcome.summary, why
 
-        # What the real CLI sent: the prompt and the council's framing reached the model, with our key.
-        model_calls = [r for r in standin.requests if r.route == "/v1/messages"]
-        assert len(model_calls) >= 2, why
-        assert all(r.headers.get("x-api-key") == "sk-ant-standin-contract-0000" for r in model_calls), why
-        assert mentions(standin, "notes/claude.txt", "/v1/messages"), why
-        assert mentions(standin, COUNCIL_CONTEXT[:60], "/v1/messages"), \
-            f"the council context did not reach the model\n{why}"
+        # What the real CLI sent: our key, the prompt, and the council's framing as system prompt.
+        calls = [r for r in standin.requests if r.route == "/v1/messages"]
+        assert len(calls) >= 2, why
+        assert all(r.headers.get("x-api-key") == CLAUDE_KEY for r in calls), why
+        assert "notes/claude.txt" in json.dumps(calls[0].body["messages"]), why
+        system = json.dumps(calls[0].body.get("system"))
+        assert COUNCIL_CONTEXT[:60] in system, f"the council context is not in the system prompt\n{why}"
+        if check:
+            assert CHECK in system, f"the check command is not in the system prompt\n{why}"
+        if model:
+            assert all(r.body["model"] == model for r in calls), why
         assert not standin.unknown, f"claude called routes the stand-in does not know\n{why}"
 
 
-async def test_gemini_writes_file_and_prices_tokens(worktree: Path, home: Path) -> None:
-    exe = cli_path("gemini")
-    (home / ".gemini").mkdir()
-    (home / ".gemini" / "settings.json").write_text(json.dumps(GEMINI_SETTINGS))
+@pytest.mark.parametrize(("model", "check"), GEMINI_CASES)
+async def test_gemini_writes_file_and_prices_tokens(worktree: Path, home: Path, model, check) -> None:
     target = worktree / "notes" / "gemini.txt"
     content = "hello from gemini\n"
     prompt = "Create notes/gemini.txt containing the line: hello from gemini"
     with ModelStandin(str(target), content) as standin:
-        spec = AgentSpec(name="gemini", kind="gemini", command=[str(exe)],
-                         env={"GOOGLE_GEMINI_BASE_URL": standin.url, "GEMINI_API_KEY": "standin-contract-0000"},
-                         price_in_per_mtok=GEMINI_PRICE_IN, price_out_per_mtok=GEMINI_PRICE_OUT)
-        adapter = make_adapter(spec, environ=base_environ(home))
-        job = Job(prompt=prompt, worktree=worktree, timeout_s=TIMEOUT_S)
-        run = await drive(adapter, job)
-        print(run.describe(standin))
+        adapter = gemini_adapter(standin, home, model)
+        run = await drive(adapter, Job(prompt=prompt, worktree=worktree, timeout_s=TIMEOUT_S, check=check))
         why = run.describe(standin)
+        print(why)
 
         assert target.is_file(), f"the file did not land in the worktree\n{why}"
         assert target.read_text() == content, why
@@ -254,14 +275,47 @@ async def test_gemini_writes_file_and_prices_tokens(worktree: Path, home: Path) 
         assert run.outcome.session_id == init["session_id"], why
         assert run.outcome.summary and "Done." in run.outcome.summary, why
 
-        model_calls = [r for r in standin.requests if ":streamGenerateContent" in r.path]
-        assert len(model_calls) >= 2, why
-        assert all(r.path.startswith("/v1beta/models/") and r.path.endswith("?alt=sse") for r in model_calls), why
-        assert all(r.headers.get("x-goog-api-key") == "standin-contract-0000" for r in model_calls), why
-        assert mentions(standin, "notes/gemini.txt", ":streamGenerateContent"), why
-        assert mentions(standin, COUNCIL_CONTEXT[:60], ":streamGenerateContent"), \
-            f"the council context did not reach the model\n{why}"
+        turns = [r for r in calls if ":streamGenerateContent" in r.path]
+        assert len(turns) >= 2, why
+        assert all(r.path.startswith("/v1beta/models/") and r.path.endswith("?alt=sse") for r in turns), why
+        assert all(r.headers.get("x-goog-api-key") == GEMINI_KEY for r in calls), why
+        sent = json.dumps(turns[0].body["contents"])
+        assert "notes/gemini.txt" in sent, why
+        assert COUNCIL_CONTEXT[:60] in sent, f"the council context did not reach the model\n{why}"
+        if check:
+            assert CHECK in sent, f"the check command did not reach the model\n{why}"
+        if model:
+            assert calls == turns and all(f"/models/{model}:" in r.path for r in turns), \
+                f"with -m {model} every call should go to that model, with no routing call\n{why}"
         assert not standin.unknown, f"gemini called routes the stand-in does not know\n{why}"
+
+
+async def test_claude_rejected_key_is_an_auth_error(worktree: Path, home: Path) -> None:
+    target = worktree / "notes" / "claude.txt"
+    with ModelStandin(str(target), "never\n", fail_status=401) as standin:
+        run = await drive(claude_adapter(standin, home), Job(prompt="Create notes/claude.txt", worktree=worktree,
+                                                             timeout_s=TIMEOUT_S))
+        why = run.describe(standin)
+        print(why)
+        assert not target.exists(), why
+        assert run.code != 0, why
+        assert not run.outcome.ok and run.outcome.error is not None, why
+        assert run.outcome.error.kind == ErrorKind.auth, why
+        assert any(r.answer.startswith("HTTP 401") for r in standin.requests), why
+
+
+async def test_gemini_refused_key_is_an_auth_error(worktree: Path, home: Path) -> None:
+    target = worktree / "notes" / "gemini.txt"
+    with ModelStandin(str(target), "never\n", fail_status=403) as standin:
+        run = await drive(gemini_adapter(standin, home, "gemini-2.5-pro"),
+                          Job(prompt="Create notes/gemini.txt", worktree=worktree, timeout_s=TIMEOUT_S))
+        why = run.describe(standin)
+        print(why)
+        assert not target.exists(), why
+        assert run.code != 0, why
+        assert not run.outcome.ok and run.outcome.error is not None, why
+        assert run.outcome.error.kind == ErrorKind.auth, why
+        assert any("HTTP 403" in r.answer for r in standin.requests), why
 
 
 def test_pinned_versions_are_installed(home: Path) -> None:
