@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from .auto_claude import AutoClaudeAdapter
 from .base import Adapter, AgentSpec
 from .claude import ClaudeAdapter
 from .command import CommandAdapter
 from .gemini import GeminiAdapter
 
-KINDS: dict[str, type[Adapter]] = {cls.kind: cls for cls in (CommandAdapter, ClaudeAdapter, GeminiAdapter)}
+KINDS: dict[str, type[Adapter]] = {cls.kind: cls for cls in (CommandAdapter, ClaudeAdapter, GeminiAdapter, AutoClaudeAdapter)}
 
 
 def make_adapter(spec: AgentSpec, environ: dict[str, str] | None = None) -> Adapter:

@@ -204,7 +204,7 @@ _TEXT_KINDS = (
     (ErrorKind.rate_limit, re.compile(r"\b429\b|\b529\b|rate.?limit|quota|resource.?exhausted|too many requests"
                                       r"|overloaded", re.I)),
     (ErrorKind.auth, re.compile(r"\b40[13]\b|unauthori[sz]ed|authenticat|invalid.{0,12}key|api key not valid"
-                                r"|not logged in|/login|permission_denied|forbidden", re.I)),
+                                r"|not logged in|/login|oauth token|permission_denied|forbidden", re.I)),
     (ErrorKind.network, re.compile(r"unable to connect|connection.?(refused|reset|error)|econn|enotfound|eai_again"
                                    r"|etimedout|fetch failed|socket hang up|getaddrinfo|could not resolve"
                                    r"|name or service not known|network", re.I)),
