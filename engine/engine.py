@@ -358,6 +358,7 @@ class Engine:
         try:
             while True:
                 outcome, result = await self._run_agent(task, attempt, adapter, job, deadline - time.monotonic())
+                self._account(attempt, outcome)
                 if result.timed_out or outcome.error is None or outcome.error.kind not in TRANSIENT or retries_left <= 0:
                     break
                 delay = min(self.config.engine.retry_max_s, self.config.engine.retry_base_s * 2 ** attempt.retries)
@@ -376,8 +377,7 @@ class Engine:
                 attempt.files_changed = len(files)
         attempt.exit_code = result.exit_code
         attempt.error = outcome.error
-        for field in ("cost_usd", "tokens_in", "tokens_out", "session_id", "summary"):
-            setattr(attempt, field, getattr(outcome, field))
+        attempt.session_id, attempt.summary = outcome.session_id, outcome.summary
         if attempt.summary:
             attempt.summary = redact(attempt.summary, self._secrets.get(task.task_id, []))
         if result.timed_out:
@@ -391,6 +391,14 @@ class Engine:
             if not attempt.check.passed:
                 attempt.error = ErrorInfo(kind=ErrorKind.check_failed, message=f"`{task.check}` failed (exit {attempt.check.exit_code})")
         attempt.state = AttemptState.succeeded if outcome.ok and attempt.error is None else AttemptState.failed
+
+    @staticmethod
+    def _account(attempt: Attempt, outcome: Outcome) -> None:
+        """Cost and tokens add up over retries: a failed try was still paid for."""
+        for field in ("cost_usd", "tokens_in", "tokens_out"):
+            value = getattr(outcome, field)
+            if value is not None:
+                setattr(attempt, field, (getattr(attempt, field) or 0) + value)
 
     async def _run_agent(self, task: Task, attempt: Attempt, adapter: Adapter, job: Job,
                          budget_s: float) -> tuple[Outcome, runner.RunResult]:

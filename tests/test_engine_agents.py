@@ -1,0 +1,59 @@
+"""The engine driving the real adapters, with fake CLIs that replay recorded output."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from engine.models import AttemptState, TaskState
+
+from conftest import FAKES, git
+
+KEY = "sk-ant-test-4f9d2c1b7e"
+
+
+def claude(tmp_path, fails: int, fail_fixture: str = "claude-rate-limit") -> dict:
+    return {"kind": "claude", "command": [sys.executable, str(FAKES / "flaky.py")],
+            "env": {"ANTHROPIC_API_KEY": KEY, "FLAKY_COUNTER": str(tmp_path / "count"), "FLAKY_FAILS": str(fails),
+                    "FLAKY_FAIL": fail_fixture, "FAKE_WRITE": "hello.txt"}}
+
+
+async def test_rate_limit_is_retried_with_backoff_then_succeeds(make_engine, repo, tmp_path):
+    async with make_engine({"claude": claude(tmp_path, fails=2)}, retries=3, retry_base_s=0.05) as engine:
+        task = await engine.submit(str(repo), "write hello", agents=["claude"])
+        task = await engine.wait(task.task_id, 60)
+        lines = (await engine.logs(task.task_id, limit=5000)).lines
+    a = task.attempt("claude")
+    assert a.state == AttemptState.succeeded and a.retries == 2, a
+    assert (tmp_path / "count").read_text() == "3"
+    assert a.cost_usd and a.cost_usd > 0 and a.tokens_in and a.tokens_out and a.session_id
+    assert git(repo, "show", f"{a.branch}:hello.txt") == "hello"
+    retry_notes = [l.text for l in lines if l.stream == "council" and "retry" in l.text]
+    assert len(retry_notes) == 2 and "rate_limit" in retry_notes[0]
+    assert task.total_cost_usd == pytest.approx(a.cost_usd) and task.state == TaskState.succeeded
+
+
+async def test_retries_stop_at_the_configured_count(make_engine, repo, tmp_path):
+    async with make_engine({"claude": claude(tmp_path, fails=5)}, retries=1, retry_base_s=0.01) as engine:
+        task = await engine.wait((await engine.submit(str(repo), "x", agents=["claude"])).task_id, 60)
+    a = task.attempt("claude")
+    assert a.state == AttemptState.failed and a.retries == 1 and a.error.kind == "rate_limit"
+    assert (tmp_path / "count").read_text() == "2"
+
+
+async def test_auth_failure_is_not_retried(make_engine, repo, tmp_path):
+    async with make_engine({"claude": claude(tmp_path, fails=5, fail_fixture="claude-auth-401")},
+                           retries=3, retry_base_s=0.01) as engine:
+        task = await engine.wait((await engine.submit(str(repo), "x", agents=["claude"])).task_id, 60)
+    a = task.attempt("claude")
+    assert a.error.kind == "auth" and a.retries == 0 and (tmp_path / "count").read_text() == "1"
+
+
+async def test_api_keys_never_reach_logs_or_status(make_engine, repo, tmp_path):
+    async with make_engine({"claude": claude(tmp_path, fails=0)}) as engine:
+        task = await engine.wait((await engine.submit(str(repo), "x", agents=["claude"])).task_id, 60)
+        lines = (await engine.logs(task.task_id, limit=5000)).lines
+    assert "using key ***" in [l.text for l in lines]
+    assert not any(KEY in l.text for l in lines)
+    assert KEY not in task.model_dump_json()
