@@ -49,20 +49,16 @@ async def _remove_worktree(repo: str | Path | None, worktree: str | Path, root: 
     if path is None:
         report.kept.append(f"{worktree}: outside the council worktrees root {root}; not touched")
         return
-    removed = False
-    if repo is not None:
-        try:  # twice forced: also when modified or locked; this is the council's own scratch space
-            await git(repo, "worktree", "remove", "--force", "--force", str(path))
-            removed = True
-        except GitError:
-            pass  # not (or no longer) a registered worktree: the leftovers go below, prune forgets it
     if await anyio.Path(path).exists():
-        removed = True
-    await anyio.to_thread.run_sync(_rmtree_and_empty_parents, path, Path(await anyio.Path(root).resolve()))
-    if repo is not None:
-        await git(repo, "worktree", "prune")
-    if removed:
+        if repo is not None:
+            try:  # twice forced: also when modified or locked; this is the council's own scratch space
+                await git(repo, "worktree", "remove", "--force", "--force", str(path))
+            except GitError:
+                pass  # no longer a registered worktree: the leftovers go below, prune forgets it
+        await anyio.to_thread.run_sync(_rmtree_and_empty_parents, path, Path(await anyio.Path(root).resolve()))
         report.removed.append(str(path))
+    if repo is not None:
+        await git(repo, "worktree", "prune")  # also forgets worktrees whose directory was deleted by hand
 
 
 async def _unique_work(repo: str | Path, branch: str, into: str | None, base: str | None) -> bool:
@@ -185,9 +181,10 @@ async def gc(root: str | Path, tasks: Iterable[Task], *, age_s: float, busy: Col
             continue  # its worktrees may still be being created
         for wt in await _subdirs(task_dir):
             wt = Path(await anyio.Path(wt).resolve())
+            if wt in recorded:
+                continue
             if wt in busy_paths:
                 report.kept.append(f"{wt}: busy")
-            if wt in recorded or wt in busy_paths:
                 continue
             mtime = datetime.fromtimestamp((await anyio.Path(wt).stat()).st_mtime, cutoff.tzinfo)
             if mtime > cutoff:

@@ -116,8 +116,9 @@ async def test_checked_out_and_clean_updates_branch_and_worktree(repo, root, str
     elif strategy == "merge":
         assert parents == [base, g(repo, "rev-parse", branch)]
     else:
-        log = g(repo, "log", "--format=%an|%s", f"{base}..main").splitlines()
-        assert log == ["Agent Smith|claude step 2", "Agent Smith|claude step 1"]
+        log = g(repo, "log", "--format=%an|%ad|%s", "--date=raw", f"{base}..main").splitlines()
+        assert log == g(repo, "log", "--format=%an|%ad|%s", "--date=raw", f"{base}..{branch}").splitlines()
+        assert [line.split("|")[-1] for line in log] == ["claude step 2", "claude step 1"]
 
 
 @pytest.mark.parametrize("strategy", ["squash", "merge", "rebase"])
