@@ -140,6 +140,7 @@ async def gc(root: str | Path, tasks: Iterable[Task], *, age_s: float, busy: Col
     - Directories under `root` of unknown tasks, older than `age_s`: removed if they are not git
       worktrees or clean ones; kept if they hold uncommitted changes.
     - `council/*` branches of unknown tasks in the repos seen: deleted only if no work is lost.
+    Ages are measured from `at` (now by default).
     """
     root = Path(root)
     cutoff = (at or now()) - timedelta(seconds=age_s)
@@ -151,7 +152,7 @@ async def gc(root: str | Path, tasks: Iterable[Task], *, age_s: float, busy: Col
     handled: set[tuple[Path, str]] = set()
 
     for task in known.values():
-        repo = Path(task.repo)
+        repo = Path(await anyio.Path(task.repo).resolve())
         has_repo = await anyio.Path(repo).is_dir()
         if has_repo:
             repos.add(repo)

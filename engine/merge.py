@@ -32,7 +32,9 @@ _IN_PROGRESS = ("MERGE_HEAD", "CHERRY_PICK_HEAD", "REVERT_HEAD", "rebase-merge",
 
 
 class MergeRefused(ValueError):
-    """The target can't be moved safely right now; nothing was changed. The message says what to do."""
+    """The merge can't be done safely as asked (dirty or busy target, untracked files in the way,
+    unknown refs, a strategy that doesn't fit the history); nothing was changed. The message says
+    what to do."""
 
 
 async def _resolve(repo: str | Path, rev: str) -> str | None:
