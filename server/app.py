@@ -1,0 +1,425 @@
+"""The MCP server: six tools and two resources over one Engine, served on stdio or streamable HTTP.
+
+Each tool is a thin typed wrapper over an Engine method and returns the engine's pydantic model as
+its structured result, so the MCP surface and `cli-council ... --json` are the same documents.
+The Engine lives in the server's lifespan: one per process, shared by every client, and leaving the
+lifespan (stdin closed, SIGINT/SIGTERM, HTTP shutdown) stops the attempts that are still running.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import os
+import signal
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import anyio
+import anyio.abc
+import mcp_types as types
+from mcp.server.connection import Connection
+from mcp.server.context import ServerRequestContext
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
+from mcp.shared.exceptions import MCPError
+from pydantic import Field
+
+from engine.config import Config, load_config
+from engine.engine import CouncilError, Engine, NotFound
+from engine.models import ACTIVE_TASK, LogChunk, MergeResult, Task, TaskList
+
+from . import auth
+
+logger = logging.getLogger("cli_council.server")
+
+MAX_WAIT_S = 50.0  # well inside the ~60 s request timeout of common MCP clients
+PROGRESS_SLICE_S = 2.0  # how often a waiting call tells the client it is still alive
+NOTIFY_MIN_INTERVAL_S = 0.25  # coalesce resource-updated notifications from chatty agents
+
+INSTRUCTIONS = """\
+cli-council runs a council of AI coding CLIs (Claude Code, Gemini CLI, Auto-Claude, a local Ollama
+model, or any configured command) on a git repository, each agent in its own worktree and branch,
+in parallel. The user's checkout is not touched until merge_result.
+Workflow: submit_task returns a task_id at once -> follow it with stream_logs (pass next_cursor back
+as cursor, with wait_s to long-poll) until done is true, or get_status with wait_s -> read the
+attempts and `best` -> merge_result (dry_run first if unsure) -> or cancel_task.
+Resources: council://tasks/{task_id} (the task as JSON) and council://tasks/{task_id}/logs (its log)."""
+
+T = TypeVar("T")
+
+
+def task_uri(task_id: str) -> str:
+    return f"council://tasks/{task_id}"
+
+
+def logs_uri(task_id: str) -> str:
+    return f"council://tasks/{task_id}/logs"
+
+
+def _task_id_of(uri: str) -> str:
+    rest = uri.removeprefix("council://tasks/").removesuffix("/logs")
+    if rest == uri or not rest or "/" in rest:
+        raise MCPError(types.INVALID_PARAMS, f"{uri!r} is not a cli-council resource; use {task_uri('<task_id>')} "
+                                             f"or {logs_uri('<task_id>')}")
+    return rest
+
+
+@dataclass
+class Updates:
+    """Tells clients that a task's resources changed.
+
+    2026-07-28 clients listen through `subscriptions/listen` (the SDK's bus, which filters by URI);
+    older clients use resources/subscribe, kept here per connection. A task is followed from the
+    first time this server sees it while it runs (submitted, looked at, or subscribed to) until it
+    ends; merge and cancel announce their own changes.
+    """
+
+    engine: Engine
+    bus: InMemorySubscriptionBus
+    tg: anyio.abc.TaskGroup
+    subscribers: dict[str, set[Connection]] = field(default_factory=lambda: defaultdict(set))
+    followed: set[str] = field(default_factory=set)
+
+    def follow(self, task: Task) -> None:
+        if task.state in ACTIVE_TASK and task.task_id not in self.followed:
+            self.followed.add(task.task_id)
+            self.tg.start_soon(self._follow, task)
+
+    async def announce(self, uri: str) -> None:
+        await self.bus.publish(ResourceUpdated(uri=uri))
+        for conn in list(self.subscribers.get(uri, ())):
+            try:
+                await conn.send_resource_updated(uri)
+            except Exception:  # the client went away; forget it
+                self.subscribers[uri].discard(conn)
+
+    async def _follow(self, task: Task) -> None:
+        cursor = 0
+        try:
+            while True:
+                chunk = await self.engine.logs(task.task_id, cursor=cursor, wait_s=1, limit=5000)
+                now = await self.engine.get(task.task_id)
+                if chunk.lines:
+                    cursor = chunk.next_cursor
+                    await self.announce(logs_uri(task.task_id))
+                if now != task:
+                    task = now
+                    await self.announce(task_uri(task.task_id))
+                if task.state not in ACTIVE_TASK:
+                    return
+                await anyio.sleep(NOTIFY_MIN_INTERVAL_S)
+        except Exception:  # notifications are best effort; they must never take the server down
+            logger.exception("following task %s for resource notifications failed", task.task_id)
+        finally:
+            self.followed.discard(task.task_id)
+
+
+@dataclass
+class Council:
+    """What the lifespan hands every request: the process's one Engine and its notifier."""
+
+    engine: Engine
+    updates: Updates
+
+
+def _council(ctx: Context) -> Council:
+    return ctx.request_context.lifespan_context
+
+
+def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Bad input becomes a tool error with the engine's message; anything else becomes a tool error that
+    names what failed, so one broken call never takes the server (and the running tasks) down."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except CouncilError as e:
+            raise ToolError(str(e)) from None
+        except Exception as e:
+            logger.exception("%s failed", fn.__name__)
+            raise ToolError(f"internal error in {fn.__name__}: {type(e).__name__}: {e} "
+                            "(the server is still running; see its stderr for the traceback)") from e
+
+    return wrapper
+
+
+async def _in_slices(ctx: Context, wait_s: float, call: Callable[[float], Awaitable[T]],
+                     finished: Callable[[T], bool], describe: Callable[[T], str]) -> T:
+    """Run `call(slice)` until `finished` or wait_s (capped) is spent, reporting progress in between.
+
+    Progress notifications go out only when the client sent a progressToken (the SDK drops them
+    otherwise); they also keep clients that reset their timeout on progress from giving up.
+    """
+    wait_s = min(max(wait_s, 0.0), MAX_WAIT_S)
+    deadline = time.monotonic() + wait_s
+    while True:
+        result = await call(max(0.0, min(PROGRESS_SLICE_S, deadline - time.monotonic())))
+        left = deadline - time.monotonic()
+        if finished(result) or left <= 0:
+            return result
+        await ctx.report_progress(round(wait_s - left, 1), wait_s, describe(result))
+
+
+def _describe(task: Task) -> str:
+    attempts = ", ".join(f"{a.agent} {a.state}" for a in task.attempts)
+    return f"task {task.task_id} {task.state}" + (f": {attempts}" if attempts else "")
+
+
+# The tools. Argument descriptions are what a model reads to call them right.
+
+TaskId = Annotated[str, Field(description="The task_id that submit_task returned (list_tasks shows the known ones).")]
+WaitS = Annotated[float, Field(ge=0, description=f"Seconds to wait for a change before returning; capped at "
+                                                 f"{MAX_WAIT_S:g}. 0 returns at once.")]
+
+
+@_errors
+async def submit_task(
+    repo: Annotated[str, Field(description="Absolute path of the git repository (or any directory inside it). "
+                                           "Agents start from a commit (`base`), so uncommitted changes are not seen.")],
+    prompt: Annotated[str, Field(description="What the agents should do, as you would tell a developer. Not empty.")],
+    ctx: Context,
+    agents: Annotated[list[str] | None, Field(description="Agents to run in parallel, e.g. [\"claude\", \"gemini\"]. "
+                                                          "Omit to route by tier.")] = None,
+    tier: Annotated[Literal["cheap", "standard", "complex"] | None, Field(description="cheap tries the local model first and escalates on "
+                                                             "failure; omit to classify the prompt.")] = None,
+    base: Annotated[str | None, Field(description="Git ref to start from (branch, tag, commit). Default: HEAD.")] = None,
+    check: Annotated[str | None, Field(description="Command run in each worktree after its agent, e.g. \"pytest -q\"; "
+                                                   "an attempt passes only if it exits 0. Not run through a shell.")] = None,
+    timeout_s: Annotated[float | None, Field(gt=0, description="Per-attempt time limit in seconds; default from "
+                                                               "the config (30 min).")] = None,
+    budget_usd: Annotated[float | None, Field(ge=0, description="Stop escalating to more agents once this much "
+                                                                "USD is spent.")] = None,
+) -> Task:
+    """Start a coding task on a council of AI coding agents, each in its own git worktree and branch, in parallel.
+
+    Returns at once (state queued or running) with the task_id; nothing in the user's checkout changes.
+    Then follow it with stream_logs or get_status(wait_s=...), and bring the best result back with merge_result.
+    """
+    council = _council(ctx)
+    task = await council.engine.submit(repo, prompt, agents=agents, tier=tier, base=base, check=check,
+                                       timeout_s=timeout_s, budget_usd=budget_usd)
+    council.updates.follow(task)
+    return task
+
+
+@_errors
+async def get_status(task_id: TaskId, ctx: Context, wait_s: WaitS = 0) -> Task:
+    """The task with every attempt: state, branch, worktree, files changed, check result, cost, error, and
+    `best` (the attempt merge_result would take) with the reason. With wait_s, returns as soon as the task
+    finishes or the wait ends, whichever is first; call again if it is still running."""
+    council = _council(ctx)
+    task = await _in_slices(ctx, wait_s, lambda s: council.engine.wait(task_id, s),
+                            lambda t: t.state not in ACTIVE_TASK, _describe)
+    council.updates.follow(task)
+    return task
+
+
+@_errors
+async def list_tasks(
+    ctx: Context,
+    repo: Annotated[str | None, Field(description="Only tasks on this repository (absolute path).")] = None,
+    limit: Annotated[int, Field(ge=1, le=1000, description="At most this many, newest first.")] = 20,
+) -> TaskList:
+    """Recent tasks, newest first, including those started by `cli-council run` from a shell."""
+    return await _council(ctx).engine.list(repo=repo, limit=limit)
+
+
+@_errors
+async def stream_logs(
+    task_id: TaskId,
+    ctx: Context,
+    agent: Annotated[str | None, Field(description="Only this agent's lines (and not the council's notes).")] = None,
+    cursor: Annotated[int, Field(ge=0, description="Return lines after this one: 0 first, then the next_cursor "
+                                                   "of the previous call.")] = 0,
+    wait_s: WaitS = 0,
+    limit: Annotated[int, Field(ge=1, le=5000, description="At most this many lines.")] = 500,
+) -> LogChunk:
+    """Log lines of a task's agents and checks after `cursor`. Loop: pass next_cursor back as cursor, with wait_s
+    to long-poll for new lines, until done is true (the task has finished and every line was returned)."""
+    council = _council(ctx)
+    chunk = await _in_slices(ctx, wait_s, lambda s: council.engine.logs(task_id, agent, cursor, s, limit),
+                             lambda c: bool(c.lines) or c.done, lambda c: f"waiting for log lines of task {task_id}")
+    council.updates.follow(await council.engine.get(task_id))
+    return chunk
+
+
+@_errors
+async def merge_result(
+    task_id: TaskId,
+    ctx: Context,
+    agent: Annotated[str | None, Field(description="Whose attempt to merge; omit for the task's best.")] = None,
+    strategy: Annotated[Literal["squash", "merge", "rebase"], Field(description="squash: one commit on the target "
+                        "branch; merge: a merge commit; rebase: the attempt's commits replayed.")] = "squash",
+    into: Annotated[str | None, Field(description="Target branch; default: the branch checked out when the task "
+                                                  "was submitted.")] = None,
+    dry_run: Annotated[bool, Field(description="Only report what would happen (files, conflicts); change "
+                                               "nothing.")] = False,
+    cleanup: Annotated[bool, Field(description="After merging, remove the task's worktrees and branches.")] = True,
+) -> MergeResult:
+    """Bring a finished task's result into the user's branch. A backup ref (refs/council/backup/<task_id>) is
+    written first and a dirty or conflicting checkout is refused rather than overwritten; `message` says what
+    happened or why not. Try dry_run=true first when unsure."""
+    council = _council(ctx)
+    result = await council.engine.merge(task_id, agent=agent, strategy=strategy, into=into, dry_run=dry_run,
+                                        cleanup=cleanup)
+    if not dry_run:
+        await council.updates.announce(task_uri(task_id))
+    return result
+
+
+@_errors
+async def cancel_task(task_id: TaskId, ctx: Context) -> Task:
+    """Stop every running attempt of a task (their process groups are killed); what the agents wrote so far stays
+    on their branches. Cancelling a finished task changes nothing and returns it as it is."""
+    council = _council(ctx)
+    task = await council.engine.cancel(task_id)
+    await council.updates.announce(task_uri(task_id))
+    return task
+
+
+def _annotations(title: str, *, read_only: bool, destructive: bool = False, idempotent: bool = False,
+                 open_world: bool = False) -> types.ToolAnnotations:
+    return types.ToolAnnotations(title=title, read_only_hint=read_only, destructive_hint=destructive,
+                                 idempotent_hint=idempotent, open_world_hint=open_world)
+
+
+TOOLS = [
+    # submit_task adds worktrees and branches but overwrites nothing; the agents it starts reach the network.
+    (submit_task, _annotations("Submit a task to the council", read_only=False, open_world=True)),
+    (get_status, _annotations("Task status", read_only=True, idempotent=True)),
+    (list_tasks, _annotations("List tasks", read_only=True, idempotent=True)),
+    (stream_logs, _annotations("Task logs", read_only=True, idempotent=True)),
+    # merge_result moves the user's branch and, with cleanup, deletes the task's worktrees and branches.
+    (merge_result, _annotations("Merge a result", read_only=False, destructive=True)),
+    # cancel_task kills running agents (their unfinished work cannot be resumed); cancelling twice is a no-op.
+    (cancel_task, _annotations("Cancel a task", read_only=False, destructive=True, idempotent=True)),
+]
+
+
+# The resources.
+
+async def _task_json(task_id: str, ctx: Context) -> str:
+    council = _council(ctx)
+    try:
+        task = await council.engine.get(task_id)
+    except NotFound as e:
+        raise ResourceNotFoundError(str(e)) from None
+    council.updates.follow(task)
+    return task.model_dump_json(indent=2)
+
+
+async def _task_log(task_id: str, ctx: Context) -> str:
+    council = _council(ctx)
+    try:
+        task = await council.engine.get(task_id)
+    except NotFound as e:
+        raise ResourceNotFoundError(str(e)) from None
+    council.updates.follow(task)
+    out, cursor = [], 0
+    while True:
+        chunk = await council.engine.logs(task_id, cursor=cursor, limit=5000)
+        if not chunk.lines:
+            break
+        out += [f"{ln.seq:>6} {ln.ts:%H:%M:%S} {ln.agent} [{ln.stream}] {ln.text}" for ln in chunk.lines]
+        cursor = chunk.next_cursor
+    return "\n".join(out) + ("\n" if out else "")
+
+
+async def _subscribe(ctx: ServerRequestContext[Council], params: types.SubscribeRequestParams) -> types.EmptyResult:
+    """resources/subscribe for pre-2026-07-28 clients (newer ones use subscriptions/listen)."""
+    uri = str(params.uri)
+    council = ctx.lifespan_context
+    try:
+        task = await council.engine.get(_task_id_of(uri))
+    except NotFound as e:
+        raise MCPError(types.INVALID_PARAMS, str(e)) from None
+    # The SDK hands handlers a per-request session; the connection behind it outlives the request.
+    council.updates.subscribers[uri].add(ctx.session._connection)
+    council.updates.follow(task)
+    return types.EmptyResult()
+
+
+async def _unsubscribe(ctx: ServerRequestContext[Council], params: types.UnsubscribeRequestParams) -> types.EmptyResult:
+    ctx.lifespan_context.updates.subscribers[str(params.uri)].discard(ctx.session._connection)
+    return types.EmptyResult()
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("cli-council")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "0+unknown"
+
+
+def build_server(config: Config | None = None, home: Path | None = None) -> MCPServer:
+    """The server, not yet running. Config and state directory default to the environment's, read when the
+    lifespan starts (never at import); tests pass their own."""
+    bus = InMemorySubscriptionBus()
+
+    @asynccontextmanager
+    async def lifespan(_server: MCPServer):
+        async with Engine(config=config, home=home) as engine, anyio.create_task_group() as tg:
+            yield Council(engine=engine, updates=Updates(engine=engine, bus=bus, tg=tg))
+            tg.cancel_scope.cancel()  # stop following tasks before the engine stops them
+
+    server = MCPServer("cli-council", title="cli-council", version=_version(), instructions=INSTRUCTIONS,
+                       lifespan=lifespan, subscriptions=bus, log_level="WARNING")
+    for fn, annotations in TOOLS:
+        server.add_tool(fn, annotations=annotations)
+    server.resource("council://tasks/{task_id}", name="task", title="Task", mime_type="application/json",
+                    description="The task with all its attempts, as get_status returns it.")(_task_json)
+    server.resource("council://tasks/{task_id}/logs", name="task_logs", title="Task log", mime_type="text/plain",
+                    description="Every log line of the task so far: seq, time, agent, [stream], text.")(_task_log)
+    lowlevel = server._lowlevel_server  # MCPServer has no public hook for resources/subscribe
+    lowlevel.add_request_handler("resources/subscribe", types.SubscribeRequestParams, _subscribe)
+    lowlevel.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, _unsubscribe)
+    return server
+
+
+# Running it.
+
+async def _serve_stdio(server: MCPServer) -> None:
+    """Serve until stdin closes; SIGINT/SIGTERM stop it the same way, attempts included."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_cancel_on_signal, tg.cancel_scope)
+        await server.run_stdio_async()
+        tg.cancel_scope.cancel()
+
+
+async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+def serve(transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Run the server in the foreground until it is stopped. Bad config or an unsafe bind raise ConfigError
+    before anything starts."""
+    config = load_config()
+    if transport == "stdio":
+        anyio.run(_serve_stdio, build_server(config))
+    elif transport == "http":
+        import uvicorn
+
+        token = os.environ.get("CLI_COUNCIL_TOKEN") or None
+        auth.check_bind(host, token)
+        server = build_server(config)
+        app = server.streamable_http_app(host=host, transport_security=auth.security_settings(host))
+        shown = f"[{host}]" if ":" in host else host
+        print(f"cli-council: MCP on http://{shown}:{port}/mcp" + (" (bearer token required)" if token else ""),
+              file=sys.stderr, flush=True)
+        uvicorn.Server(uvicorn.Config(auth.protect(app, token), host=host, port=port, log_level="warning",
+                                      timeout_graceful_shutdown=5)).run()
+    else:
+        raise ValueError(f"unknown transport {transport!r}; use stdio or http")

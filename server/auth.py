@@ -1,0 +1,78 @@
+"""Who may talk to `serve --transport http`: the bind rule, the Host/Origin allow-list, the bearer token.
+
+On loopback the SDK's DNS-rebinding check is enough on its own: only local processes reach the port,
+and a web page cannot pose as 127.0.0.1. Anywhere else a token from CLI_COUNCIL_TOKEN is required,
+because whoever reaches the port can make agents edit the user's repositories.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engine.config import ConfigError
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to serve beyond this machine without a token."""
+    if not is_loopback(host) and not token:
+        raise ConfigError(
+            f"refusing to serve on {host!r} without a token: anyone who reaches the port could run agents "
+            "on your repositories. Set CLI_COUNCIL_TOKEN to a long random secret (clients then send "
+            "`Authorization: Bearer <token>`), or serve on --host 127.0.0.1")
+
+
+def security_settings(host: str) -> TransportSecuritySettings:
+    """Host/Origin allow-list against DNS rebinding: loopback names, plus the bound name if it is one.
+
+    A wildcard bind (0.0.0.0, ::) cannot know the names clients will use, so the check is off there
+    and the bearer token (which check_bind makes mandatory) is what keeps a rebinding page out.
+    """
+    if host in WILDCARDS:
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    names = list(LOOPBACK_NAMES)
+    if not is_loopback(host):
+        names.append(f"[{host}]" if ":" in host else host)
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[h for n in names for h in (n, f"{n}:*")],
+        allowed_origins=[o for n in names for o in (f"http://{n}", f"http://{n}:*", f"https://{n}", f"https://{n}:*")],
+    )
+
+
+class BearerToken:
+    """ASGI middleware: every HTTP request must carry `Authorization: Bearer <token>`, else 401."""
+
+    def __init__(self, app: ASGIApp, token: str):
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = JSONResponse(
+                    {"error": "unauthorized", "error_description": "send Authorization: Bearer <CLI_COUNCIL_TOKEN>"},
+                    status_code=401, headers={"WWW-Authenticate": 'Bearer realm="cli-council"'})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def protect(app: ASGIApp, token: str | None) -> ASGIApp:
+    return BearerToken(app, token) if token else app
