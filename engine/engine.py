@@ -19,11 +19,13 @@ import anyio
 from adapters import make_adapter
 from adapters.base import TRANSIENT, Adapter, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, redact
 
+from . import cleanup as cleanup_mod
 from . import judge, routing, runner
 from .config import TIERS, Config, ConfigError, home_dir, load_config
 from .gitcmd import GitError, diff_stat, git, git_ok
-from .models import (ACTIVE_TASK, Attempt, AttemptState, CheckResult, LogChunk, LogLine, Task,
-                     TaskList, TaskState, now)
+from .merge import STRATEGIES, MergeRefused, merge_branch
+from .models import (ACTIVE_TASK, Attempt, AttemptState, CheckResult, GcReport, LogChunk, LogLine, MergeResult,
+                     Task, TaskList, TaskState, now)
 from .store import Store
 from .worktrees import Worktrees
 
@@ -183,6 +185,70 @@ class Engine:
             if not await self._host_alive(task_id):
                 await self.recover()
         return await self.wait(task_id, 10)
+
+    async def merge(self, task_id: str, agent: str | None = None, strategy: str = "squash", into: str | None = None,
+                    dry_run: bool = False, cleanup: bool = True) -> MergeResult:
+        """Bring an attempt (the best by default) into `into` (default: the branch checked out at
+        submission) without losing work; then remove the task's worktrees and branches."""
+        task = await self.get(task_id)
+        if strategy not in STRATEGIES:
+            raise CouncilError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if task.state in ACTIVE_TASK:
+            raise CouncilError(f"task {task_id} is still {task.state}; wait for it (get_status with wait_s) or cancel it")
+        into = into or task.into
+        if not into:
+            raise CouncilError("the repo was on a detached HEAD when the task was submitted; pass into=BRANCH")
+        if into.startswith("-"):
+            raise CouncilError(f"into {into!r} is not a valid branch name")
+
+        def refuse(message: str) -> MergeResult:
+            return MergeResult(merged=False, task_id=task_id, agent=agent, strategy=strategy, into=into,
+                               dry_run=dry_run, message=message)
+
+        if agent is None:
+            if task.best is None:
+                return refuse(f"no attempt to merge: {task.best_reason or 'the task picked no best attempt'}")
+            agent = task.best
+        try:
+            attempt = task.attempt(agent)
+        except KeyError:
+            raise CouncilError(f"task {task_id} has no attempt by {agent!r}; "
+                               f"its attempts: {', '.join(a.agent for a in task.attempts)}") from None
+        if not attempt.branch or not attempt.files_changed:
+            return refuse(f"{agent}'s attempt ({attempt.state}) left no changes to merge")
+        first = task.prompt.strip().splitlines()[0][:72]
+        message = (f"{first}\n\ncli-council task {task_id}, agent {agent} ({strategy}).\n"
+                   f"Picked: {task.best_reason or 'chosen by the caller'}\n\nPrompt:\n{task.prompt.strip()}")
+        try:
+            result = await merge_branch(task.repo, branch=attempt.branch, base=task.base, into=into, strategy=strategy,
+                                        message=message, task_id=task_id, dry_run=dry_run)
+        except MergeRefused as e:
+            return refuse(str(e))
+        result.agent = agent
+        if not result.merged:
+            return result
+        task.state, task.merge_commit = TaskState.merged, result.commit
+        await self._note(task, f"merged {agent} into {into} ({strategy}): {result.commit}")
+        await self._save(task)
+        if cleanup:
+            for a in task.attempts:
+                report = await cleanup_mod.remove_attempt(
+                    task.repo, root=self.worktrees.root, worktree=a.worktree, branch=a.branch, into=into,
+                    base=task.base, discard=a.agent != agent)
+                result.removed += report.removed
+        return result
+
+    async def gc(self, older_than_s: float | None = None) -> GcReport:
+        """Reap what crashed hosts left running, then reclaim finished tasks' worktrees and branches."""
+        interrupted = await self.recover()
+        tasks = await self.store.list_tasks(limit=10**9)
+        busy = [a.worktree for t in self._hosted.values() for a in t.attempts if a.worktree]
+        age = self.config.engine.gc_age_s if older_than_s is None else older_than_s
+        if age < 0:
+            raise CouncilError(f"older_than_s must be >= 0, got {age}")
+        report = await cleanup_mod.gc(self.worktrees.root, tasks, age_s=age, busy=busy)
+        report.removed[:0] = [f"task {t}: host process gone, marked interrupted" for t in interrupted]
+        return report
 
     # building a task
 
@@ -454,6 +520,8 @@ class Engine:
     # logs, notes and change notification
 
     async def _log(self, task: Task, agent: str, stream: str, text: str) -> None:
+        if task.task_id not in self._seq:  # a finished task this process did not host (a merge note)
+            self._seq[task.task_id] = await self.store.last_seq(task.task_id)
         self._seq[task.task_id] += 1
         line = LogLine(seq=self._seq[task.task_id], agent=agent, stream=stream,
                        text=redact(text, self._secrets.get(task.task_id, [])), ts=now())
