@@ -7,8 +7,11 @@ from .base import Adapter, AgentSpec
 from .claude import ClaudeAdapter
 from .command import CommandAdapter
 from .gemini import GeminiAdapter
+from .ollama import OllamaAdapter
 
-KINDS: dict[str, type[Adapter]] = {cls.kind: cls for cls in (CommandAdapter, ClaudeAdapter, GeminiAdapter, AutoClaudeAdapter)}
+KINDS: dict[str, type[Adapter]] = {
+    cls.kind: cls for cls in (CommandAdapter, ClaudeAdapter, GeminiAdapter, AutoClaudeAdapter, OllamaAdapter)
+}
 
 
 def make_adapter(spec: AgentSpec, environ: dict[str, str] | None = None) -> Adapter:

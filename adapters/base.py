@@ -249,8 +249,9 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 def module_argv(module: str, *args: str) -> list[str]:
     """`python -P -m module`: -P keeps the worktree (the cwd) off sys.path, so a user's repo that
-    has its own `adapters` package cannot replace ours."""
-    return [sys.executable, "-P", "-m", module, *args]
+    has its own `adapters` package cannot replace ours. The package imports its modules for KINDS,
+    so runpy's "found in sys.modules" warning is expected and silenced."""
+    return [sys.executable, "-P", "-W", "ignore::RuntimeWarning:runpy", "-m", module, *args]
 
 
 def module_pythonpath(env: dict[str, str]) -> str:

@@ -174,7 +174,7 @@ def test_missing_python_is_reported_by_the_driver(home: Path, worktree: Path) ->
 
 def test_invocation_runs_the_driver_module(home: Path, worktree: Path) -> None:
     inv = adapter(home).invocation(Job(prompt="x", worktree=worktree, timeout_s=60))
-    assert inv.argv[:4] == [sys.executable, "-P", "-m", "adapters.auto_claude"]
+    assert inv.argv[:6] == [sys.executable, "-P", "-W", "ignore::RuntimeWarning:runpy", "-m", "adapters.auto_claude"]
     assert inv.argv[inv.argv.index("--complexity") + 1] == "standard"
     assert inv.env["PYTHONPATH"].split(os.pathsep)[0] == PACKAGE_ROOT and inv.stdin is None
 

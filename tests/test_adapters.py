@@ -258,6 +258,6 @@ async def test_available(kind: str, version: str, shown: str, tmp_path: Path) ->
 
 
 def test_kinds_registered() -> None:
-    assert {"claude", "gemini", "auto-claude", "command"} <= set(KINDS)
-    for kind in ("claude", "gemini", "auto-claude"):
+    assert {"claude", "gemini", "auto-claude", "ollama", "command"} <= set(KINDS)
+    for kind in ("claude", "gemini", "auto-claude", "ollama"):
         assert make_adapter(spec(kind), ENVIRON).kind == kind
