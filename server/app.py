@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import inspect
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.server.stdio import stdio_server
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 from mcp.shared.exceptions import MCPError
 from pydantic import Field
@@ -375,7 +377,7 @@ def build_server(config: Config | None = None, home: Path | None = None) -> MCPS
     server = MCPServer("cli-council", title="cli-council", version=_version(), instructions=INSTRUCTIONS,
                        lifespan=lifespan, subscriptions=bus, log_level="WARNING")
     for fn, annotations in TOOLS:
-        server.add_tool(fn, annotations=annotations)
+        server.add_tool(fn, description=inspect.cleandoc(fn.__doc__), annotations=annotations)
     server.resource("council://tasks/{task_id}", name="task", title="Task", mime_type="application/json",
                     description="The task with all its attempts, as get_status returns it.")(_task_json)
     server.resource("council://tasks/{task_id}/logs", name="task_logs", title="Task log", mime_type="text/plain",
@@ -389,18 +391,33 @@ def build_server(config: Config | None = None, home: Path | None = None) -> MCPS
 # Running it.
 
 async def _serve_stdio(server: MCPServer) -> None:
-    """Serve until stdin closes; SIGINT/SIGTERM stop it the same way, attempts included."""
+    """Serve until stdin closes. SIGINT/SIGTERM stop the server the same way (leaving the lifespan stops the
+    running attempts), then end the process by that signal: stdin may stay open, and the SDK's stdin reader
+    thread would keep the process waiting for it."""
+    lowlevel = server._lowlevel_server  # run_stdio_async, with room to act before its stdin reader is joined
+    async with stdio_server() as (read, write):
+        signum = await _until_signal(lowlevel.run, read, write, lowlevel.create_initialization_options())
+        if signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
+async def _until_signal(fn: Callable[..., Awaitable[Any]], *args: Any) -> int | None:
+    """Run fn until it returns, or cancel it on SIGINT/SIGTERM and return that signal."""
+    received = None
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        nonlocal received
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for received in signals:
+                scope.cancel()
+                return
+
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_cancel_on_signal, tg.cancel_scope)
-        await server.run_stdio_async()
+        tg.start_soon(watch, tg.cancel_scope)
+        await fn(*args)
         tg.cancel_scope.cancel()
-
-
-async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            scope.cancel()
-            return
+    return received
 
 
 def serve(transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -> None:
