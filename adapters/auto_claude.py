@@ -21,8 +21,7 @@ from collections import deque
 from pathlib import Path
 
 from .base import (PACKAGE_ROOT, Adapter, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
-                   classify_text, json_object, module_argv, module_pythonpath)
-from .claude import short
+                   classify_text, json_object, module_argv, module_pythonpath, short)
 
 SCRATCH_DIR = ".auto-claude"
 SPECS = Path(SCRATCH_DIR) / "specs"

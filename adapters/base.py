@@ -211,6 +211,28 @@ _TEXT_KINDS = (
 )
 
 
+def status_kind(status) -> ErrorKind | None:
+    """The failure kind of an HTTP status from a model API (529 is Anthropic's 'overloaded')."""
+    if not isinstance(status, int):
+        return None
+    if status in (401, 403):
+        return ErrorKind.auth
+    if status in (429, 529):
+        return ErrorKind.rate_limit
+    if status == 408 or 500 <= status < 600:
+        return ErrorKind.network
+    return None
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def short(text: str, limit: int = 160) -> str:
+    """One line for progress notes and error messages: no colour codes, whitespace collapsed, bounded."""
+    text = " ".join(ANSI.sub("", str(text)).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def classify_text(text: str) -> ErrorKind | None:
     """The failure kind an error message implies (auth, rate_limit, network), or None."""
     for kind, pattern in _TEXT_KINDS:

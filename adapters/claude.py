@@ -7,14 +7,13 @@ line only (usage on `assistant` lines is a start-of-message snapshot), and succe
 
 from __future__ import annotations
 
-import re
 import sys
 from collections import deque
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from .base import (Adapter, AgentSpec, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
-                   classify_text, json_object, probe_version, resolve_executable)
+                   classify_text, json_object, probe_version, resolve_executable, short, status_kind)
 
 AUTH_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
 OLLAMA_PORT = 11434
@@ -31,15 +30,6 @@ def is_ollama_url(url: str | None) -> bool:
         return bool(url) and urlsplit(url).port == OLLAMA_PORT
     except ValueError:
         return False
-
-
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def short(text: str, limit: int = 160) -> str:
-    """One line for notes and messages: no colour codes, whitespace collapsed, bounded."""
-    text = " ".join(ANSI.sub("", str(text)).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class ClaudeAdapter(Adapter):
@@ -105,19 +95,6 @@ class ClaudeAdapter(Adapter):
 def auth_fix(name: str) -> str:
     return (f"set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN / CLAUDE_CODE_OAUTH_TOKEN) in the server's "
             f"environment or in [agents.{name}] env, or run `claude login`")
-
-
-def status_kind(status) -> ErrorKind | None:
-    """Kind of an HTTP status from the Anthropic API (529 is its 'overloaded')."""
-    if not isinstance(status, int):
-        return None
-    if status in (401, 403):
-        return ErrorKind.auth
-    if status in (429, 529):
-        return ErrorKind.rate_limit
-    if status == 408 or 500 <= status < 600:
-        return ErrorKind.network
-    return None
 
 
 class ClaudeParser(Parser):

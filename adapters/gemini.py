@@ -12,8 +12,7 @@ from collections import deque
 from pathlib import Path
 
 from .base import (Adapter, AgentSpec, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
-                   classify_text, json_object, probe_version, resolve_executable)
-from .claude import short, status_kind
+                   classify_text, json_object, probe_version, resolve_executable, short, status_kind)
 
 AUTH_VARS = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_GCA")
 # Banners and stack-dump lines that never explain a failure (kept out of error messages).

@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from .base import (Adapter, AgentSpec, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
-                   classify_text, json_object, module_argv, module_pythonpath)
-from .claude import LOCAL_TOKEN, ClaudeAdapter, short
+                   classify_text, json_object, module_argv, module_pythonpath, short)
+from .claude import LOCAL_TOKEN, ClaudeAdapter
 
 DEFAULT_URL = "http://127.0.0.1:11434"
 DEFAULT_MODEL = "qwen2.5-coder:7b"
