@@ -254,14 +254,15 @@ def json_object(text: str) -> dict | None:
 
 
 async def probe_version(argv: list[str], env: dict[str, str], timeout_s: float = 5.0) -> str | None:
-    """First line of `CLI --version`, best effort: a broken or hanging install must not stall doctor."""
+    """The version number `CLI --version` prints, best effort: a broken or hanging install must
+    not stall doctor."""
     try:
         with anyio.fail_after(timeout_s):
             done = await anyio.run_process(argv, env=env, check=False, stdin=subprocess.DEVNULL)
     except (OSError, TimeoutError):
         return None
-    lines = done.stdout.decode(errors="replace").strip().splitlines()
-    return lines[0].strip() if done.returncode == 0 and lines else None
+    found = re.search(r"\d+\.\d+[\w.+-]*", done.stdout.decode(errors="replace")) if done.returncode == 0 else None
+    return found.group() if found else None
 
 
 # Adapters that are not a CLI (ollama's HTTP client, auto-claude's two-step driver) run one of our

@@ -74,8 +74,7 @@ class ClaudeAdapter(Adapter):
             return found
         env = self.env()
         exe = resolve_executable(self.command[0], env.get("PATH"))
-        raw = await probe_version([exe, *self.command[1:], "--version"], env)
-        version = raw.split()[0] if raw else None
+        version = await probe_version([exe, *self.command[1:], "--version"], env)
         auth = [k for k in AUTH_VARS if env.get(k)]
         config_dir = Path(env.get("CLAUDE_CONFIG_DIR") or Path(env.get("HOME", "~")) / ".claude").expanduser()
         creds = config_dir / ".credentials.json"
