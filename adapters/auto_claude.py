@@ -126,9 +126,10 @@ class AutoClaudeParser(Parser):
         if obj.get("spec"):
             self.spec = str(obj["spec"])
             return short(f"spec {self.spec} written; building")
-        if (obj.get("error") or obj.get("exit")) and self.failed_step is None:
-            self.failed_step = obj
-        return short(f"{obj.get('step')} step started") if "exit" not in obj and obj.get("step") else None
+        if obj.get("error") or obj.get("exit"):
+            self.failed_step = self.failed_step or obj  # the first failure is the cause
+            return None
+        return short(f"{obj['step']} step started") if obj.get("step") else None
 
     def finish(self, exit_code: int) -> Outcome:
         out = Outcome(ok=False)
@@ -159,8 +160,11 @@ class AutoClaudeParser(Parser):
 
     def _plan(self) -> dict | None:
         """The built spec's plan (the newest one if the driver never named the spec)."""
-        plans = sorted(self.specs.glob("*/implementation_plan.json"), key=lambda p: p.stat().st_mtime)
-        path = self.specs / self.spec / "implementation_plan.json" if self.spec else (plans[-1] if plans else None)
+        if self.spec:
+            path = self.specs / self.spec / "implementation_plan.json"
+        else:
+            plans = sorted(self.specs.glob("*/implementation_plan.json"), key=lambda p: p.stat().st_mtime)
+            path = plans[-1] if plans else None
         try:
             plan = json.loads(path.read_text()) if path else None
         except (OSError, ValueError):

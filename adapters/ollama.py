@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 from collections import deque
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
@@ -143,7 +144,7 @@ class OllamaAdapter(Adapter):
     def model(self) -> str:
         return self.spec.model or DEFAULT_MODEL
 
-    @property
+    @cached_property
     def claude(self) -> LocalClaude | None:
         """The claude adapter that claude mode delegates to, or None in chat mode."""
         if self.spec.extra("mode", "chat") != "claude":

@@ -261,3 +261,21 @@ def test_kinds_registered() -> None:
     assert {"claude", "gemini", "auto-claude", "ollama", "command"} <= set(KINDS)
     for kind in ("claude", "gemini", "auto-claude", "ollama"):
         assert make_adapter(spec(kind), ENVIRON).kind == kind
+
+
+def test_claude_falls_back_to_the_last_api_retry_status() -> None:
+    parser = make_adapter(spec("claude"), ENVIRON).parser(job_for(Path("/w")))
+    parser.feed("stdout", json.dumps({"type": "system", "subtype": "api_retry", "attempt": 2, "max_retries": 2,
+                                      "error_status": 529, "error": "overloaded_error"}))
+    parser.feed("stdout", json.dumps({"type": "result", "subtype": "success", "is_error": True,
+                                      "api_error_status": None, "result": "API Error: something odd",
+                                      "session_id": "s-1", "total_cost_usd": 0, "usage": {}}))
+    outcome = parser.finish(1)
+    assert outcome.error.kind == ErrorKind.rate_limit and outcome.session_id == "s-1"
+
+
+def test_no_result_line_with_exit_zero_is_invalid_output() -> None:
+    for kind in ("claude", "gemini"):
+        parser = make_adapter(spec(kind), ENVIRON).parser(job_for(Path("/w")))
+        parser.feed("stdout", "some banner that is not JSON")
+        assert parser.finish(0).error.kind == ErrorKind.invalid_output
