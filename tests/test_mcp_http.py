@@ -137,3 +137,18 @@ async def test_stopping_the_http_server_stops_running_attempts(repo, tmp_path):
     async with Engine() as engine:
         task = await engine.get(task_id)
     assert task.state == "interrupted" and task.attempt("stuck").error.message == "the server stopped"
+
+
+def test_example_client_over_http_with_token(repo):
+    Path(os.environ["CLI_COUNCIL_CONFIG"]).write_text(
+        f'[agents.fake]\nkind = "command"\nargv = [{json.dumps(sys.executable)}, {json.dumps(FAKE_AGENT)}, '
+        f'"--write", "hello.txt=hi", "{{prompt}}"]\n')
+    with http_server(TOKEN) as (url, _):
+        out = subprocess.run([sys.executable, str(ROOT / "examples" / "client.py"), "--url", url, "--repo", str(repo),
+                              "--agents", "fake", "--dry-run", "say hi"],
+                             cwd=ROOT, env={**os.environ, "CLI_COUNCIL_TOKEN": TOKEN}, capture_output=True, text=True,
+                             timeout=60)
+    assert out.returncode == 0, out.stderr
+    merge = json.loads(out.stdout)
+    assert merge["dry_run"] is True and merge["files"] == ["hello.txt"]
+    assert not (repo / "hello.txt").exists()

@@ -142,3 +142,13 @@ def test_mcp_inspector_cli_lists_the_tools():
     assert set(tools) == {"submit_task", "get_status", "list_tasks", "stream_logs", "merge_result", "cancel_task"}
     assert tools["merge_result"]["annotations"]["destructiveHint"] is True
     assert "outputSchema" in tools["get_status"]
+
+
+def test_example_client_submits_follows_and_merges(repo):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "client.py"), "--repo", str(repo), "--agents", "fake",
+                          "--command", " ".join(SERVE), "say hi"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["merged"] is True
+    assert "best: fake" in out.stderr
+    assert (repo / "hello.txt").read_text() == "hi"
