@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import anyio
 import anyio.abc
 import mcp_types as types
+import uvicorn
 from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
@@ -186,21 +187,23 @@ WaitS = Annotated[float, Field(ge=0, description=f"Seconds to wait for a change 
 
 @_errors
 async def submit_task(
-    repo: Annotated[str, Field(description="Absolute path of the git repository (or any directory inside it). "
-                                           "Agents start from a commit (`base`), so uncommitted changes are not seen.")],
+    repo: Annotated[str, Field(description=(
+        "Absolute path of the git repository (or any directory inside it). Agents start from a commit "
+        "(`base`), so uncommitted changes are not seen."))],
     prompt: Annotated[str, Field(description="What the agents should do, as you would tell a developer. Not empty.")],
     ctx: Context,
-    agents: Annotated[list[str] | None, Field(description="Agents to run in parallel, e.g. [\"claude\", \"gemini\"]. "
-                                                          "Omit to route by tier.")] = None,
-    tier: Annotated[Literal["cheap", "standard", "complex"] | None, Field(description="cheap tries the local model first and escalates on "
-                                                             "failure; omit to classify the prompt.")] = None,
-    base: Annotated[str | None, Field(description="Git ref to start from (branch, tag, commit). Default: HEAD.")] = None,
-    check: Annotated[str | None, Field(description="Command run in each worktree after its agent, e.g. \"pytest -q\"; "
-                                                   "an attempt passes only if it exits 0. Not run through a shell.")] = None,
-    timeout_s: Annotated[float | None, Field(gt=0, description="Per-attempt time limit in seconds; default from "
-                                                               "the config (30 min).")] = None,
-    budget_usd: Annotated[float | None, Field(ge=0, description="Stop escalating to more agents once this much "
-                                                                "USD is spent.")] = None,
+    agents: Annotated[list[str] | None, Field(description=(
+        'Agents to run in parallel, e.g. ["claude", "gemini"]. Omit to route by tier.'))] = None,
+    tier: Annotated[Literal["cheap", "standard", "complex"] | None, Field(description=(
+        "cheap tries the local model first and escalates on failure; omit to classify the prompt."))] = None,
+    base: Annotated[str | None, Field(description="Git ref to start from (branch, tag, commit); default HEAD.")] = None,
+    check: Annotated[str | None, Field(description=(
+        'Command run in each worktree after its agent, e.g. "pytest -q"; an attempt passes only if it exits 0. '
+        "Not run through a shell."))] = None,
+    timeout_s: Annotated[float | None, Field(gt=0, description=(
+        "Per-attempt time limit in seconds; default from the config (30 min)."))] = None,
+    budget_usd: Annotated[float | None, Field(ge=0, description=(
+        "Stop escalating to more agents once this much USD is spent."))] = None,
 ) -> Task:
     """Start a coding task on a council of AI coding agents, each in its own git worktree and branch, in parallel.
 
@@ -352,7 +355,7 @@ async def _subscribe(ctx: ServerRequestContext[Council], params: types.Subscribe
 
 
 async def _unsubscribe(ctx: ServerRequestContext[Council], params: types.UnsubscribeRequestParams) -> types.EmptyResult:
-    ctx.lifespan_context.updates.subscribers[str(params.uri)].discard(ctx.session._connection)
+    ctx.lifespan_context.updates.subscribers.get(str(params.uri), set()).discard(ctx.session._connection)
     return types.EmptyResult()
 
 
@@ -427,8 +430,6 @@ def serve(transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -
     if transport == "stdio":
         anyio.run(_serve_stdio, build_server(config))
     elif transport == "http":
-        import uvicorn
-
         token = os.environ.get("CLI_COUNCIL_TOKEN") or None
         auth.check_bind(host, token)
         server = build_server(config)

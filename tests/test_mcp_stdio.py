@@ -40,7 +40,8 @@ argv = [{json.dumps(sys.executable)}, "-c", "open('hello.txt', 'w').write('hi')"
 
 [agents.stuck]
 kind = "command"
-argv = [{json.dumps(sys.executable)}, {json.dumps(FAKE_AGENT)}, "--sleep", "600", "--pidfile", "{pidfile}", "{{prompt}}"]
+argv = [{json.dumps(sys.executable)}, {json.dumps(FAKE_AGENT)}, "--sleep", "600",
+        "--pidfile", "{pidfile}", "{{prompt}}"]
 """)
     return pidfile
 
