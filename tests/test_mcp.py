@@ -146,7 +146,8 @@ async def test_internal_failure_is_an_error_result_and_the_server_lives_on(serve
         assert not (await client.call_tool("list_tasks", {})).is_error
 
 
-async def test_waits_report_progress_and_are_capped(server, repo, monkeypatch):
+@pytest.mark.parametrize("mode", MODES)
+async def test_waits_report_progress_and_are_capped(server, repo, monkeypatch, mode):
     monkeypatch.setattr(app, "PROGRESS_SLICE_S", 0.2)
     monkeypatch.setattr(app, "MAX_WAIT_S", 1.0)
     progress = []
@@ -154,8 +155,8 @@ async def test_waits_report_progress_and_are_capped(server, repo, monkeypatch):
     async def on_progress(value, total, message):
         progress.append((value, total, message))
 
-    async with Client(server) as client:
-        task = (await client.call_tool("submit_task", {"repo": str(repo), "prompt": "wait", "agents": ["stuck"]}))
+    async with Client(server, mode=mode) as client:
+        task = await client.call_tool("submit_task", {"repo": str(repo), "prompt": "wait", "agents": ["stuck"]})
         task_id = task.structured_content["task_id"]
         t0 = time.monotonic()
         r = await client.call_tool("get_status", {"task_id": task_id, "wait_s": 600}, progress_callback=on_progress)
@@ -164,6 +165,12 @@ async def test_waits_report_progress_and_are_capped(server, repo, monkeypatch):
         assert len(progress) >= 2
         assert [p[0] for p in progress] == sorted(p[0] for p in progress) and progress[0][1] == 1.0
         assert "stuck running" in progress[-1][2]
+
+        progress.clear()  # a cursor past every line: nothing arrives, so stream_logs waits
+        r = await client.call_tool("stream_logs", {"task_id": task_id, "cursor": 10**6, "wait_s": 600},
+                                   progress_callback=on_progress)
+        assert r.structured_content["lines"] == [] and not r.structured_content["done"]
+        assert progress and "waiting for log lines" in progress[-1][2]
 
         r = await client.call_tool("cancel_task", {"task_id": task_id})
         assert r.structured_content["state"] == "cancelled"
