@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,13 +45,15 @@ def http_server(token: str | None, host: str = "127.0.0.1"):
     env = {k: v for k, v in os.environ.items() if k != "CLI_COUNCIL_TOKEN"}
     if token:
         env["CLI_COUNCIL_TOKEN"] = token
+    err = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads it while the server runs
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--transport", "http", "--host", host,
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
     try:
         deadline = time.monotonic() + 20
         while True:
-            assert proc.poll() is None, f"server exited: {proc.communicate()[1]}"
+            if proc.poll() is not None:
+                err.seek(0)
+                pytest.fail(f"server exited: {err.read()}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 break
@@ -66,8 +69,7 @@ def http_server(token: str | None, host: str = "127.0.0.1"):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        err.close()
 
 
 def post(url: str, **headers: str) -> httpx.Response:
