@@ -17,6 +17,7 @@ from pathlib import Path
 import anyio
 
 from adapters import make_adapter
+from adapters.ollama import classify_tier
 from adapters.base import TRANSIENT, Adapter, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, redact
 
 from . import cleanup as cleanup_mod
@@ -319,11 +320,13 @@ class Engine:
     # running a task
 
     async def _run_task(self, task: Task, explicit_agents: list[str] | None) -> None:
-        plan = routing.stages(self.config, task.tier, explicit_agents)
         with anyio.CancelScope() as scope:
             self._scopes[task.task_id] = scope
             try:
                 task.state, task.started_at = TaskState.running, now()
+                if task.tier_reason and task.tier_reason.startswith("classified") and self.config.routing.classify_with_model:
+                    await self._confirm_tier(task)
+                plan = routing.stages(self.config, task.tier, explicit_agents)
                 await self._save(task)
                 await self._note(task, f"task started: tier {task.tier} ({task.tier_reason}), stages {plan}")
                 for stage, agents in enumerate(plan):
@@ -350,6 +353,20 @@ class Engine:
                     self._hosted.pop(task.task_id, None)
                     self._secrets.pop(task.task_id, None)
                     self._notify(task.task_id)
+
+    async def _confirm_tier(self, task: Task) -> None:
+        """Ask the local model to confirm the heuristic's tier (here, not in submit: it takes seconds)."""
+        spec = self.config.agents.get("ollama")
+        if spec is None or not spec.enabled:
+            return
+        local = make_adapter(spec, self.environ)
+        with anyio.move_on_after(30):
+            tier = await classify_tier(local.base_url, local.model, task.prompt)
+            if tier is not None:
+                task.tier_reason = f"local model {local.model} said {tier}; heuristic said {task.tier} ({task.tier_reason})"
+                task.tier = tier
+                task.attempts = [Attempt(agent=a, stage=0) for a in routing.stages(self.config, tier, None)[0]]
+                task.agents = [a for stage in routing.stages(self.config, tier, None) for a in stage]
 
     async def _should_escalate(self, task: Task) -> bool:
         if await self.store.cancel_requested([task.task_id]):
@@ -418,7 +435,7 @@ class Engine:
         attempt.worktree = str(path)
         await self._save(task)
         job = Job(prompt=task.prompt, worktree=path, timeout_s=task.timeout_s, check=task.check,
-                  budget_usd=task.budget_usd)
+                  budget_usd=task.budget_usd, tier=task.tier)
         deadline = time.monotonic() + task.timeout_s
         retries_left = self.config.engine.retries
         try:

@@ -57,3 +57,46 @@ async def test_api_keys_never_reach_logs_or_status(make_engine, repo, tmp_path):
     assert "using key ***" in [l.text for l in lines]
     assert not any(KEY in l.text for l in lines)
     assert KEY not in task.model_dump_json()
+
+
+async def test_local_model_confirms_the_tier(repo, tmp_path):
+    """classify_with_model: a real HTTP server on 127.0.0.1 stands in for Ollama's /api/chat."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from engine.config import parse_config
+    from engine.engine import Engine
+    from conftest import fake
+
+    asked = []
+
+    class Ollama(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            asked.append(body)
+            reply = json.dumps({"message": {"role": "assistant", "content": json.dumps({"tier": "complex"})}, "done": True})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(reply.encode())
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ollama)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = parse_config({"agents": {"ollama": {"base_url": f"http://127.0.0.1:{server.server_port}", "model": "m"},
+                                       "big": fake("--write", "b.txt=1"), "small": fake("--write", "s.txt=1")},
+                            "routing": {"classify_with_model": True, "cheap": ["small"], "standard": ["small"],
+                                        "complex": ["big"]}})
+        async with Engine(cfg, home=tmp_path / "h") as engine:
+            task = await engine.submit(str(repo), "add a docstring")  # the heuristic says cheap
+            assert task.tier == "cheap" and task.tier_reason.startswith("classified")
+            task = await engine.wait(task.task_id, 60)
+    finally:
+        server.shutdown()
+    assert asked and asked[0]["format"]["properties"]["tier"]["enum"] == ["cheap", "standard", "complex"]
+    assert task.tier == "complex" and "local model m said complex" in task.tier_reason
+    assert [a.agent for a in task.attempts] == ["big"] and task.state == TaskState.succeeded
