@@ -144,6 +144,7 @@ class Adapter:
     kind: ClassVar[str] = ""
     default_command: ClassVar[list[str]] = []
     auth_env: ClassVar[tuple[str, ...]] = ()  # extra variables passed through from our environment
+    probes_version: ClassVar[bool] = False  # `available` runs `CLI --version` (never for arbitrary commands)
 
     def __init__(self, spec: AgentSpec, environ: dict[str, str] | None = None):
         self.spec = spec
@@ -177,11 +178,13 @@ class Adapter:
         cmd = self.command
         if not cmd:
             return Availability(False, f"agent {self.spec.name!r} has no command configured")
-        exe = resolve_executable(cmd[0], self.env().get("PATH"))
+        env = self.env()
+        exe = resolve_executable(cmd[0], env.get("PATH"))
         if exe is None:
             return Availability(False, f"{cmd[0]!r} not found on PATH; install it or set "
                                        f"[agents.{self.spec.name}] command = \"/path/to/{cmd[0]}\"")
-        return Availability(True, f"found {exe}")
+        version = await probe_version([exe, *cmd[1:], "--version"], env) if self.probes_version else None
+        return Availability(True, f"found {exe}", version=version, details={"path": exe})
 
 
 def resolve_executable(name: str, path: str | None = None) -> str | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .base import (Adapter, AgentSpec, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
-                   classify_text, json_object, probe_version, resolve_executable, short, status_kind)
+                   classify_text, json_object, short, status_kind)
 
 AUTH_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
 OLLAMA_PORT = 11434
@@ -34,6 +34,7 @@ def is_ollama_url(url: str | None) -> bool:
 
 class ClaudeAdapter(Adapter):
     kind = "claude"
+    probes_version = True
     default_command = ["claude"]
     auth_env = AUTH_VARS + ("ANTHROPIC_BASE_URL", "CLAUDE_CODE_MAX_RETRIES", "CLAUDE_CONFIG_DIR")
 
@@ -72,9 +73,7 @@ class ClaudeAdapter(Adapter):
         found = await super().available()
         if not found.ok:
             return found
-        env = self.env()
-        exe = resolve_executable(self.command[0], env.get("PATH"))
-        version = await probe_version([exe, *self.command[1:], "--version"], env)
+        env, exe, version = self.env(), found.details["path"], found.version
         auth = [k for k in AUTH_VARS if env.get(k)]
         config_dir = Path(env.get("CLAUDE_CONFIG_DIR") or Path(env.get("HOME", "~")) / ".claude").expanduser()
         creds = config_dir / ".credentials.json"

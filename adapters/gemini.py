@@ -12,7 +12,7 @@ from collections import deque
 from pathlib import Path
 
 from .base import (Adapter, AgentSpec, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
-                   classify_text, json_object, probe_version, resolve_executable, short, status_kind)
+                   classify_text, json_object, short, status_kind)
 
 AUTH_VARS = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_GCA")
 # Banners and stack-dump lines that never explain a failure (kept out of error messages).
@@ -47,6 +47,7 @@ def exit_codes(name: str) -> dict[int, tuple[ErrorKind, str]]:
 
 class GeminiAdapter(Adapter):
     kind = "gemini"
+    probes_version = True
     default_command = ["gemini"]
     auth_env = AUTH_VARS + ("GOOGLE_GEMINI_BASE_URL", "GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION",
                             "GOOGLE_APPLICATION_CREDENTIALS")
@@ -65,9 +66,7 @@ class GeminiAdapter(Adapter):
         found = await super().available()
         if not found.ok:
             return found
-        env = self.env()
-        exe = resolve_executable(self.command[0], env.get("PATH"))
-        version = await probe_version([exe, *self.command[1:], "--version"], env)
+        env, exe, version = self.env(), found.details["path"], found.version
         auth = [k for k in AUTH_VARS if env.get(k)]
         gemini_dir = Path(env.get("HOME", "~")).expanduser() / ".gemini"
         logged_in = (gemini_dir / "oauth_creds.json").is_file()

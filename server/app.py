@@ -313,23 +313,24 @@ TOOLS = [
 
 # The resources.
 
-async def _task_json(task_id: str, ctx: Context) -> str:
+async def _followed(task_id: str, ctx: Context):
+    """The council and the task a resource names; reading a task starts its change notifications."""
     council = _council(ctx)
     try:
         task = await council.engine.get(task_id)
     except NotFound as e:
         raise ResourceNotFoundError(str(e)) from None
     council.updates.follow(task)
+    return council, task
+
+
+async def _task_json(task_id: str, ctx: Context) -> str:
+    _, task = await _followed(task_id, ctx)
     return task.model_dump_json(indent=2)
 
 
 async def _task_log(task_id: str, ctx: Context) -> str:
-    council = _council(ctx)
-    try:
-        task = await council.engine.get(task_id)
-    except NotFound as e:
-        raise ResourceNotFoundError(str(e)) from None
-    council.updates.follow(task)
+    council, _ = await _followed(task_id, ctx)
     out, cursor = [], 0
     while True:
         chunk = await council.engine.logs(task_id, cursor=cursor, limit=5000)
