@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 
 from adapters import make_adapter
 from adapters.ollama import classify_tier
@@ -512,6 +513,11 @@ class Engine:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.store.clear_proc(task.task_id, attempt.agent)
+        if await self.store.cancel_requested([task.task_id]):
+            # Another process cancelled and may have killed the agent before our watcher saw the
+            # flag: the attempt was cancelled, not failed.
+            self._scopes[task.task_id].cancel()
+            await anyio.lowlevel.checkpoint()
         if result.timed_out:
             return Outcome(ok=False), result
         try:
