@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shlex
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +31,8 @@ from .models import (ACTIVE_TASK, Attempt, AttemptState, CheckResult, GcReport, 
                      Task, TaskList, TaskState, now)
 from .store import Store
 from .worktrees import Worktrees
+
+MAX_PROMPT_BYTES = 120_000  # Linux refuses a single argv element over 128 KiB
 
 
 class CouncilError(ValueError):
@@ -257,6 +260,9 @@ class Engine:
     async def _new_task(self, repo, prompt, agents, tier, base, check, timeout_s, budget_usd) -> Task:
         if not isinstance(prompt, str) or not prompt.strip():
             raise CouncilError("prompt is empty: say what the agents should do")
+        if len(prompt.encode()) > MAX_PROMPT_BYTES:
+            raise CouncilError(f"prompt is {len(prompt.encode())} bytes; the limit is {MAX_PROMPT_BYTES} because CLIs "
+                               "receive it as one argument: put the details in a file in the repo and refer to it")
         if timeout_s is not None and not timeout_s > 0:
             raise CouncilError(f"timeout_s must be > 0 seconds, got {timeout_s}")
         if budget_usd is not None and budget_usd < 0:
@@ -350,6 +356,7 @@ class Engine:
                     for key, value in ended.items():
                         setattr(task, key, value)
                     await self._save(task)
+                    await anyio.to_thread.run_sync(shutil.rmtree, self.home / "tmp" / task.task_id, True)
                     self._scopes.pop(task.task_id, None)
                     self._hosted.pop(task.task_id, None)
                     self._secrets.pop(task.task_id, None)
@@ -490,6 +497,10 @@ class Engine:
             inv = adapter.invocation(job)
         except (ValueError, OSError) as e:
             return Outcome(ok=False, error=ErrorInfo(kind=ErrorKind.invalid_output, message=str(e))), runner.RunResult(None)
+        # A private TMPDIR, removed when the task ends: CLIs leave files there (gemini's error reports).
+        tmp = self.home / "tmp" / task.task_id / attempt.agent
+        tmp.mkdir(parents=True, exist_ok=True)
+        inv.env.setdefault("TMPDIR", str(tmp))
         secrets = self._secrets.setdefault(task.task_id, [])
         secrets += [s for s in inv.secrets if s not in secrets]
         parser = adapter.parser(job)

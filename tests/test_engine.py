@@ -236,3 +236,20 @@ async def test_state_survives_a_new_engine(make_engine, repo):
     assert again == task
     assert [t.task_id for t in listed.tasks] == [task.task_id]
     assert logs.done and logs.lines
+
+
+async def test_each_attempt_gets_a_private_tmpdir_removed_at_the_end(make_engine, repo, council_home):
+    code = ("import os; d = os.environ['TMPDIR']; open(os.path.join(d, 'litter'), 'w').write('x'); "
+            "print('tmp', d); open('x.txt', 'w').write('1')")
+    async with make_engine({"one": {"kind": "command", "argv": ["python3", "-c", code]}}) as engine:
+        task = await run_task(engine, repo, agents=["one"])
+        lines = [l.text for l in (await engine.logs(task.task_id)).lines if l.text.startswith("tmp ")]
+    tmp = Path(lines[0].split(" ", 1)[1])
+    assert tmp == council_home / "tmp" / task.task_id / "one"
+    assert not tmp.exists() and not tmp.parent.exists()
+
+
+async def test_a_prompt_too_large_for_one_argument_is_refused(make_engine, repo):
+    async with make_engine({"one": fake("--write", "x=1")}) as engine:
+        with pytest.raises(CouncilError, match="limit is 120000"):
+            await engine.submit(str(repo), "x" * 130_000, agents=["one"])
