@@ -81,7 +81,7 @@ def emit(model: BaseModel) -> None:
 
 
 def describe(task: Task) -> str:
-    lines = [f"task {task.task_id}  {task.state}  tier {task.tier}  repo {task.repo}",
+    lines = [f"task {task.task_id}  {task.state}  tier {task.tier or '-'}  repo {task.repo}",
              f"  prompt: {task.prompt.splitlines()[0][:100]}"]
     for a in task.attempts:
         cost = f" ${a.cost_usd:.4f}" if a.cost_usd else ""

@@ -127,3 +127,34 @@ def test_logs_follow_from_another_shell(repo, config):
         assert run.returncode == 0
     finally:
         run.kill()
+
+
+def test_doctor_says_which_agents_work_and_how_to_fix_the_rest(config):
+    """A real HTTP server on 127.0.0.1 stands in for Ollama's /api/tags and /api/version."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Ollama(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = {"/api/tags": {"models": [{"name": "qwen2.5-coder:7b", "model": "qwen2.5-coder:7b"}]},
+                    "/api/version": {"version": "0.14.2"}}.get(self.path)
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write(json.dumps(body or {"error": "not found"}).encode())
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ollama)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        write_config(config, {"mine": fake(), "claude": {"command": "/nonexistent/claude"},
+                              "ollama": {"base_url": f"http://127.0.0.1:{server.server_port}"}})
+        doc = json.loads(cli("doctor", "--json").stdout)
+    finally:
+        server.shutdown()
+    rows = {r["agent"]: r for r in doc["agents"]}
+    assert rows["mine"]["ok"] and not rows["claude"]["ok"]
+    assert "/nonexistent/claude" in rows["claude"]["message"] and "command =" in rows["claude"]["message"]
+    assert rows["ollama"]["ok"] and "qwen2.5-coder:7b" in json.dumps(rows["ollama"])
+    assert not rows["auto-claude"]["ok"] and "home" in rows["auto-claude"]["message"]
