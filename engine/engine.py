@@ -25,7 +25,7 @@ from adapters.base import TRANSIENT, Adapter, Availability, ErrorInfo, ErrorKind
 from . import cleanup as cleanup_mod
 from . import judge, routing, runner
 from .config import TIERS, Config, ConfigError, home_dir, load_config
-from .gitcmd import GitError, diff_stat, git, git_ok
+from .gitcmd import GitError, diff_stat, git
 from .merge import STRATEGIES, MergeRefused, merge_branch
 from .models import (ACTIVE_TASK, Attempt, AttemptState, CheckResult, GcReport, LogChunk, LogLine, MergeResult,
                      Task, TaskList, TaskState, now)
@@ -289,10 +289,10 @@ class Engine:
         if base is not None and (not base.strip() or base.startswith("-")):
             raise CouncilError(f"base {base!r} is not a valid ref")
         ref = base or "HEAD"
-        if not await git_ok(top, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}"):
+        commit = await git(top, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}", check=False)
+        if not commit:
             raise CouncilError(f"base {ref!r} does not resolve to a commit in {top}" if base else
                                f"{top} has no commits yet; commit something first")
-        commit = await git(top, "rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
         into = await git(top, "symbolic-ref", "--quiet", "--short", "HEAD", check=False) or None
         why = "explicit agents" if agents else "given"
         if tier is None and not agents:
@@ -313,14 +313,11 @@ class Engine:
             if must_exist:
                 raise CouncilError(f"repo {repo!r} is not an existing directory (give an absolute path)")
             return None
-        if not await git_ok(path, "rev-parse", "--git-dir"):
-            if must_exist:
-                raise CouncilError(f"repo {repo!r} is not a git repository (run `git init` there first)")
-            return None
         top = await git(path, "rev-parse", "--show-toplevel", check=False)
         if not top:
             if must_exist:
-                raise CouncilError(f"repo {repo!r} has no working tree (bare repositories are not supported)")
+                raise CouncilError(f"repo {repo!r} is not a git repository with a working tree "
+                                   "(run `git init` there first; bare repositories are not supported)")
             return None
         return str(Path(top).resolve())
 

@@ -122,7 +122,7 @@ async def cmd_run(args, engine: Engine) -> int:
     task = await engine.submit(args.repo, args.prompt, agents=args.agents, tier=args.tier, base=args.base,
                                check=args.check, timeout_s=args.timeout, budget_usd=args.budget_usd)
     print(f"task {task.task_id}", file=sys.stderr, flush=True)
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with anyio.create_task_group() as tg:
             async def on_signal():
                 async for _ in signals:
