@@ -158,3 +158,19 @@ def test_doctor_says_which_agents_work_and_how_to_fix_the_rest(config):
     assert "/nonexistent/claude" in rows["claude"]["message"] and "command =" in rows["claude"]["message"]
     assert rows["ollama"]["ok"] and "qwen2.5-coder:7b" in json.dumps(rows["ollama"])
     assert not rows["auto-claude"]["ok"] and "home" in rows["auto-claude"]["message"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_to_run_cancels_its_agents(repo, config, tmp_path, sig):
+    child, pidfile = tmp_path / "child.pid", tmp_path / "agent.pid"
+    write_config(config, {"slow": fake("--child", str(child), "--pidfile", str(pidfile), "--sleep", "60")})
+    run, task_id = start_run(repo, "slow")
+    try:
+        wait_for(child.exists)
+        run.send_signal(sig)
+        out, _ = run.communicate(timeout=20)
+    finally:
+        run.kill()
+    assert run.returncode == 1 and json.loads(out)["state"] == "cancelled"
+    for f in (child, pidfile):
+        assert not pid_running(int(f.read_text())), f"{f.name} survived {sig.name}"
