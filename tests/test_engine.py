@@ -182,16 +182,22 @@ async def test_base_ref_is_resolved_at_submission(make_engine, repo):
     assert "later.txt" not in git(repo, "ls-tree", "--name-only", task.attempt("one").branch)
 
 
-async def test_cheap_tier_escalates_when_the_local_attempt_fails(make_engine, repo):
+@pytest.mark.parametrize("local, why", [
+    (fake("--exit", "1"), "crash"),  # the local attempt fails
+    (fake(), "no_changes"),  # it makes no changes
+    (fake("--write", "p.txt=wrong"), "check_failed"),  # it fails the check
+])
+async def test_cheap_tier_escalates_when_the_local_attempt_fails(repo, local, why):
     from engine.config import parse_config
     from engine.engine import Engine
     cfg = parse_config({"engine": {"kill_grace_s": 1},
-                        "agents": {"local": fake("--exit", "1"), "paid": fake("--write", "p.txt=paid")},
+                        "agents": {"local": local, "paid": fake("--write", "p.txt=paid")},
                         "routing": {"cheap": ["local"], "standard": ["paid"]}})
     async with Engine(cfg, home=repo.parent / "h") as engine:
-        task = await run_task(engine, repo, tier="cheap")
+        task = await run_task(engine, repo, tier="cheap", check="grep -q paid p.txt")
     assert [(a.agent, a.stage, a.state) for a in task.attempts] == [
         ("local", 0, AttemptState.failed), ("paid", 1, AttemptState.succeeded)]
+    assert task.attempts[0].error.kind == why
     assert task.best == "paid" and task.state == TaskState.succeeded
 
 
