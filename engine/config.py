@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from adapters.base import AgentSpec
 APP = "cli-council"
 BUILTIN_KINDS = ("claude", "gemini", "auto-claude", "ollama")
 TIERS = ("cheap", "standard", "complex")
+AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # it becomes a path part and a branch name part
 
 
 class ConfigError(ValueError):
@@ -67,6 +69,9 @@ def parse_config(data: dict) -> Config:
         agents_raw.setdefault(name, {})
     agents = {}
     for name, table in agents_raw.items():
+        if not AGENT_NAME.fullmatch(name) or ".." in name or name.endswith((".", ".lock")):
+            raise ConfigError(f"agent name {name!r} cannot name a branch and a directory; "
+                              "use letters, digits, '.', '_' and '-'")
         if not isinstance(table, dict):
             raise ConfigError(f"[agents.{name}] must be a table")
         table = dict(table)

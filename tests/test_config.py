@@ -42,6 +42,12 @@ def test_bad_config_says_what_is_wrong(tmp_path, text, words):
         load_config(path)
 
 
+@pytest.mark.parametrize("name", ["../escape", "a/b", "with space", "-flag", "x..y", "x.lock", ""])
+def test_agent_names_that_cannot_be_a_path_or_branch_are_refused(name):
+    with pytest.raises(ConfigError, match="agent name"):
+        parse_config({"agents": {name: {"kind": "command", "argv": ["true"]}}})
+
+
 def test_unknown_kind_is_refused():
     spec = parse_config({"agents": {"x": {"kind": "telepathy"}}}).agents["x"]
     with pytest.raises(ValueError, match="unknown kind 'telepathy'"):
