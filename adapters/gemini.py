@@ -84,6 +84,7 @@ class GeminiParser(Parser):
         self.name = spec.name
         self.price_in = float(spec.extra("price_in_per_mtok", PRICE_IN_PER_MTOK))
         self.price_out = float(spec.extra("price_out_per_mtok", PRICE_OUT_PER_MTOK))
+        self.prices = {name: (float(p[0]), float(p[1])) for name, p in (spec.extra("prices") or {}).items()}
         self.worktree = job.worktree
         self.session_id: str | None = None
         self.reply: list[str] = []
@@ -123,12 +124,25 @@ class GeminiParser(Parser):
             return short(f"finished: {obj.get('status')}")
         return None
 
+    def cost(self, stats: dict, tokens_in: int, tokens_out: int) -> float:
+        """USD for the run. Without -m gemini routes through a classifier model first and reports
+        every model's tokens together, so each model in stats.models is priced on its own when the
+        config has a `prices` entry for it ({"model" = [in, out]} per million tokens)."""
+        models = stats.get("models") if isinstance(stats.get("models"), dict) else {}
+        if not self.prices or not models:
+            return (tokens_in * self.price_in + tokens_out * self.price_out) / 1e6
+        total = 0.0
+        for name, m in models.items():
+            p_in, p_out = self.prices.get(name, (self.price_in, self.price_out))
+            total += ((m.get("input_tokens") or 0) * p_in + (m.get("output_tokens") or 0) * p_out) / 1e6
+        return total
+
     def finish(self, exit_code: int) -> Outcome:
         stats = (self.result or {}).get("stats") or {}
         tokens_in, tokens_out = stats.get("input_tokens"), stats.get("output_tokens")
         cost = None
         if tokens_in is not None or tokens_out is not None:
-            cost = ((tokens_in or 0) * self.price_in + (tokens_out or 0) * self.price_out) / 1e6
+            cost = self.cost(stats, tokens_in or 0, tokens_out or 0)
         out = Outcome(ok=False, cost_usd=cost, tokens_in=tokens_in, tokens_out=tokens_out,
                       session_id=self.session_id, summary="".join(self.reply).strip() or None)
         status = (self.result or {}).get("status")

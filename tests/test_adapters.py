@@ -225,6 +225,20 @@ def test_gemini_prices_from_extras() -> None:
     assert outcome.cost_usd == pytest.approx((5000 * 2.0 + 100 * 20.0) / 1e6)
 
 
+def test_gemini_prices_each_model_of_an_auto_routed_run() -> None:
+    """Without -m, gemini's result counts a classifier model's tokens with the main model's
+    (seen with the real 0.61.0 in the contract tier); `prices` prices each one on its own."""
+    adapter = make_adapter(spec("gemini", prices={"lite": [0.1, 0.4]}, price_in_per_mtok=2.0,
+                                price_out_per_mtok=20.0), ENVIRON)
+    parser = adapter.parser(job_for(Path("/w")))
+    models = {"lite": {"input_tokens": 1000, "output_tokens": 20}, "flash": {"input_tokens": 2000, "output_tokens": 40}}
+    parser.feed("stdout", json.dumps({"type": "result", "status": "success", "stats": {
+        "input_tokens": 3000, "output_tokens": 60, "models": models}}))
+    outcome = parser.finish(0)
+    assert outcome.tokens_in == 3000 and outcome.tokens_out == 60
+    assert outcome.cost_usd == pytest.approx((1000 * 0.1 + 20 * 0.4 + 2000 * 2.0 + 40 * 20.0) / 1e6)
+
+
 def fake_cli(directory: Path, name: str, version: str) -> Path:
     exe = directory / name
     exe.write_text(f"#!/bin/sh\necho '{version}'\n")
