@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).parents[1] / "bench" / "fanout.py"
 
 
@@ -13,4 +15,5 @@ def test_fanout_bench_prints_ratio_json():
                          capture_output=True, text=True, timeout=120, check=True).stdout
     doc = json.loads(out)
     assert doc["bench"] == "fanout" and doc["agents"] == 2
-    assert doc["floor_s"] > 0 and doc["engine_s"] > 0 and doc["ratio"] == round(doc["engine_s"] / doc["floor_s"], 3)
+    assert doc["floor_s"] > 0 and doc["engine_s"] > 0
+    assert doc["ratio"] == pytest.approx(doc["engine_s"] / doc["floor_s"], rel=0.01)  # figures are rounded apart
