@@ -33,6 +33,7 @@ from .store import Store
 from .worktrees import Worktrees
 
 MAX_PROMPT_BYTES = 120_000  # Linux refuses a single argv element over 128 KiB
+AVAILABLE_TTL_S = 30.0
 
 
 class CouncilError(ValueError):
@@ -68,6 +69,7 @@ class Engine:
         self.owner = _self_owner()
         self._global = anyio.CapacityLimiter(self.config.engine.max_parallel)
         self._per_agent: dict[str, anyio.CapacityLimiter] = {}
+        self._avail: dict[str, tuple[float, Availability]] = {}
         self._hosted: dict[str, Task] = {}
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._changed: dict[str, anyio.Event] = {}
@@ -400,6 +402,20 @@ class Engine:
             state = TaskState.succeeded if ok else TaskState.failed
         return {"state": state, "best": best, "best_reason": reason, "finished_at": now()}
 
+    async def _available(self, agent: str, adapter: Adapter) -> Availability:
+        """Whether the agent can run here. A yes is reused for AVAILABLE_TTL_S: probing starts the
+        CLI (`--version`), which must not sit on every attempt's path; a no is asked again."""
+        cached = self._avail.get(agent)
+        if cached and time.monotonic() - cached[0] < AVAILABLE_TTL_S:
+            return cached[1]
+        try:
+            avail = await adapter.available()
+        except Exception as e:  # an adapter's probe failing must skip one agent, not break the task
+            return Availability(False, f"could not check {agent}: {e!r}")
+        if avail.ok:
+            self._avail[agent] = (time.monotonic(), avail)
+        return avail
+
     def _limiter(self, agent: str) -> anyio.CapacityLimiter:
         if agent not in self._per_agent:
             cap = self.config.agent(agent).max_parallel or self.config.engine.max_parallel
@@ -408,10 +424,7 @@ class Engine:
 
     async def _run_attempt(self, task: Task, attempt: Attempt) -> None:
         adapter = make_adapter(self.config.agent(attempt.agent), self.environ)
-        try:
-            avail = await adapter.available()
-        except Exception as e:  # an adapter's probe failing must skip one agent, not break the task
-            avail = Availability(False, f"could not check {attempt.agent}: {e!r}")
+        avail = await self._available(attempt.agent, adapter)
         if not avail.ok:
             attempt.state = AttemptState.skipped
             attempt.error = ErrorInfo(kind=avail.error_kind, message=avail.message)

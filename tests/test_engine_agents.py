@@ -100,3 +100,17 @@ async def test_local_model_confirms_the_tier(repo, tmp_path):
     assert asked and asked[0]["format"]["properties"]["tier"]["enum"] == ["cheap", "standard", "complex"]
     assert task.tier == "complex" and "local model m said complex" in task.tier_reason
     assert [a.agent for a in task.attempts] == ["big"] and task.state == TaskState.succeeded
+
+
+async def test_availability_is_probed_once_not_per_attempt(make_engine, repo, tmp_path):
+    """A wrapper around the claude fake counts its `--version` probes."""
+    probes = tmp_path / "probes"
+    wrapper = tmp_path / "claude"
+    wrapper.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && echo x >> {probes}\nexec {sys.executable} {FAKES / 'flaky.py'} \"$@\"\n")
+    wrapper.chmod(0o755)
+    agent = {**claude(tmp_path, fails=0), "command": [str(wrapper)]}
+    async with make_engine({"claude": agent}) as engine:
+        for _ in range(3):
+            task = await engine.wait((await engine.submit(str(repo), "x", agents=["claude"])).task_id, 60)
+            assert task.state == TaskState.succeeded
+    assert probes.read_text().count("x") == 1
