@@ -71,7 +71,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
 
     g = sub.add_parser("gc", help="prune finished worktrees, orphaned branches and dead processes")
-    g.add_argument("--older-than", type=float, dest="older_than_s", help="seconds; default [engine] gc_age_s")
+    g.add_argument("--older-than", type=float, dest="older_than_s", metavar="SECONDS",
+                   help="reclaim tasks finished longer ago than this; default [engine] gc_age_s")
     g.add_argument("--json", action="store_true")
     return p
 
