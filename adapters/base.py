@@ -35,6 +35,7 @@ class ErrorKind(StrEnum):
 
 
 TRANSIENT = frozenset({ErrorKind.rate_limit, ErrorKind.network})
+TIERS = ("cheap", "standard", "complex")  # how much a task asks of the council (routing, auto-claude's effort)
 
 
 class ErrorInfo(BaseModel):

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .base import (Adapter, AgentSpec, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
+from .base import (TIERS, Adapter, AgentSpec, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
                    classify_text, json_object, module_argv, module_pythonpath, short)
 from .claude import LOCAL_TOKEN, ClaudeAdapter
 
@@ -37,7 +37,6 @@ RESULT = "__OLLAMA_RESULT__:"
 ERROR = "__OLLAMA_ERROR__:"
 NOTE = "ollama: "  # progress lines; the model's reply is echoed with REPLY so it can never fake the above
 REPLY = "> "
-TIERS = ("cheap", "standard", "complex")
 
 SYSTEM = """You are a careful coding assistant working on a repository. You cannot run commands.
 To change or create a file, write its path (relative to the repository root) alone on one line,

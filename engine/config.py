@@ -10,11 +10,10 @@ from pathlib import Path
 import platformdirs
 from pydantic import BaseModel, Field, ValidationError
 
-from adapters.base import AgentSpec
+from adapters.base import TIERS, AgentSpec
 
 APP = "cli-council"
 BUILTIN_KINDS = ("claude", "gemini", "auto-claude", "ollama")
-TIERS = ("cheap", "standard", "complex")
 AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # it becomes a path part and a branch name part
 
 
