@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .base import (PACKAGE_ROOT, Adapter, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
                    classify_text, json_object, module_argv, module_pythonpath, short)
+from .claude import credentials_file
 
 SCRATCH_DIR = ".auto-claude"
 SPECS = Path(SCRATCH_DIR) / "specs"
@@ -88,7 +89,7 @@ class AutoClaudeAdapter(Adapter):
         env = self.env()
         dotenv = backend / ".env"
         in_dotenv = dotenv.is_file() and re.search(rf"^\s*({'|'.join(AUTH_VARS)})\s*=\s*\S", dotenv.read_text(), re.M)
-        creds = Path(env.get("CLAUDE_CONFIG_DIR") or Path(env.get("HOME", "~")) / ".claude").expanduser() / ".credentials.json"
+        creds = credentials_file(env)
         auth = [k for k in AUTH_VARS if env.get(k)] + ([str(dotenv)] if in_dotenv else [])
         details["auth"] = auth
         label = f"Auto-Claude {version or '(version unknown)'} at {self.home}"

@@ -75,8 +75,7 @@ class ClaudeAdapter(Adapter):
             return found
         env, exe, version = self.env(), found.details["path"], found.version
         auth = [k for k in AUTH_VARS if env.get(k)]
-        config_dir = Path(env.get("CLAUDE_CONFIG_DIR") or Path(env.get("HOME", "~")) / ".claude").expanduser()
-        creds = config_dir / ".credentials.json"
+        creds = credentials_file(env)
         details = {"path": exe, "auth_env": auth, "credentials_file": str(creds) if creds.is_file() else None,
                    "base_url": env.get("ANTHROPIC_BASE_URL"), "local": self.local}
         label = f"claude {version or '(version unknown)'} at {exe}"
@@ -88,6 +87,12 @@ class ClaudeAdapter(Adapter):
             return Availability(True, f"{label}; no auth variable set, relying on `claude login`", version, details)
         return Availability(False, f"{label} but no credentials: {auth_fix(self.spec.name)}", version, details,
                             error_kind=ErrorKind.auth)
+
+
+def credentials_file(env: dict[str, str]) -> Path:
+    """Where `claude login` keeps its token (Auto-Claude runs claude, so it reads the same file)."""
+    config_dir = Path(env.get("CLAUDE_CONFIG_DIR") or Path(env.get("HOME", "~")) / ".claude").expanduser()
+    return config_dir / ".credentials.json"
 
 
 def auth_fix(name: str) -> str:

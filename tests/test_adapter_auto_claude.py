@@ -194,3 +194,16 @@ async def test_available(home: Path, tmp_path: Path) -> None:
         assert not avail.ok and avail.error_kind == ErrorKind.auth and "CLAUDE_CODE_OAUTH_TOKEN" in avail.message
         (home / "apps" / "backend" / ".env").write_text("CLAUDE_CODE_OAUTH_TOKEN=abc\n")
         assert (await make_adapter(bare, {"HOME": str(tmp_path)}).available()).ok
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="claude login uses the keychain there")
+async def test_a_claude_login_counts_as_auth(home: Path, tmp_path: Path) -> None:
+    """Auto-Claude runs claude, so the file `claude login` writes is enough (CLAUDE_CONFIG_DIR honoured)."""
+    bare = AgentSpec(name="auto-claude", kind="auto-claude", home=str(home), python=sys.executable)
+    config_dir = tmp_path / "claude-config"
+    env = {"HOME": str(tmp_path), "CLAUDE_CONFIG_DIR": str(config_dir)}
+    assert not (await make_adapter(bare, env).available()).ok
+    config_dir.mkdir()
+    (config_dir / ".credentials.json").write_text("{}")
+    avail = await make_adapter(bare, env).available()
+    assert avail.ok and "claude login" in avail.message
