@@ -25,7 +25,7 @@ from adapters.base import TRANSIENT, Adapter, Availability, ErrorInfo, ErrorKind
 from . import cleanup as cleanup_mod
 from . import judge, routing, runner
 from .config import TIERS, Config, ConfigError, home_dir, load_config
-from .gitcmd import GitError, diff_stat, git
+from .gitcmd import GitError, diff_stat, git, resolve_commit
 from .merge import STRATEGIES, MergeRefused, merge_branch
 from .models import (ACTIVE_TASK, Attempt, AttemptState, CheckResult, GcReport, LogChunk, LogLine, MergeResult,
                      Task, TaskList, TaskState, now)
@@ -291,7 +291,7 @@ class Engine:
         if base is not None and (not base.strip() or base.startswith("-")):
             raise CouncilError(f"base {base!r} is not a valid ref")
         ref = base or "HEAD"
-        commit = await git(top, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}", check=False)
+        commit = await resolve_commit(top, ref)
         if not commit:
             raise CouncilError(f"base {ref!r} does not resolve to a commit in {top}" if base else
                                f"{top} has no commits yet; commit something first")

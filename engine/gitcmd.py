@@ -38,6 +38,12 @@ async def git_ok(cwd: str | Path, *args: str) -> bool:
     return result.returncode == 0
 
 
+async def resolve_commit(cwd: str | Path, rev: str) -> str | None:
+    """The commit `rev` names, or None. A rev starting with '-' is never read as an option."""
+    sha = await git(cwd, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}", check=False)
+    return sha or None
+
+
 async def diff_stat(cwd: str | Path, a: str, b: str) -> tuple[list[str], int, int]:
     """Files changed, insertions, deletions between two commits (binary files count as changed)."""
     out = await git(cwd, "diff", "--numstat", "-z", "--no-renames", a, b)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import anyio
 
-from engine.gitcmd import COUNCIL_IDENTITY, GitError, diff_stat, git, git_ok
+from engine.gitcmd import COUNCIL_IDENTITY, GitError, diff_stat, git, git_ok, resolve_commit
 from engine.models import MergeResult
 
 __all__ = ["MergeRefused", "STRATEGIES", "merge_branch", "changes_in"]
@@ -35,13 +35,6 @@ class MergeRefused(ValueError):
     """The merge can't be done safely as asked (dirty or busy target, untracked files in the way,
     unknown refs, a strategy that doesn't fit the history); nothing was changed. The message says
     what to do."""
-
-
-async def _resolve(repo: str | Path, rev: str) -> str | None:
-    try:
-        return await git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
-    except GitError:
-        return None
 
 
 async def _merge_base(repo: str | Path, a: str, b: str) -> str | None:
@@ -91,12 +84,12 @@ async def _three_way(repo: str | Path, base: str, ours: str, theirs: str) -> tup
 async def changes_in(repo: str | Path, branch: str, into: str, base: str | None = None) -> bool:
     """True when every change of base..branch is already in `into`, however it got there
     (merge, rebase, squash, cherry-pick). `base` defaults to their merge base."""
-    tip, target = await _resolve(repo, branch), await _resolve(repo, into)
+    tip, target = await resolve_commit(repo, branch), await resolve_commit(repo, into)
     if tip is None or target is None:
         return False
     if await git_ok(repo, "merge-base", "--is-ancestor", tip, target):
         return True
-    base = await _resolve(repo, base) if base else await _merge_base(repo, target, tip)
+    base = await resolve_commit(repo, base) if base else await _merge_base(repo, target, tip)
     if base is None:
         return False  # unrelated histories
     tree, conflicts = await _three_way(repo, base, target, tip)
@@ -219,7 +212,7 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
         raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
     into = into.removeprefix("refs/heads/")
     ref = f"refs/heads/{into}"
-    branch_tip, base_c, old = (await _resolve(repo, branch), await _resolve(repo, base), await _resolve(repo, ref))
+    branch_tip, base_c, old = [await resolve_commit(repo, rev) for rev in (branch, base, ref)]
     for name, value in ((branch, branch_tip), (base, base_c), (into, old)):
         if value is None:
             raise MergeRefused(f"{name} is not a commit or branch in {repo}")
