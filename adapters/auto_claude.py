@@ -39,6 +39,7 @@ def auth_fix(name: str) -> str:
 
 class AutoClaudeAdapter(Adapter):
     kind = "auto-claude"
+    scratch = (SCRATCH_DIR,)
     auth_env = AUTH_VARS + ("ANTHROPIC_BASE_URL", "CLAUDE_CONFIG_DIR")
 
     @property

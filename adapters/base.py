@@ -146,6 +146,7 @@ class Adapter:
     default_command: ClassVar[list[str]] = []
     auth_env: ClassVar[tuple[str, ...]] = ()  # extra variables passed through from our environment
     probes_version: ClassVar[bool] = False  # `available` runs `CLI --version` (never for arbitrary commands)
+    scratch: ClassVar[tuple[str, ...]] = ()  # dirs the CLI keeps in the worktree that are never part of a result
 
     def __init__(self, spec: AgentSpec, environ: dict[str, str] | None = None):
         self.spec = spec

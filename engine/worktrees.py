@@ -9,10 +9,6 @@ import anyio
 
 from .gitcmd import COUNCIL_IDENTITY, GitError, git
 
-# Scratch that agents keep in their checkout and that is never part of a result.
-EXCLUDES = (":(exclude).auto-claude",)
-
-
 def branch_name(task_id: str, agent: str) -> str:
     return f"council/{task_id}/{agent}"
 
@@ -46,9 +42,9 @@ class Worktrees:
                     await anyio.sleep(0.1)
         raise AssertionError("unreachable")
 
-    async def commit_all(self, path: Path, message: str) -> bool:
-        """Commit whatever the agent left uncommitted; False when there was nothing."""
-        await git(path, "add", "-A", "--", ".", *EXCLUDES)
+    async def commit_all(self, path: Path, message: str, scratch: tuple[str, ...] = ()) -> bool:
+        """Commit whatever the agent left uncommitted but its scratch dirs; False when there was nothing."""
+        await git(path, "add", "-A", "--", ".", *(f":(exclude){d}" for d in scratch))
         if not await git(path, "diff", "--cached", "--name-only"):
             return False
         await git(path, *COUNCIL_IDENTITY, "commit", "--quiet", "--no-verify", "-m", message)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
 from engine.models import AttemptState, TaskState
 
-from conftest import FAKES, git
+from conftest import FAKES, fake, git
 
 KEY = "sk-ant-test-4f9d2c1b7e"
 
@@ -67,7 +68,6 @@ async def test_local_model_confirms_the_tier(repo, tmp_path):
 
     from engine.config import parse_config
     from engine.engine import Engine
-    from conftest import fake
 
     asked = []
 
@@ -114,3 +114,22 @@ async def test_availability_is_probed_once_not_per_attempt(make_engine, repo, tm
             task = await engine.wait((await engine.submit(str(repo), "x", agents=["claude"])).task_id, 60)
             assert task.state == TaskState.succeeded
     assert probes.read_text().count("x") == 1
+
+
+async def test_only_the_adapter_that_owns_a_scratch_dir_keeps_it_out_of_the_result(make_engine, repo, tmp_path):
+    """Auto-Claude's .auto-claude/ specs are its scratch; another agent's .auto-claude/ is just a file it wrote."""
+    from test_adapter_auto_claude import RUN, SPEC_RUNNER
+    backend = tmp_path / "Auto-Claude" / "apps" / "backend"
+    (backend / "runners").mkdir(parents=True)
+    (backend / "runners" / "spec_runner.py").write_text(SPEC_RUNNER)
+    (backend / "run.py").write_text(RUN)
+    agents = {"auto-claude": {"home": str(tmp_path / "Auto-Claude"), "python": sys.executable,
+                              "env": {"CLAUDE_CODE_OAUTH_TOKEN": "oauth-tok-1234"}},
+              "other": fake("--write", ".auto-claude/notes.txt=mine")}
+    async with make_engine(agents) as engine:
+        task = await engine.wait((await engine.submit(str(repo), "Add hello.py", agents=list(agents))).task_id, 60)
+    ac, other = task.attempt("auto-claude"), task.attempt("other")
+    assert ac.state == AttemptState.succeeded, ac
+    assert git(repo, "ls-tree", "-r", "--name-only", ac.branch).split() == ["README.md", "app.py", "hello.py"]
+    assert (Path(ac.worktree) / ".auto-claude" / "specs").is_dir(), "scratch stays in the worktree, uncommitted"
+    assert ".auto-claude/notes.txt" in git(repo, "ls-tree", "-r", "--name-only", other.branch).split()
