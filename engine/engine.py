@@ -372,8 +372,9 @@ class Engine:
             if tier is not None:
                 task.tier_reason = f"local model {local.model} said {tier}; heuristic said {task.tier} ({task.tier_reason})"
                 task.tier = tier
-                task.attempts = [Attempt(agent=a, stage=0) for a in routing.stages(self.config, tier, None)[0]]
-                task.agents = [a for stage in routing.stages(self.config, tier, None) for a in stage]
+                plan = routing.stages(self.config, tier, None)
+                task.attempts = [Attempt(agent=a, stage=0) for a in plan[0]]
+                task.agents = [a for stage in plan for a in stage]
 
     async def _should_escalate(self, task: Task) -> bool:
         if await self.store.cancel_requested([task.task_id]):
