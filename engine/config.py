@@ -30,6 +30,8 @@ class EngineSettings(BaseModel):
     retry_max_s: float = Field(60.0, ge=0)
     check_timeout_s: float = Field(900, gt=0)
     gc_age_s: float = Field(7 * 86400, ge=0, description="gc reclaims worktrees of tasks finished this long ago")
+    log_max_bytes: int = Field(20_000_000, ge=1024, description="log bytes stored per attempt; the rest is cut")
+    log_max_lines: int = Field(200_000, ge=10, description="log lines stored per attempt; the rest is cut")
 
 
 class Routing(BaseModel):
@@ -39,8 +41,14 @@ class Routing(BaseModel):
     classify_with_model: bool = False
 
 
+class ServerSettings(BaseModel):
+    allowed_roots: list[str] = Field(default_factory=list, description=(
+        "repos must lie under one of these directories; empty allows any (required for a non-loopback bind)"))
+
+
 class Config(BaseModel):
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
     agents: dict[str, AgentSpec] = Field(default_factory=dict)
     routing: Routing = Field(default_factory=Routing)
 
