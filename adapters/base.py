@@ -135,7 +135,22 @@ BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TE
             "SHELL", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
             "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
             "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "VIRTUAL_ENV")
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.I)
+# Names whose values are secret (MY_PASSWD, MYSQL_PWD, DATABASE_DSN...), but not the author or the
+# agent-socket path.
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW(OR)?D|PASSPHRASE|_PWD$|CREDENTIAL|AUTH(?!OR|_SOCK)|COOKIE"
+                         r"|PRIVATE|DSN$", re.I)
+
+
+def allowed_env(environ: dict[str, str]) -> dict[str, str]:
+    """The part of our environment any child may see: BASE_ENV names and locale settings."""
+    return {k: v for k, v in environ.items() if k in BASE_ENV or k.startswith("LC_")}
+
+
+def secret_values(env: dict[str, str], min_len: int = 4) -> list[str]:
+    """Values of variables whose names say they are secret, longest first (so a key that contains
+    another is redacted whole)."""
+    found = {v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= min_len}
+    return sorted(found, key=len, reverse=True)
 
 
 class Adapter:
@@ -157,14 +172,14 @@ class Adapter:
         return list(self.spec.command or self.default_command)
 
     def env(self, **extra: str) -> dict[str, str]:
-        names = BASE_ENV + self.auth_env
-        env = {k: v for k, v in self.environ.items() if k in names or k.startswith("LC_")}
+        env = allowed_env(self.environ)
+        env.update((k, v) for k, v in self.environ.items() if k in self.auth_env)
         env.update(extra)
         env.update(self.spec.env)
         return env
 
     def secrets(self, env: dict[str, str]) -> list[str]:
-        return [v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= 4]
+        return secret_values(env)
 
     def make(self, argv: list[str], job: Job, stdin: bytes | None = None, **extra_env: str) -> Invocation:
         env = self.env(**extra_env)

@@ -7,6 +7,7 @@ store. Parallelism is capped globally and per agent with CapacityLimiters that h
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shlex
@@ -20,28 +21,24 @@ import anyio.lowlevel
 
 from adapters import make_adapter
 from adapters.ollama import classify_tier
-from adapters.base import TRANSIENT, Adapter, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, redact
+from adapters.base import (TIERS, TRANSIENT, Adapter, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome,
+                           allowed_env, redact, secret_values)
 
 from . import cleanup as cleanup_mod
-from . import judge, routing, runner
-from .config import TIERS, Config, ConfigError, home_dir, load_config
-from .gitcmd import GitError, diff_stat, git, resolve_commit
+from . import inputs, judge, routing, runner
+from .config import Config, ConfigError, home_dir, load_config
+from .gitcmd import diff_stat, git, resolve_commit
+from .inputs import CouncilError, NotFound
 from .merge import STRATEGIES, MergeRefused, merge_branch
 from .models import (ACTIVE_TASK, Attempt, AttemptState, CheckResult, GcReport, LogChunk, LogLine, MergeResult,
                      Task, TaskList, TaskState, now)
 from .store import Store
 from .worktrees import Worktrees
 
-MAX_PROMPT_BYTES = 120_000  # Linux refuses a single argv element over 128 KiB
+MAX_PROMPT_BYTES = 120_000  # Linux refuses a single argv element over 128 KiB (framing is checked per agent)
 AVAILABLE_TTL_S = 30.0
 
-
-class CouncilError(ValueError):
-    """Bad input or a request that cannot be met; the message says what to do. Nothing was changed."""
-
-
-class NotFound(CouncilError):
-    pass
+logger = logging.getLogger("cli_council.engine")
 
 
 def _self_owner() -> tuple[int, int | None]:
@@ -56,6 +53,18 @@ def _alive(pid: int | None, start: int | None) -> bool:
     if start is not None:
         return runner.proc_start_time(pid) == start
     return runner.proc_start_time(pid) is not None
+
+
+def _what_failed(task: Task, attempt: Attempt) -> str | None:
+    """Why merging this attempt deserves a second thought, or None when it and its task succeeded."""
+    if attempt.check is not None and not attempt.check.passed:
+        return f"{attempt.agent}'s attempt failed its check `{attempt.check.command}` (exit {attempt.check.exit_code})"
+    if attempt.state != AttemptState.succeeded:
+        why = f": {attempt.error.message}" if attempt.error else ""
+        return f"{attempt.agent}'s attempt {attempt.state}{why}"
+    if task.state != TaskState.succeeded:
+        return f"the task {task.state}"
+    return None
 
 
 class Engine:
@@ -74,7 +83,9 @@ class Engine:
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._changed: dict[str, anyio.Event] = {}
         self._seq: dict[str, int] = {}
-        self._secrets: dict[str, list[str]] = {}
+        self._secrets: dict[str, list[str]] = {}  # per task: the values its agents' env holds as secrets
+        # Our own secrets (API keys, tokens, passwords): never stored or shown, whoever prints them.
+        self._own_secrets = secret_values(self.environ, min_len=8)
         self._tg = None
         self._stopping = False
 
@@ -136,6 +147,7 @@ class Engine:
         return task.model_copy(deep=True)
 
     async def get(self, task_id: str) -> Task:
+        task_id = inputs.task_id(task_id)
         if task_id in self._hosted:
             return self._hosted[task_id].model_copy(deep=True)
         task = await self.store.get_task(task_id)
@@ -145,6 +157,7 @@ class Engine:
 
     async def wait(self, task_id: str, wait_s: float = 0) -> Task:
         """The task as soon as it has finished, or as it is when wait_s runs out."""
+        inputs.number("wait_s", wait_s, low=0, high=inputs.MAX_TIMEOUT_S)
         deadline = time.monotonic() + max(0.0, wait_s)
         while True:
             task = await self.get(task_id)
@@ -154,7 +167,9 @@ class Engine:
             await self._wait_change(task_id, min(left, 0.5))
 
     async def list(self, repo: str | None = None, limit: int = 20) -> TaskList:
+        limit = int(inputs.number("limit", limit, low=1, high=10**9))
         if repo is not None:
+            inputs.text("repo", repo, max_bytes=inputs.MAX_PATH_BYTES)
             repo = await self._toplevel(repo, must_exist=False) or repo
         tasks = await self.store.list_tasks(repo, max(1, min(limit, 1000)))
         return TaskList(tasks=[self._hosted.get(t.task_id, t).model_copy(deep=True) for t in tasks])
@@ -162,7 +177,11 @@ class Engine:
     async def logs(self, task_id: str, agent: str | None = None, cursor: int = 0, wait_s: float = 0,
                    limit: int = 500) -> LogChunk:
         """Lines after `cursor`; with wait_s, waits for the first new line (or the task's end)."""
-        limit = max(1, min(limit, 5000))
+        inputs.number("wait_s", wait_s, low=0, high=inputs.MAX_TIMEOUT_S)
+        cursor = int(inputs.number("cursor", cursor, low=0, high=inputs.MAX_CURSOR))
+        limit = int(max(1, min(inputs.number("limit", limit, low=-inputs.MAX_CURSOR, high=inputs.MAX_CURSOR), 5000)))
+        if agent is not None:
+            inputs.text("agent", agent, max_bytes=64)
         deadline = time.monotonic() + max(0.0, wait_s)
         while True:
             task = await self.get(task_id)
@@ -200,18 +219,27 @@ class Engine:
         task = await self.get(task_id)
         if strategy not in STRATEGIES:
             raise CouncilError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        for name, flag in (("dry_run", dry_run), ("cleanup", cleanup)):
+            if not isinstance(flag, bool):
+                raise CouncilError(f"{name} must be true or false, got {flag!r}")
+        if agent is not None:
+            inputs.text("agent", agent, max_bytes=64)
+        if into is not None:
+            inputs.ref("into", into)
         if task.state in ACTIVE_TASK:
             raise CouncilError(f"task {task_id} is still {task.state}; wait for it (get_status with wait_s) or cancel it")
+        if task.state == TaskState.merged:
+            raise CouncilError(f"task {task_id} is already merged as {task.merge_commit}; "
+                               f"`git show {(task.merge_commit or '')[:12]}` in {task.repo} shows it")
         into = into or task.into
         if not into:
             raise CouncilError("the repo was on a detached HEAD when the task was submitted; pass into=BRANCH")
-        if into.startswith("-"):
-            raise CouncilError(f"into {into!r} is not a valid branch name")
 
         def refuse(message: str) -> MergeResult:
             return MergeResult(merged=False, task_id=task_id, agent=agent, strategy=strategy, into=into,
                                dry_run=dry_run, message=message)
 
+        explicit = agent is not None
         if agent is None:
             if task.best is None:
                 return refuse(f"no attempt to merge: {task.best_reason or 'the task picked no best attempt'}")
@@ -223,6 +251,10 @@ class Engine:
                                f"its attempts: {', '.join(a.agent for a in task.attempts)}") from None
         if not attempt.branch or not attempt.files_changed:
             return refuse(f"{agent}'s attempt ({attempt.state}) left no changes to merge")
+        failed = _what_failed(task, attempt)
+        if failed and not explicit:
+            raise CouncilError(f"not merging task {task_id} by default: {failed}. Look at its diff first; to merge "
+                               f"it anyway, name the attempt: agent={agent!r} (`--agent {agent}`)")
         first = task.prompt.strip().splitlines()[0][:72]
         message = (f"{first}\n\ncli-council task {task_id}, agent {agent} ({strategy}).\n"
                    f"Picked: {task.best_reason or 'chosen by the caller'}\n\nPrompt:\n{task.prompt.strip()}")
@@ -232,6 +264,8 @@ class Engine:
         except MergeRefused as e:
             return refuse(str(e))
         result.agent = agent
+        if failed:
+            result.message = f"warning: {failed}. {result.message}"
         if not result.merged:
             return result
         task.state, task.merge_commit = TaskState.merged, result.commit
@@ -247,12 +281,11 @@ class Engine:
 
     async def gc(self, older_than_s: float | None = None) -> GcReport:
         """Reap what crashed hosts left running, then reclaim finished tasks' worktrees and branches."""
+        age = self.config.engine.gc_age_s if older_than_s is None else inputs.number(
+            "older_than_s", older_than_s, low=0, high=100 * 365 * 86400)
         interrupted = await self.recover()
         tasks = await self.store.list_tasks(limit=10**9)
         busy = [a.worktree for t in self._hosted.values() for a in t.attempts if a.worktree]
-        age = self.config.engine.gc_age_s if older_than_s is None else older_than_s
-        if age < 0:
-            raise CouncilError(f"older_than_s must be >= 0, got {age}")
         report = await cleanup_mod.gc(self.worktrees.root, tasks, age_s=age, busy=busy)
         report.removed[:0] = [f"task {t}: host process gone, marked interrupted" for t in interrupted]
         return report
@@ -260,36 +293,39 @@ class Engine:
     # building a task
 
     async def _new_task(self, repo, prompt, agents, tier, base, check, timeout_s, budget_usd) -> Task:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise CouncilError("prompt is empty: say what the agents should do")
-        if len(prompt.encode()) > MAX_PROMPT_BYTES:
-            raise CouncilError(f"prompt is {len(prompt.encode())} bytes; the limit is {MAX_PROMPT_BYTES} because CLIs "
-                               "receive it as one argument: put the details in a file in the repo and refer to it")
-        if timeout_s is not None and not timeout_s > 0:
-            raise CouncilError(f"timeout_s must be > 0 seconds, got {timeout_s}")
-        if budget_usd is not None and budget_usd < 0:
-            raise CouncilError(f"budget_usd must be >= 0, got {budget_usd}")
+        prompt = inputs.text("prompt", prompt, max_bytes=MAX_PROMPT_BYTES, hint=(
+            "CLIs receive it as one argument: put the details in a file in the repo and refer to it"))
+        if timeout_s is not None:
+            inputs.number("timeout_s", timeout_s, low=0, low_open=True, high=inputs.MAX_TIMEOUT_S)
+        if budget_usd is not None:
+            inputs.number("budget_usd", budget_usd, low=0, high=1e6)
         if tier is not None and tier not in TIERS:
             raise CouncilError(f"unknown tier {tier!r}; use one of {', '.join(TIERS)}")
         if check is not None:
+            inputs.text("check", check, max_bytes=inputs.MAX_CHECK_BYTES,
+                        hint="put a long check in a script in the repo and run that")
             try:
                 if not shlex.split(check):
                     raise CouncilError("check is empty; give a command such as 'pytest -q', or leave it out")
             except ValueError as e:
                 raise CouncilError(f"check {check!r} cannot be parsed: {e}") from None
         if agents is not None:
-            if not agents:
-                raise CouncilError("agents is an empty list; name at least one agent, or leave it out to route by tier")
+            if not isinstance(agents, list) or not agents:
+                raise CouncilError("agents must be a non-empty list of agent names, or left out to route by tier")
+            if len(agents) > inputs.MAX_AGENTS:
+                raise CouncilError(f"{len(agents)} agents named; at most {inputs.MAX_AGENTS}")
             for name in agents:
+                inputs.text("agent name", name, max_bytes=64)
                 try:
                     spec = self.config.agent(name)
                 except ConfigError as e:
                     raise CouncilError(str(e)) from None
                 if not spec.enabled:
                     raise CouncilError(f"agent {name!r} is disabled in the config ([agents.{name}] enabled = false)")
+        if base is not None:
+            inputs.ref("base", base)
+        repo = inputs.repo_path(repo, self.config.server.allowed_roots)
         top = await self._toplevel(repo)
-        if base is not None and (not base.strip() or base.startswith("-")):
-            raise CouncilError(f"base {base!r} is not a valid ref")
         ref = base or "HEAD"
         commit = await resolve_commit(top, ref)
         if not commit:
@@ -304,21 +340,35 @@ class Engine:
         unknown = [a for stage in plan for a in stage if a not in self.config.agents]
         if unknown:
             raise CouncilError(f"routing for tier {tier!r} names unknown agents {unknown}; fix [routing] in the config")
+        timeout_s = timeout_s or self.config.engine.default_timeout_s
+        for agent in {a for stage in plan for a in stage}:
+            self._check_command_line(agent, prompt, check, timeout_s, budget_usd, tier)
         return Task(task_id=uuid.uuid4().hex[:12], repo=top, base=commit, into=into, prompt=prompt, tier=tier, tier_reason=why,
                     agents=[a for stage in plan for a in stage], check=check,
-                    timeout_s=timeout_s or self.config.engine.default_timeout_s, budget_usd=budget_usd,
+                    timeout_s=timeout_s, budget_usd=budget_usd,
                     attempts=[Attempt(agent=a, stage=0) for a in plan[0]])
 
-    async def _toplevel(self, repo: str, must_exist: bool = True) -> str | None:
-        path = Path(str(repo)).expanduser()
+    def _check_command_line(self, agent: str, prompt: str, check, timeout_s: float, budget_usd, tier) -> None:
+        """Build the agent's command line now, to refuse what the kernel would refuse at exec."""
+        try:
+            adapter = make_adapter(self.config.agent(agent), self.environ)
+            job = Job(prompt=prompt, worktree=self.worktrees.path("0" * 12, agent), timeout_s=timeout_s, check=check,
+                      budget_usd=budget_usd, tier=tier)
+            inv = adapter.invocation(job)
+        except Exception:  # the attempt will record what is wrong with this agent; not the caller's input
+            return
+        inputs.argv_fits(agent, inv)
+
+    async def _toplevel(self, repo: str | Path, must_exist: bool = True) -> str | None:
+        path = Path(repo).expanduser()
         if not path.is_absolute() or not path.is_dir():
             if must_exist:
-                raise CouncilError(f"repo {repo!r} is not an existing directory (give an absolute path)")
+                raise CouncilError(f"repo {str(repo)!r} is not an existing directory")
             return None
         top = await git(path, "rev-parse", "--show-toplevel", check=False)
         if not top:
             if must_exist:
-                raise CouncilError(f"repo {repo!r} is not a git repository with a working tree "
+                raise CouncilError(f"repo {str(repo)!r} is not a git repository with a working tree "
                                    "(run `git init` there first; bare repositories are not supported)")
             return None
         return str(Path(top).resolve())
@@ -329,37 +379,51 @@ class Engine:
         with anyio.CancelScope() as scope:
             self._scopes[task.task_id] = scope
             try:
-                task.state, task.started_at = TaskState.running, now()
-                if task.tier_reason and task.tier_reason.startswith("classified") and self.config.routing.classify_with_model:
-                    await self._confirm_tier(task)
-                plan = routing.stages(self.config, task.tier, explicit_agents)
-                await self._save(task)
-                await self._note(task, f"task started: tier {task.tier} ({task.tier_reason}), stages {plan}")
-                for stage, agents in enumerate(plan):
-                    if stage > 0:
-                        if not await self._should_escalate(task):
-                            break
-                        await self._note(task, f"escalating to {', '.join(agents)}: stage {stage - 1} gave no good result")
-                        task.attempts += [Attempt(agent=a, stage=stage) for a in agents]
-                        await self._save(task)
-                    async with anyio.create_task_group() as tg:
-                        for attempt in [a for a in task.attempts if a.stage == stage]:
-                            tg.start_soon(self._run_attempt, task, attempt)
+                await self._run_stages(task, explicit_agents)
+            except Exception as e:  # failures are results: a broken task ends failed, the engine goes on
+                logger.exception("task %s failed inside the engine", task.task_id)
+                task.error = ErrorInfo(kind=ErrorKind.crash, message=f"{type(e).__name__}: {e}")
             finally:
                 with anyio.CancelScope(shield=True):
-                    # The closing note is logged before the state turns final, so a reader that
-                    # sees the task finished has every line.
-                    ended = self._ended(task, cancelled=scope.cancel_called)
-                    await self._note(task, f"task {ended['state']}" + (
-                        f"; best: {ended['best']} ({ended['best_reason']})" if ended["best"] else ""))
-                    for key, value in ended.items():
-                        setattr(task, key, value)
-                    await self._save(task)
-                    await anyio.to_thread.run_sync(shutil.rmtree, self.home / "tmp" / task.task_id, True)
-                    self._scopes.pop(task.task_id, None)
-                    self._hosted.pop(task.task_id, None)
-                    self._secrets.pop(task.task_id, None)
-                    self._notify(task.task_id)
+                    try:
+                        await self._finish(task, cancelled=scope.cancel_called)
+                    except Exception:  # the store itself failing (disk full): nothing left to record it in
+                        logger.exception("could not record the end of task %s", task.task_id)
+                    finally:
+                        self._scopes.pop(task.task_id, None)
+                        self._hosted.pop(task.task_id, None)
+                        self._secrets.pop(task.task_id, None)
+                        self._notify(task.task_id)
+
+    async def _run_stages(self, task: Task, explicit_agents: list[str] | None) -> None:
+        task.state, task.started_at = TaskState.running, now()
+        if task.tier_reason and task.tier_reason.startswith("classified") and self.config.routing.classify_with_model:
+            await self._confirm_tier(task)
+        plan = routing.stages(self.config, task.tier, explicit_agents)
+        await self._save(task)
+        await self._note(task, f"task started: tier {task.tier} ({task.tier_reason}), stages {plan}")
+        for stage, agents in enumerate(plan):
+            if stage > 0:
+                if not await self._should_escalate(task):
+                    break
+                await self._note(task, f"escalating to {', '.join(agents)}: stage {stage - 1} gave no good result")
+                task.attempts += [Attempt(agent=a, stage=stage) for a in agents]
+                await self._save(task)
+            async with anyio.create_task_group() as tg:
+                for attempt in [a for a in task.attempts if a.stage == stage]:
+                    tg.start_soon(self._run_attempt, task, attempt)
+
+    async def _finish(self, task: Task, cancelled: bool) -> None:
+        # The closing note is logged before the state turns final, so a reader that sees the task
+        # finished has every line.
+        ended = self._ended(task, cancelled=cancelled)
+        await self._note(task, f"task {ended['state']}" + (
+            f"; best: {ended['best']} ({ended['best_reason']})" if ended["best"] else "")
+            + (f"; {task.error.message}" if task.error else ""))
+        for key, value in ended.items():
+            setattr(task, key, value)
+        await self._save(task)
+        await anyio.to_thread.run_sync(shutil.rmtree, self.home / "tmp" / task.task_id, True)
 
     async def _confirm_tier(self, task: Task) -> None:
         """Ask the local model to confirm the heuristic's tier (here, not in submit: it takes seconds)."""
@@ -400,7 +464,7 @@ class Engine:
             if all(a.state == AttemptState.skipped for a in task.attempts):
                 reason = "no agent could run here: " + "; ".join(
                     f"{a.agent}: {a.error.message}" for a in task.attempts if a.error)
-            state = TaskState.succeeded if ok else TaskState.failed
+            state = TaskState.succeeded if ok and task.error is None else TaskState.failed
         return {"state": state, "best": best, "best_reason": reason, "finished_at": now()}
 
     async def _available(self, agent: str, adapter: Adapter) -> Availability:
@@ -424,30 +488,34 @@ class Engine:
         return self._per_agent[agent]
 
     async def _run_attempt(self, task: Task, attempt: Attempt) -> None:
-        adapter = make_adapter(self.config.agent(attempt.agent), self.environ)
-        avail = await self._available(attempt.agent, adapter)
-        if not avail.ok:
-            attempt.state = AttemptState.skipped
-            attempt.error = ErrorInfo(kind=avail.error_kind, message=avail.message)
-            await self._note(task, f"skipped: {avail.message}", attempt.agent)
-            return await self._save(task)
-        async with self._global, self._limiter(attempt.agent):
-            attempt.state, attempt.started_at = AttemptState.running, now()
-            await self._save(task)
-            t0 = time.monotonic()
-            try:
+        t0 = None
+        try:
+            adapter = make_adapter(self.config.agent(attempt.agent), self.environ)
+            avail = await self._available(attempt.agent, adapter)
+            if not avail.ok:
+                attempt.state = AttemptState.skipped
+                attempt.error = ErrorInfo(kind=avail.error_kind, message=avail.message)
+                await self._note(task, f"skipped: {avail.message}", attempt.agent)
+                return
+            # The agent's own slot first: an attempt waiting for its agent must not hold a global slot.
+            async with self._limiter(attempt.agent), self._global:
+                attempt.state, attempt.started_at = AttemptState.running, now()
+                await self._save(task)
+                t0 = time.monotonic()
                 await self._attempt_body(task, attempt, adapter)
-            except GitError as e:
-                attempt.state = AttemptState.failed
-                attempt.error = ErrorInfo(kind=ErrorKind.crash, message=str(e))
-            finally:
-                attempt.duration_s = round(time.monotonic() - t0, 3)
-                attempt.finished_at = now()
-                with anyio.CancelScope(shield=True):
-                    task.total_cost_usd = round(sum(a.cost_usd or 0.0 for a in task.attempts), 6)
-                    if attempt.state in (AttemptState.succeeded, AttemptState.failed, AttemptState.timed_out):
-                        await self._note(task, f"{attempt.state}" + (f": {attempt.error.message}" if attempt.error else ""), attempt.agent)
-                    await self._save(task)
+        except Exception as e:  # failures are results: whatever broke is this attempt's, not the engine's
+            logger.exception("attempt %s/%s crashed", task.task_id, attempt.agent)
+            attempt.state = AttemptState.failed
+            attempt.error = ErrorInfo(kind=ErrorKind.crash, message=f"{type(e).__name__}: {e}")
+        finally:
+            with anyio.CancelScope(shield=True):
+                if t0 is not None:
+                    attempt.duration_s = round(time.monotonic() - t0, 3)
+                    attempt.finished_at = now()
+                task.total_cost_usd = round(sum(a.cost_usd or 0.0 for a in task.attempts), 6)
+                if attempt.state in (AttemptState.succeeded, AttemptState.failed, AttemptState.timed_out):
+                    await self._note(task, f"{attempt.state}" + (f": {attempt.error.message}" if attempt.error else ""), attempt.agent)
+                await self._save(task)
 
     async def _attempt_body(self, task: Task, attempt: Attempt, adapter: Adapter) -> None:
         path, attempt.branch = await self.worktrees.add(task.repo, task.task_id, attempt.agent, task.base)
@@ -481,8 +549,6 @@ class Engine:
         attempt.exit_code = result.exit_code
         attempt.error = outcome.error
         attempt.session_id, attempt.summary = outcome.session_id, outcome.summary
-        if attempt.summary:
-            attempt.summary = redact(attempt.summary, self._secrets.get(task.task_id, []))
         if result.timed_out:
             attempt.state = AttemptState.timed_out
             attempt.error = ErrorInfo(kind=ErrorKind.timeout, message=f"no result within {task.timeout_s:g}s; the process group was killed")
@@ -549,7 +615,9 @@ class Engine:
             return Outcome(ok=False, error=ErrorInfo(kind=ErrorKind.invalid_output, message=f"cannot read the agent's output: {e!r}")), result
 
     async def _run_check(self, task: Task, attempt: Attempt, path: Path) -> CheckResult:
-        inv = Invocation(argv=shlex.split(task.check), env=self.environ, cwd=path)
+        # The check runs what the agent wrote: it gets the agents' allow-listed environment, never our keys.
+        env = {**allowed_env(self.environ), "TMPDIR": str(self.home / "tmp" / task.task_id / attempt.agent)}
+        inv = Invocation(argv=shlex.split(task.check), env=env, cwd=path)
 
         async def on_line(stream: str, text: str) -> None:
             await self._log(task, attempt.agent, "check", text)
@@ -570,14 +638,29 @@ class Engine:
             self._seq[task.task_id] = await self.store.last_seq(task.task_id)
         self._seq[task.task_id] += 1
         line = LogLine(seq=self._seq[task.task_id], agent=agent, stream=stream,
-                       text=redact(text, self._secrets.get(task.task_id, [])), ts=now())
+                       text=self._redact(task.task_id, text), ts=now())
         await self.store.append_log(task.task_id, line)
         self._notify(task.task_id)
 
     async def _note(self, task: Task, text: str, agent: str = "council") -> None:
         await self._log(task, agent, "council", text)
 
+    def _redact(self, task_id: str, text: str) -> str:
+        return redact(text, self._secrets.get(task_id, []) + self._own_secrets)
+
+    def _scrub(self, task: Task) -> None:
+        """Redact every text that came out of an agent or a check before it is stored or shown."""
+        for holder in [task, *task.attempts]:
+            if holder.error is not None:
+                holder.error.message = self._redact(task.task_id, holder.error.message)
+        for a in task.attempts:
+            if a.summary:
+                a.summary = self._redact(task.task_id, a.summary)
+        if task.best_reason:
+            task.best_reason = self._redact(task.task_id, task.best_reason)
+
     async def _save(self, task: Task) -> None:
+        self._scrub(task)
         await self.store.save_task(task)
         self._notify(task.task_id)
 
@@ -602,5 +685,8 @@ class Engine:
         """`cli-council cancel` from another shell flags the task in the store; act on it here."""
         while True:
             await anyio.sleep(0.3)
-            for task_id in await self.store.cancel_requested(list(self._scopes)):
-                self._scopes[task_id].cancel()
+            try:
+                for task_id in await self.store.cancel_requested(list(self._scopes)):
+                    self._scopes[task_id].cancel()
+            except Exception:  # a store hiccup (locked, disk full) must not end the engine; look again soon
+                logger.exception("reading cancel requests failed")

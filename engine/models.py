@@ -97,6 +97,7 @@ class Task(BaseModel):
     best_reason: str | None = None
     total_cost_usd: float = 0.0
     merge_commit: str | None = None
+    error: ErrorInfo | None = Field(None, description="what broke the task itself (its attempts record their own)")
     attempts: list[Attempt] = Field(default_factory=list)
 
     def attempt(self, agent: str) -> Attempt:

@@ -34,7 +34,8 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.stdio import stdio_server
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 from mcp.shared.exceptions import MCPError
-from pydantic import Field
+from mcp.server.mcpserver.tools import Tool
+from pydantic import ConfigDict, Field
 
 from engine.config import Config, load_config
 from engine.engine import CouncilError, Engine, NotFound
@@ -292,6 +293,16 @@ async def cancel_task(task_id: TaskId, ctx: Context) -> Task:
     return task
 
 
+def _strict(tool: Tool) -> None:
+    """Refuse unknown arguments (a misspelt `agnets` must not be silently dropped) and non-finite numbers
+    (`1e309`, "inf", NaN), instead of the SDK's default of ignoring extras and accepting infinities.
+    Watch on SDK upgrades: this replaces the argument model the SDK derived from the signature."""
+    base = tool.fn_metadata.arg_model
+    config = ConfigDict(**base.model_config, extra="forbid", allow_inf_nan=False)
+    tool.fn_metadata.arg_model = type(base.__name__, (base,), {"model_config": config, "__module__": base.__module__})
+    tool.parameters = tool.fn_metadata.arg_model.model_json_schema(by_alias=True)
+
+
 def _annotations(title: str, *, read_only: bool, destructive: bool = False, idempotent: bool = False,
                  open_world: bool = False) -> types.ToolAnnotations:
     return types.ToolAnnotations(title=title, read_only_hint=read_only, destructive_hint=destructive,
@@ -382,6 +393,7 @@ def build_server(config: Config | None = None, home: Path | None = None) -> MCPS
                        lifespan=lifespan, subscriptions=bus, log_level="WARNING")
     for fn, annotations in TOOLS:
         server.add_tool(fn, description=inspect.cleandoc(fn.__doc__), annotations=annotations)
+        _strict(server._tool_manager.get_tool(fn.__name__))  # MCPServer has no public handle on a tool
     server.resource("council://tasks/{task_id}", name="task", title="Task", mime_type="application/json",
                     description="The task with all its attempts, as get_status returns it.")(_task_json)
     server.resource("council://tasks/{task_id}/logs", name="task_logs", title="Task log", mime_type="text/plain",

@@ -133,7 +133,8 @@ async def cmd_run(args, engine: Engine) -> int:
             tg.start_soon(on_signal)
             if sys.stderr.isatty() and not args.json:
                 await live_progress(engine, task.task_id)
-            task = await engine.wait(task.task_id, float("inf"))
+            while task.state in ACTIVE_TASK:
+                task = await engine.wait(task.task_id, 3600)
             tg.cancel_scope.cancel()
     emit(task) if args.json else print(describe(task))
     return 0 if task.state == TaskState.succeeded else 1
