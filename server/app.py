@@ -48,6 +48,7 @@ logger = logging.getLogger("cli_council.server")
 MAX_WAIT_S = 50.0  # well inside the ~60 s request timeout of common MCP clients
 PROGRESS_SLICE_S = 2.0  # how often a waiting call tells the client it is still alive
 NOTIFY_MIN_INTERVAL_S = 0.25  # coalesce resource-updated notifications from chatty agents
+MAX_RESOURCE_BYTES = 4_000_000  # the log resource's size; stream_logs pages through the rest
 
 INSTRUCTIONS = """\
 cli-council runs a council of AI coding CLIs (Claude Code, Gemini CLI, Auto-Claude, a local Ollama
@@ -341,14 +342,21 @@ async def _task_json(task_id: str, ctx: Context) -> str:
 
 
 async def _task_log(task_id: str, ctx: Context) -> str:
+    """The log from its start, up to MAX_RESOURCE_BYTES: one read must not hold a flood in memory."""
     council, _ = await _followed(task_id, ctx)
-    out, cursor = [], 0
+    out, cursor, size = [], 0, 0
     while True:
         chunk = await council.engine.logs(task_id, cursor=cursor, limit=5000)
         if not chunk.lines:
             break
-        out += [f"{ln.seq:>6} {ln.ts:%H:%M:%S} {ln.agent} [{ln.stream}] {ln.text}" for ln in chunk.lines]
-        cursor = chunk.next_cursor
+        for ln in chunk.lines:
+            text = f"{ln.seq:>6} {ln.ts:%H:%M:%S} {ln.agent} [{ln.stream}] {ln.text}"
+            size += len(text) + 1
+            if size > MAX_RESOURCE_BYTES:
+                out.append(f"... the log goes on after line {cursor}: read the rest with stream_logs(cursor={cursor})")
+                return "\n".join(out) + "\n"
+            out.append(text)
+            cursor = ln.seq
     return "\n".join(out) + ("\n" if out else "")
 
 
