@@ -27,7 +27,7 @@ from adapters.base import (TIERS, TRANSIENT, Adapter, Availability, ErrorInfo, E
 from . import cleanup as cleanup_mod
 from . import inputs, judge, routing, runner
 from .config import Config, ConfigError, home_dir, load_config
-from .gitcmd import diff_stat, git, resolve_commit
+from .gitcmd import GitError, diff_stat, git, resolve_commit
 from .inputs import CouncilError, NotFound
 from .merge import STRATEGIES, MergeRefused, merge_branch
 from .models import (ACTIVE_TASK, Attempt, AttemptState, CheckResult, GcReport, LogChunk, LogLine, MergeResult,
@@ -263,6 +263,8 @@ class Engine:
                                         message=message, task_id=task_id, dry_run=dry_run)
         except MergeRefused as e:
             return refuse(str(e))
+        except GitError as e:  # e.g. another process merged or cleaned this task at the same moment
+            return refuse(f"git could not compute the merge, nothing was changed: {e}")
         result.agent = agent
         if failed:
             result.message = f"warning: {failed}. {result.message}"
@@ -273,9 +275,13 @@ class Engine:
         await self._save(task)
         if cleanup:
             for a in task.attempts:
-                report = await cleanup_mod.remove_attempt(
-                    task.repo, root=self.worktrees.root, worktree=a.worktree, branch=a.branch, into=into,
-                    base=task.base, discard=a.agent != agent)
+                try:
+                    report = await cleanup_mod.remove_attempt(
+                        task.repo, root=self.worktrees.root, worktree=a.worktree, branch=a.branch, into=into,
+                        base=task.base, discard=a.agent != agent)
+                except GitError as e:  # the merge landed; what is left behind, gc reclaims later
+                    result.message += f"; cleanup of {a.agent} incomplete ({e.stderr or e})"
+                    continue
                 result.removed += report.removed
         return result
 
