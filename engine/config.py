@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import time
 import tomllib
 from pathlib import Path
 
@@ -275,3 +276,41 @@ def load_config(path: Path | None = None) -> Config:
         raise ConfigError(f"cannot read config {path}: {e}") from None
     return parse_config(data, str(path))
 
+
+class LiveConfig:
+    """The config of a long-running server: follows edits of the file, keeps the last good one.
+
+    `get()` is cheap enough for every request: at most every `min_interval_s` it stats the file and
+    re-reads it only when its mtime, size or inode changed. A broken edit keeps the previous Config
+    and sets `problem` (the ConfigError text) until the file is good again; no file means defaults.
+    A broken file at construction raises ConfigError: that is a startup error.
+    """
+
+    def __init__(self, path: Path | None = None, *, min_interval_s: float = 0.5):
+        self.path = path or config_path()
+        self.min_interval_s = min_interval_s
+        self.problem: str | None = None
+        self._stamp = self._stat()  # before reading, so an edit made during the read is seen next time
+        self._config = load_config(self.path)
+        self._looked = time.monotonic()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def get(self) -> Config:
+        now = time.monotonic()
+        if now - self._looked < self.min_interval_s:
+            return self._config
+        self._looked = now
+        stamp = self._stat()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self._config, self.problem = load_config(self.path), None
+            except ConfigError as e:
+                self.problem = str(e)
+        return self._config
