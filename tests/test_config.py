@@ -3,14 +3,15 @@ each problem on its own line naming the file and the key (through load_config an
 `cli-council doctor` / `serve` as a user runs them)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from adapters import make_adapter
-from engine.config import ConfigError, config_path, home_dir, load_config, parse_config
+from adapters import KINDS, make_adapter
+from engine.config import AGENT_KEYS, SECTIONS, ConfigError, config_path, home_dir, load_config, parse_config
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "council.toml"
 KNOWN_KINDS = "known kinds: auto-claude, claude, command, gemini, ollama"
@@ -211,3 +212,16 @@ argv = [{json.dumps(sys.executable)}, "-c", "pass", "{{prompt}}"]
     assert rows["fine"]["ok"] is True and {"claude", "gemini", "ollama"} <= set(rows)
     text = cli("doctor")
     assert "probing it failed" in text.stdout and "Traceback" not in text.stderr
+
+
+def test_the_example_documents_every_key(tmp_path):
+    """Each key the config accepts is set or shown commented out in examples/council.toml, and the
+    example still loads with every commented-out key switched on."""
+    keys = {k for model in SECTIONS.values() for k in model.model_fields} | set(AGENT_KEYS)
+    keys |= {k for adapter in KINDS.values() for k in adapter.config_keys}
+    text = EXAMPLE.read_text()
+    assert sorted(k for k in keys if not re.search(rf"^#? *{re.escape(k)} *=", text, re.M)) == []
+    switched_on = re.sub(r"^# ?([a-z_]+ *=)", r"\1", text, flags=re.M)
+    assert switched_on.count("\n#") < text.count("\n#")
+    _, cfg = load_text(tmp_path, switched_on)
+    assert cfg.agents["ollama"].extra("mode") == "chat" and cfg.server.allowed_roots == ["~/src"]
