@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections import deque
 from pathlib import Path
+from typing import Literal
 
 from .base import (PACKAGE_ROOT, Adapter, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
                    classify_text, json_object, module_argv, module_pythonpath, short)
@@ -40,6 +41,7 @@ def auth_fix(name: str) -> str:
 class AutoClaudeAdapter(Adapter):
     kind = "auto-claude"
     scratch = (SCRATCH_DIR,)
+    config_keys = {"home": str, "python": str, "complexity": Literal["simple", "standard", "complex"]}
     auth_env = AUTH_VARS + ("ANTHROPIC_BASE_URL", "CLAUDE_CONFIG_DIR")
 
     @property

@@ -54,7 +54,7 @@ class AgentSpec(BaseModel):
     model: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     enabled: bool = True
-    max_parallel: int | None = None
+    max_parallel: int | None = Field(None, ge=1)
     tiers: list[str] = Field(default_factory=list)
     argv: list[str] | None = None
 
@@ -162,6 +162,9 @@ class Adapter:
     auth_env: ClassVar[tuple[str, ...]] = ()  # extra variables passed through from our environment
     probes_version: ClassVar[bool] = False  # `available` runs `CLI --version` (never for arbitrary commands)
     scratch: ClassVar[tuple[str, ...]] = ()  # dirs the CLI keeps in the worktree that are never part of a result
+    # The kind's own `[agents.NAME]` keys (read with `spec.extra`) and the type each must have; the config
+    # refuses any other key beyond AgentSpec's common fields.
+    config_keys: ClassVar[dict[str, object]] = {}
 
     def __init__(self, spec: AgentSpec, environ: dict[str, str] | None = None):
         self.spec = spec

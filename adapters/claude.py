@@ -37,6 +37,7 @@ class ClaudeAdapter(Adapter):
     probes_version = True
     default_command = ["claude"]
     auth_env = AUTH_VARS + ("ANTHROPIC_BASE_URL", "CLAUDE_CODE_MAX_RETRIES", "CLAUDE_CONFIG_DIR")
+    config_keys = {"local": bool}  # runs on a local model: report cost 0
 
     @property
     def local(self) -> bool:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 from collections import deque
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 from .base import (Adapter, AgentSpec, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
                    classify_text, json_object, short, status_kind)
@@ -20,6 +23,7 @@ NOISE = re.compile(r"Warning: 256-color|YOLO mode is enabled|Approval mode overr
                    r"|at |status: \d+$|[{}\[\]]+$")
 PRICE_IN_PER_MTOK = 1.25
 PRICE_OUT_PER_MTOK = 10.0
+Price = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # USD per million tokens
 
 
 def auth_fix(name: str) -> str:
@@ -47,6 +51,8 @@ def exit_codes(name: str) -> dict[int, tuple[ErrorKind, str]]:
 
 class GeminiAdapter(Adapter):
     kind = "gemini"
+    config_keys = {"price_in_per_mtok": Price, "price_out_per_mtok": Price,
+                   "prices": dict[str, Annotated[list[Price], Field(min_length=2, max_length=2)]]}  # model -> [in, out]
     probes_version = True
     default_command = ["gemini"]
     auth_env = AUTH_VARS + ("GOOGLE_GEMINI_BASE_URL", "GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION",

@@ -22,9 +22,11 @@ import sys
 from collections import deque
 from functools import cached_property
 from pathlib import Path, PurePosixPath
+from typing import Literal
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import PositiveInt
 
 from .base import (TIERS, Adapter, AgentSpec, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
                    classify_text, json_object, module_argv, module_pythonpath, short)
@@ -134,6 +136,8 @@ class LocalClaude(ClaudeAdapter):
 
 class OllamaAdapter(Adapter):
     kind = "ollama"
+    config_keys = {"base_url": str, "mode": Literal["chat", "claude"], "context_chars": PositiveInt,
+                   "num_ctx": PositiveInt}
 
     @property
     def base_url(self) -> str:

@@ -1,15 +1,31 @@
-"""The TOML config and where state lives. Read on demand, never into module globals at import."""
+"""The TOML config and where state lives. Read on demand, never into module globals at import.
+
+A config is checked whole when it is loaded, and every broken rule is reported at once, one line
+each, naming the file and the key:
+- only the sections and keys of the models below exist; an `[agents.NAME]` table takes AgentSpec's
+  common fields plus the keys its kind's adapter declares (`Adapter.config_keys`); a near miss
+  gets "did you mean ...?"
+- `kind` is a known adapter kind (an agent named after a built-in kind gets that kind);
+- every value has its declared type, strictly: "4" is not a number and true is not 1;
+- no number is inf or nan, and no string holds a NUL byte (values end up in argv and env);
+- routing lists and agent `tiers` name agents and tiers that exist.
+"""
 
 from __future__ import annotations
 
+import difflib
+import json
+import math
 import os
 import re
+import time
 import tomllib
 from pathlib import Path
 
 import platformdirs
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from adapters import KINDS
 from adapters.base import TIERS, AgentSpec
 
 APP = "cli-council"
@@ -46,6 +62,10 @@ class ServerSettings(BaseModel):
         "repos must lie under one of these directories; empty allows any (required for a non-loopback bind)"))
 
 
+SECTIONS: dict[str, type[BaseModel]] = {"engine": EngineSettings, "server": ServerSettings, "routing": Routing}
+AGENT_KEYS = tuple(k for k in AgentSpec.model_fields if k != "name")  # every kind's keys; `name` is the table's
+
+
 class Config(BaseModel):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
@@ -69,35 +89,228 @@ def config_path(environ: dict[str, str] | None = None) -> Path:
     return Path(env.get("CLI_COUNCIL_CONFIG") or Path(platformdirs.user_config_dir(APP)) / "config.toml").expanduser()
 
 
-def parse_config(data: dict) -> Config:
-    """Fill every built-in agent with defaults, give every table a name and a kind, validate."""
-    agents_raw = dict(data.get("agents") or {})
-    for name in BUILTIN_KINDS:
-        agents_raw.setdefault(name, {})
-    agents = {}
-    for name, table in agents_raw.items():
-        if not AGENT_NAME.fullmatch(name) or ".." in name or name.endswith((".", ".lock")):
-            raise ConfigError(f"agent name {name!r} cannot name a branch and a directory; "
-                              "use letters, digits, '.', '_' and '-'")
-        if not isinstance(table, dict):
-            raise ConfigError(f"[agents.{name}] must be a table")
-        table = dict(table)
-        table.setdefault("kind", name)
-        if isinstance(table.get("command"), str):
-            table["command"] = [table["command"]]
-        agents[name] = {**table, "name": name}
+def parse_config(data: dict, source: str | None = None) -> Config:
+    """Check `data` (a parsed TOML document) against the rules above and build the Config.
+
+    Every built-in kind gets an agent of that name with its defaults. `source` names the file in
+    messages. Raises ConfigError listing every problem."""
+    problems = Problems(source)
+    _check_values(problems, data, ())
+    sections = _known_sections(problems, data)
+    raw_agents = dict(data.get("agents") if isinstance(data.get("agents"), dict) else {})
+    for kind in BUILTIN_KINDS:
+        raw_agents.setdefault(kind, {})
+    agents = {name: _agent_table(problems, name, table) for name, table in raw_agents.items()}
+    config = None
     try:
-        return Config.model_validate({**data, "agents": agents})
+        config = Config.model_validate({**sections, "agents": agents}, strict=True)
     except ValidationError as e:
-        raise ConfigError(f"invalid config: {e}") from None
+        for err in e.errors():
+            problems.add(err["loc"], f"{_where(err['loc'])} = {_show(err['input'])} {_reason(err)}")
+    _check_names(problems, sections.get("routing", {}), agents)
+    problems.raise_any()
+    return config
+
+
+class Problems:
+    """What is wrong with one config, at most one message per key, raised as one ConfigError."""
+
+    def __init__(self, source: str | None):
+        self.prefix = f"config {source}: " if source else "config: "
+        self.messages: dict[tuple, str] = {}
+
+    def add(self, loc: tuple, message: str) -> None:
+        """Keep the first problem found in a key (a value inside a table or list counts as in it)."""
+        if not any(loc[:len(seen)] == seen or seen[:len(loc)] == loc for seen in self.messages):
+            self.messages[loc] = message
+
+    def raise_any(self) -> None:
+        if self.messages:
+            raise ConfigError("\n".join(self.prefix + m for m in self.messages.values()))
+
+
+def _check_values(problems: Problems, value, loc: tuple) -> None:
+    """No NUL byte in any string (or key) and no inf/nan anywhere: neither is ever meant."""
+    if isinstance(value, str) and "\0" in value:
+        problems.add(loc, f"{_where(loc)} = {_show(value)} holds a NUL byte")
+    elif isinstance(value, float) and not math.isfinite(value):
+        problems.add(loc, f"{_where(loc)} = {_show(value)} is not a finite number")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if "\0" in k:
+                problems.add((*loc, k), f"{_where(loc)}: key {_show(k)} holds a NUL byte")
+            else:
+                _check_values(problems, v, (*loc, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_values(problems, v, (*loc, i))
+
+
+def _known_sections(problems: Problems, data: dict) -> dict[str, dict]:
+    """[engine], [server] and [routing] with only their own keys; the rest reported. ([agents] is apart.)"""
+    sections = {}
+    for key, value in data.items():
+        if key not in (*SECTIONS, "agents"):
+            problems.add((key,), _unknown_section(key, value))
+        elif not isinstance(value, dict):
+            problems.add((key,), f"[{key}] must be a table")
+        elif key in SECTIONS:
+            fields = SECTIONS[key].model_fields
+            for name in (k for k in value if k not in fields):
+                problems.add((key, name), f"[{key}] {name} is not a key of [{key}]; {_suggest(name, fields, 'keys')}")
+            sections[key] = {k: v for k, v in value.items() if k in fields}
+    return sections
+
+
+def _agent_table(problems: Problems, name: str, table) -> dict:
+    """One `[agents.NAME]` table, ready for AgentSpec: the name, a kind, and only the keys its kind reads
+    (the kind's own keys checked against the adapter's declared types)."""
+    where = f"[agents.{name}]"
+    if not AGENT_NAME.fullmatch(name) or ".." in name or name.endswith((".", ".lock")):
+        problems.add(("agents", name), f"agent name {name!r} cannot name a branch and a directory; "
+                                        "use letters, digits, '.', '_' and '-'")
+    if not isinstance(table, dict):
+        problems.add(("agents", name), f"{where} must be a table")
+        return {"name": name, "kind": name}
+    kind = table.get("kind", name)
+    adapter = KINDS.get(kind) if isinstance(kind, str) else None
+    if adapter is None:
+        if "kind" not in table:
+            problems.add(("agents", name, "kind"), f"{where} has no kind; set kind = \"command\" for any CLI, "
+                                                   f"or one of: {', '.join(sorted(KINDS))}")
+        else:
+            close = difflib.get_close_matches(str(kind), KINDS, n=1)
+            problems.add(("agents", name, "kind"), f"{where} kind = {_show(kind)} is unknown; "
+                         + (f"did you mean {close[0]}? " if close else "")
+                         + f"known kinds: {', '.join(sorted(KINDS))}")
+        return {"name": name, "kind": str(kind)}  # its other keys cannot be judged without a kind
+
+    spec = {"name": name, "kind": kind}
+    for key, value in table.items():
+        loc = ("agents", name, key)
+        if key == "kind":
+            continue
+        if key == "command" and isinstance(value, str):
+            value = [value]
+        if key in AGENT_KEYS:
+            spec[key] = value
+        elif key in adapter.config_keys:
+            try:
+                spec[key] = TypeAdapter(adapter.config_keys[key]).validate_python(value, strict=True)
+            except ValidationError as e:
+                err = e.errors()[0]
+                problems.add((*loc, *err["loc"]), f"{where} {_path((key, *err['loc']))} = {_show(err['input'])} {_reason(err)}")
+        else:
+            known = (*AGENT_KEYS, *adapter.config_keys)
+            problems.add(loc, f"{where} {key} is not a key of kind {_show(kind)}; {_suggest(key, known, 'keys')}")
+    return spec
+
+
+def _check_names(problems: Problems, routing: dict, agents: dict) -> None:
+    """Routing lists name configured agents; agent `tiers` name real tiers."""
+    for tier in TIERS:
+        names = routing.get(tier)
+        for i, name in enumerate(names if isinstance(names, list) else []):
+            if isinstance(name, str) and name not in agents:
+                problems.add(("routing", tier, i), f"[routing] {tier} names agent {_show(name)}, which is not "
+                                                   f"configured; {_suggest(name, agents, 'agents')}")
+    for name, spec in agents.items():
+        tiers = spec.get("tiers")
+        for i, tier in enumerate(tiers if isinstance(tiers, list) else []):
+            if isinstance(tier, str) and tier not in TIERS:
+                problems.add(("agents", name, "tiers", i), f"[agents.{name}] tiers names {_show(tier)}, "
+                                                           f"which is not a tier; {_suggest(tier, TIERS, 'tiers')}")
+
+
+def _unknown_section(key: str, value) -> str:
+    """A top-level name that is no section: often a key written above its table's header."""
+    homes = [s for s, model in SECTIONS.items() if key in model.model_fields]
+    if homes and not isinstance(value, dict):
+        return f"{key} = {_show(value)} is outside any section; did you mean [{homes[0]}] {key}?"
+    return f"[{key}] is not a section; {_suggest(key, (*SECTIONS, 'agents'), 'sections')}"
+
+
+def _suggest(word: str, known, what: str) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1)
+    names = ", ".join(sorted(known))
+    return f"did you mean {close[0]}? ({what}: {names})" if close else f"{what}: {names}"
+
+
+def _where(loc: tuple) -> str:
+    """("agents", "x", "env", "K") -> "[agents.x] env.K"; ("routing", "cheap", 0) -> "[routing] cheap[0]"."""
+    if not loc:
+        return "config"
+    section, rest = (f"[agents.{loc[1]}]", loc[2:]) if loc[0] == "agents" and len(loc) > 1 else (f"[{loc[0]}]", loc[1:])
+    return f"{section} {_path(rest)}" if rest else section
+
+
+def _path(keys: tuple) -> str:
+    """("env", "K") -> "env.K"; ("cheap", 0) -> "cheap[0]"."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in keys).lstrip(".")
+
+
+def _show(value, limit: int = 60) -> str:
+    """A value as TOML would spell it, cut short."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, float) and not math.isfinite(value):
+        text = str(value)
+    else:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _reason(err: dict) -> str:
+    """pydantic's "Input should be a valid integer" -> "should be a valid integer"."""
+    msg = err["msg"]
+    return msg[len("Input "):] if msg.startswith("Input should") else f"is wrong: {msg[:1].lower()}{msg[1:]}"
 
 
 def load_config(path: Path | None = None) -> Config:
     path = path or config_path()
     if not path.exists():
-        return parse_config({})
+        return parse_config({}, str(path))
     try:
         data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from None
-    return parse_config(data)
+    return parse_config(data, str(path))
+
+
+class LiveConfig:
+    """The config of a long-running server: follows edits of the file, keeps the last good one.
+
+    `get()` is cheap enough for every request: at most every `min_interval_s` it stats the file and
+    re-reads it only when its mtime, size or inode changed. A broken edit keeps the previous Config
+    and sets `problem` (the ConfigError text) until the file is good again; no file means defaults.
+    A broken file at construction raises ConfigError: that is a startup error.
+    """
+
+    def __init__(self, path: Path | None = None, *, min_interval_s: float = 0.5):
+        self.path = path or config_path()
+        self.min_interval_s = min_interval_s
+        self.problem: str | None = None
+        self._stamp = self._stat()  # before reading, so an edit made during the read is seen next time
+        self._config = load_config(self.path)
+        self._looked = time.monotonic()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def get(self) -> Config:
+        now = time.monotonic()
+        if now - self._looked < self.min_interval_s:
+            return self._config
+        self._looked = now
+        stamp = self._stat()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self._config, self.problem = load_config(self.path), None
+            except ConfigError as e:
+                self.problem = str(e)
+        return self._config

@@ -16,6 +16,7 @@ import anyio
 from pydantic import BaseModel
 
 from adapters import make_adapter
+from adapters.base import Availability
 from engine.config import TIERS, ConfigError, load_config
 from engine.engine import CouncilError, Engine
 from engine.models import ACTIVE_TASK, Task, TaskState
@@ -203,11 +204,14 @@ async def cmd_gc(args, engine: Engine) -> int:
 
 
 async def cmd_doctor(args) -> int:
+    """A broken config is main's `error:` exit 2; an agent whose probe fails is that agent's row."""
     config = load_config()
     rows = []
     for name, spec in config.agents.items():
-        adapter = make_adapter(spec)
-        avail = await adapter.available()
+        try:
+            avail = await make_adapter(spec).available()
+        except Exception as e:  # one broken agent must not hide the others
+            avail = Availability(False, f"probing it failed: {e.__class__.__name__}: {e}")
         rows.append({"agent": name, "kind": spec.kind, "enabled": spec.enabled, "ok": avail.ok,
                      "version": avail.version, "message": avail.message, **avail.details})
     if args.json:

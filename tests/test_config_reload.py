@@ -1,0 +1,90 @@
+"""LiveConfig: a long-running server follows edits of its config file and keeps the last good
+config while an edit is broken. Real files; every edit moves the file's mtime on explicitly, so the
+tests do not depend on the filesystem's timestamp granularity."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError, LiveConfig
+
+GOOD = "[engine]\nmax_parallel = 3\n"
+BROKEN = '[engine]\nmax_parallel = "four"\n'
+
+
+def edit(path: Path, text: str) -> None:
+    """Rewrite the file in place (same inode) with a later mtime."""
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(text)
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
+def test_an_edit_is_seen_a_broken_edit_keeps_the_last_good_config_until_fixed(tmp_path):
+    path = tmp_path / "config.toml"
+    edit(path, GOOD)
+    live = LiveConfig(path, min_interval_s=0)
+    assert live.get().engine.max_parallel == 3 and live.problem is None
+
+    edit(path, "[engine]\nmax_parallel = 5\n")
+    assert live.get().engine.max_parallel == 5 and live.problem is None
+
+    edit(path, BROKEN)
+    assert live.get().engine.max_parallel == 5
+    assert live.problem == f'config {path}: [engine] max_parallel = "four" should be a valid integer'
+    assert live.get().engine.max_parallel == 5 and live.problem  # stays until the file changes
+
+    edit(path, "[engine\n")  # not even TOML
+    assert live.get().engine.max_parallel == 5 and live.problem.startswith(f"cannot read config {path}")
+
+    edit(path, "[engine]\nmax_parallel = 7\n")
+    assert live.get().engine.max_parallel == 7 and live.problem is None
+
+
+def test_a_missing_file_means_defaults_and_a_new_file_is_picked_up(tmp_path):
+    path = tmp_path / "config.toml"
+    live = LiveConfig(path, min_interval_s=0)
+    assert live.get().engine.max_parallel == 8 and "claude" in live.get().agents
+    edit(path, GOOD)
+    assert live.get().engine.max_parallel == 3
+    path.unlink()
+    assert live.get().engine.max_parallel == 8 and live.problem is None
+
+
+def test_a_replaced_file_is_seen_by_its_new_inode(tmp_path):
+    """Editors save by writing a new file and renaming it over the old one."""
+    path, new = tmp_path / "config.toml", tmp_path / "config.toml.new"
+    edit(path, GOOD)
+    live = LiveConfig(path, min_interval_s=0)
+    new.write_text(GOOD.replace("3", "4"))
+    os.utime(new, ns=(path.stat().st_mtime_ns,) * 2)  # same mtime and size: only the inode differs
+    new.replace(path)
+    assert live.get().engine.max_parallel == 4
+
+
+def test_it_rereads_only_when_the_files_stat_changed(tmp_path):
+    path = tmp_path / "config.toml"
+    edit(path, GOOD)
+    live = LiveConfig(path, min_interval_s=0)
+    stamp = path.stat().st_mtime_ns
+    path.write_text(GOOD.replace("3", "6"))  # same size, same inode, mtime put back: looks unchanged
+    os.utime(path, ns=(stamp, stamp))
+    assert live.get().engine.max_parallel == 3
+    edit(path, GOOD.replace("3", "6"))
+    assert live.get().engine.max_parallel == 6
+
+
+def test_it_looks_at_most_every_interval(tmp_path):
+    path = tmp_path / "config.toml"
+    edit(path, GOOD)
+    live = LiveConfig(path, min_interval_s=3600)
+    edit(path, "[engine]\nmax_parallel = 5\n")
+    assert live.get().engine.max_parallel == 3
+    assert LiveConfig(path).get().engine.max_parallel == 5
+
+
+def test_a_broken_file_at_startup_is_raised(tmp_path):
+    path = tmp_path / "config.toml"
+    edit(path, BROKEN)
+    with pytest.raises(ConfigError, match=f"config {path}: \\[engine\\] max_parallel"):
+        LiveConfig(path)
