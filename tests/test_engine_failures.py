@@ -58,8 +58,8 @@ async def test_a_check_that_cannot_start_fails_that_attempt_only(make_engine, re
 
 
 async def test_an_adapter_that_breaks_fails_its_attempt(make_engine, repo):
-    # An ollama agent whose base_url is no URL: the adapter raises while building its command.
-    agents = {"broken": {"kind": "ollama", "base_url": 12}, "good": GOOD}
+    # An ollama agent whose base_url has a port out of range: the adapter raises while building its command.
+    agents = {"broken": {"kind": "ollama", "base_url": "http://127.0.0.1:99999"}, "good": GOOD}
     async with make_engine(agents) as engine:
         bad, good = await beside(engine, repo, {"agents": ["broken"]})
     assert bad.attempt("broken").state in (AttemptState.failed, AttemptState.skipped)
