@@ -26,7 +26,7 @@ from adapters.base import (TIERS, TRANSIENT, Adapter, Availability, ErrorInfo, E
 
 from . import cleanup as cleanup_mod
 from . import inputs, judge, routing, runner
-from .config import Config, ConfigError, home_dir, load_config
+from .config import Config, ConfigError, LiveConfig, config_path, home_dir
 from .gitcmd import GitError, diff_stat, git, resolve_commit
 from .inputs import CouncilError, NotFound
 from .merge import STRATEGIES, MergeRefused, merge_branch
@@ -71,7 +71,10 @@ class Engine:
     def __init__(self, config: Config | None = None, home: Path | None = None,
                  environ: dict[str, str] | None = None):
         self.environ = dict(os.environ if environ is None else environ)
-        self.config = config if config is not None else load_config()
+        # A given Config stays as it is (tests, `run`); otherwise the file is followed while we run.
+        self._static = config
+        self._live = None if config is not None else LiveConfig(config_path(self.environ))
+        self._told_problem: str | None = None
         self.home = home or home_dir(self.environ)
         self.store = Store(self.home / "council.db")
         self.worktrees = Worktrees(self.home / "worktrees")
@@ -88,6 +91,22 @@ class Engine:
         self._own_secrets = secret_values(self.environ, min_len=8)
         self._tg = None
         self._stopping = False
+
+    @property
+    def config(self) -> Config:
+        if self._live is None:
+            return self._static
+        config = self._live.get()
+        if self._live.problem != self._told_problem:
+            self._told_problem = self._live.problem
+            if self._live.problem:
+                logger.warning("config edit ignored, the last good config stays in use: %s", self._live.problem)
+        return config
+
+    @property
+    def config_problem(self) -> str | None:
+        """Why the config file's current content is not in use (a broken edit), or None."""
+        return self._live.problem if self._live is not None else None
 
     # lifecycle
 
@@ -408,6 +427,9 @@ class Engine:
         plan = routing.stages(self.config, task.tier, explicit_agents)
         await self._save(task)
         await self._note(task, f"task started: tier {task.tier} ({task.tier_reason}), stages {plan}")
+        if self.config_problem:
+            await self._note(task, f"the config file has a broken edit, so the last good config is used: "
+                                   f"{self.config_problem}")
         for stage, agents in enumerate(plan):
             if stage > 0:
                 if not await self._should_escalate(task):
@@ -488,10 +510,14 @@ class Engine:
         return avail
 
     def _limiter(self, agent: str) -> anyio.CapacityLimiter:
-        if agent not in self._per_agent:
-            cap = self.config.agent(agent).max_parallel or self.config.engine.max_parallel
-            self._per_agent[agent] = anyio.CapacityLimiter(cap)
-        return self._per_agent[agent]
+        """The agent's cap; both caps follow config edits (a lowered cap lets running attempts finish)."""
+        config = self.config
+        cap = config.agent(agent).max_parallel or config.engine.max_parallel
+        limiter = self._per_agent.setdefault(agent, anyio.CapacityLimiter(cap))
+        for lim, want in ((limiter, cap), (self._global, config.engine.max_parallel)):
+            if lim.total_tokens != want:
+                lim.total_tokens = want
+        return limiter
 
     async def _run_attempt(self, task: Task, attempt: Attempt) -> None:
         t0 = None

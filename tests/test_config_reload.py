@@ -2,9 +2,11 @@
 config while an edit is broken. Real files; every edit moves the file's mtime on explicitly, so the
 tests do not depend on the filesystem's timestamp granularity."""
 
+import json
 import os
 from pathlib import Path
 
+import anyio
 import pytest
 
 from engine.config import ConfigError, LiveConfig
@@ -88,3 +90,26 @@ def test_a_broken_file_at_startup_is_raised(tmp_path):
     edit(path, BROKEN)
     with pytest.raises(ConfigError, match=f"config {path}: \\[engine\\] max_parallel"):
         LiveConfig(path)
+
+
+async def test_a_running_engine_follows_config_edits_and_keeps_the_last_good_one(tmp_path, repo, council_home):
+    from engine.engine import CouncilError, Engine
+    from tests.conftest import fake
+
+    path = tmp_path / "config.toml"  # what CLI_COUNCIL_CONFIG names in every test
+    agent = fake("--write", "n.txt=new")
+    table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in agent.items())
+    async with Engine(home=council_home) as engine:
+        with pytest.raises(CouncilError, match="unknown agent 'newbie'"):
+            await engine.submit(str(repo), "x", agents=["newbie"])
+        path.write_text(f"[agents.newbie]\n{table}\n")
+        await anyio.sleep(0.6)
+        task = await engine.wait((await engine.submit(str(repo), "x", agents=["newbie"])).task_id, 30)
+        assert task.state == "succeeded"
+        path.write_text(f"[agents.newbie]\n{table}\nmodle = 'typo'\n")
+        await anyio.sleep(0.6)
+        task = await engine.wait((await engine.submit(str(repo), "y", agents=["newbie"])).task_id, 30)
+        assert task.state == "succeeded"  # the last good config still runs the agent
+        assert "did you mean model" in engine.config_problem
+        notes = [ln.text for ln in (await engine.logs(task.task_id, limit=100)).lines]
+        assert any("broken edit" in n and "modle" in n for n in notes), notes
