@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import anyio
 
@@ -149,3 +153,13 @@ async def test_flush_returns_only_once_lines_written_by_another_caller_are_store
     assert len(await all_lines(store, "t1")) == BUFFER_LINES
     other.close()
     await store.close()
+
+
+def test_the_log_bench_runs_and_prints_its_json():
+    bench = Path(__file__).parents[1] / "bench" / "logs.py"
+    out = subprocess.run([sys.executable, str(bench), "--mb", "1", "--agents", "2"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    doc = json.loads(out)
+    assert doc["bench"] == "logs"
+    assert doc["uncapped"]["lines_stored"] == doc["uncapped"]["lines_offered"] == 10_000
+    assert doc["capped"]["lines_dropped"] == 0 and doc["capped"]["peak_rss_mb"] > 0
