@@ -221,7 +221,7 @@ class Store:
             with _write(db):
                 for table in ("logs", "procs", "tasks"):
                     db.execute(f"DELETE FROM {table} WHERE task_id = ?", (task_id,))
-            db.execute("PRAGMA incremental_vacuum").fetchall()  # runs one page per step otherwise
+            db.executescript("PRAGMA incremental_vacuum;")  # execute() would free one page only
 
         while await self._call(delete_chunk) >= chunk:
             pass
@@ -287,6 +287,10 @@ class Store:
     async def clear_proc(self, task_id: str, agent: str, role: str = "agent") -> None:
         await self._call(lambda db: db.execute(
             "DELETE FROM procs WHERE task_id = ? AND agent = ? AND role = ?", (task_id, agent, role)))
+
+    async def clear_procs(self, task_id: str) -> None:
+        """Forget every process record of a task (recover, once it has stopped them)."""
+        await self._call(lambda db: db.execute("DELETE FROM procs WHERE task_id = ?", (task_id,)))
 
     async def procs(self, task_id: str | None = None) -> list[tuple[str, str, int, int | None, str | None]]:
         """(task_id, agent, pgid, start_time, marker) of every recorded process group, of any role."""

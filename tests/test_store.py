@@ -61,6 +61,13 @@ def rows(agent: str, n: int, size: int = 10) -> list[tuple]:
     return [(agent, "stdout", f"{agent} {i}".ljust(size, "."), now()) for i in range(n)]
 
 
+def db_size(path: Path) -> int:
+    """council.db's size once the WAL is folded into it."""
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path.stat().st_size
+
+
 def stored(path: Path, task_id: str) -> list[tuple[int, str, str]]:
     with sqlite3.connect(path) as db:
         return db.execute("SELECT seq, agent, text FROM logs WHERE task_id = ? ORDER BY seq", (task_id,)).fetchall()
@@ -161,13 +168,16 @@ async def test_delete_task_removes_its_logs_and_procs_only(tmp_path):
         await store.save_task(make_task(tid))
         await store.append_logs(tid, rows("a", 50))
         await store.set_proc(tid, "a", 4242, 1, marker=f"m-{tid}")
-    await store.delete_task("gone", chunk=7)  # several chunks
+    await store.append_logs("gone", rows("a", 2000, size=1000))
+    before = db_size(path)
+    await store.delete_task("gone", chunk=700)  # several chunks
 
     assert await store.get_task("gone") is None
     assert [t.task_id for t in await store.list_tasks()] == ["kept"]
     assert stored(path, "gone") == [] and len(stored(path, "kept")) == 50
     assert await store.procs() == [("kept", "a", 4242, 1, "m-kept")]
     assert await store.last_seq("gone") == 0
+    assert db_size(path) < before / 4  # the pages go back to the disk, not only to SQLite's free list
     await store.close()
 
 
@@ -180,6 +190,11 @@ async def test_agent_and_check_processes_of_one_attempt_are_recorded_apart(tmp_p
     assert await store.procs("t1") == [("t1", "a", 200, 22, "m1")]
     await store.clear_proc("t1", "a", role="check")
     assert await store.procs() == []
+    for role in ("agent", "check"):
+        await store.set_proc("t1", "a", 300, 33, role=role)
+    await store.set_proc("t2", "a", 400, 44)
+    await store.clear_procs("t1")
+    assert await store.procs() == [("t2", "a", 400, 44, None)]
     await store.close()
 
 
@@ -198,7 +213,11 @@ async def test_a_database_from_the_first_version_is_migrated_in_place(tmp_path):
     old.commit()
     old.close()
 
-    store = Store(path)
+    store, racer = Store(path), Store(path)
+    async with anyio.create_task_group() as tg:  # two processes starting at once migrate it once
+        tg.start_soon(store.open)
+        tg.start_soon(racer.open)
+    await racer.close()
     assert (await store.get_task("old1")).task_id == "old1"
     assert await store.owners(["running"]) == [("old1", 1, 2)]
     assert await store.procs() == [("old1", "a", 777, 55, None)]
