@@ -235,15 +235,21 @@ class Store:
         it, so every process appending to the task gets its own contiguous block."""
         rows = [(agent, stream, text, ts if isinstance(ts, str) else ts.isoformat()) for agent, stream, text, ts in rows]
 
-        def append(db) -> int:
-            if not rows:
-                return _last_seq(db, task_id)
+        def insert(db, rows) -> int:
             with _write(db):
                 first = _last_seq(db, task_id) + 1
                 db.executemany(
                     "INSERT INTO logs (task_id, seq, agent, stream, text, ts) VALUES (?, ?, ?, ?, ?, ?)",
                     ((task_id, first + i, *row) for i, row in enumerate(rows)))
             return first + len(rows) - 1
+
+        def append(db) -> int:
+            if not rows:
+                return _last_seq(db, task_id)
+            try:
+                return insert(db, rows)
+            except UnicodeEncodeError:  # a lone surrogate has no UTF-8 form: store the batch with it replaced
+                return insert(db, [tuple(_utf8(v) for v in row) for row in rows])
         return await self._call(append)
 
     async def append_log(self, task_id: str, line: LogLine) -> int:
@@ -319,6 +325,10 @@ class _write:
 
 def _last_seq(db: sqlite3.Connection, task_id: str) -> int:
     return db.execute("SELECT MAX(seq) FROM logs WHERE task_id = ?", (task_id,)).fetchone()[0] or 0
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _readable(task_id: str, data: str) -> Task | None:

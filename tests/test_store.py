@@ -260,3 +260,11 @@ async def test_rows_this_version_cannot_read_do_not_break_reading_for_everyone(t
     await store.delete_task("garbage")
     assert set(dict(await store.unreadable_tasks())) == {"nulltimeout"}
     await store.close()
+
+
+async def test_a_line_with_a_lone_surrogate_does_not_lose_its_batch(tmp_path):
+    store = Store(tmp_path / "council.db")
+    assert await store.append_logs("t1", [("a", "stdout", "before", now()), ("a", "check", "bad \ud800 line", now()),
+                                          ("a", "stdout", "after", now())]) == 3
+    assert [line.text for line in await store.read_logs("t1", 0, None, 10)] == ["before", "bad ? line", "after"]
+    await store.close()
