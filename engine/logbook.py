@@ -1,0 +1,107 @@
+"""Log lines on their way to the store: buffered, written in batches, capped per attempt.
+
+One INSERT per line held a fast agent back to what SQLite commits per second and kept every line
+it ever printed. Here a line is appended to its task's buffer and written with the others of its
+task in one transaction, by a background flusher every ~50 ms, or at once by the writer when the
+buffer is full: a fast agent waits only for SQLite, and memory is bounded by the buffer size.
+Each attempt, (task_id, agent), may store at most max_bytes / max_lines of capped output: the first
+line over either cap becomes one council line saying so, and later lines are only counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import anyio
+
+from .models import now
+from .store import LogRow, Store
+
+logger = logging.getLogger("cli_council.logbook")
+
+FLUSH_INTERVAL_S = 0.05
+BUFFER_LINES = 500
+BUFFER_BYTES = 256 * 1024
+
+
+class Logbook:
+    def __init__(self, store: Store, *, max_bytes: int, max_lines: int, on_flush: Callable[[str], None]):
+        self.store = store
+        self.max_bytes = max_bytes
+        self.max_lines = max_lines
+        self.on_flush = on_flush
+        self._buf: dict[str, list[LogRow]] = {}
+        self._buf_bytes: dict[str, int] = {}
+        self._locks: dict[str, anyio.Lock] = {}  # one writer per task at a time keeps seqs in order
+        self._used: dict[tuple[str, str], list[int]] = {}  # [bytes, lines] stored per attempt
+        self._dropped: dict[tuple[str, str], int] = {}
+        self._pending = anyio.Event()
+
+    async def run(self) -> None:
+        """Write what is buffered every FLUSH_INTERVAL_S while there is anything; start it in the
+        engine's task group. When it is cancelled, close() writes the rest."""
+        while True:
+            await self._pending.wait()
+            await anyio.sleep(FLUSH_INTERVAL_S)
+            self._pending = anyio.Event()
+            for task_id in list(self._buf):
+                try:
+                    await self.flush(task_id)
+                except Exception:  # a failed write loses that batch, never the engine
+                    logger.exception("writing log lines of task %s failed", task_id)
+
+    async def write(self, task_id: str, agent: str, stream: str, text: str, *, capped: bool = True) -> None:
+        """Queue one line; returns at once unless the task's buffer is full, then writes it first.
+        Capped lines count against the attempt's caps; council notes pass capped=False."""
+        if capped:
+            key = (task_id, agent)
+            if key in self._dropped:
+                self._dropped[key] += 1
+                return
+            used = self._used.setdefault(key, [0, 0])
+            size = len(text.encode("utf-8", "surrogatepass"))
+            if used[0] + size > self.max_bytes or used[1] + 1 > self.max_lines:
+                self._dropped[key] = 1
+                stream, text = "council", (f"output cut: this attempt reached the log cap of {self.max_bytes} bytes"
+                                           f" / {self.max_lines} lines; later output is not stored")
+            else:
+                used[0] += size
+                used[1] += 1
+        buf = self._buf.setdefault(task_id, [])
+        buf.append((agent, stream, text, now().isoformat()))
+        self._buf_bytes[task_id] = self._buf_bytes.get(task_id, 0) + len(text)
+        self._pending.set()
+        if len(buf) >= BUFFER_LINES or self._buf_bytes[task_id] >= BUFFER_BYTES:
+            await self.flush(task_id)
+
+    async def flush(self, task_id: str | None = None) -> None:
+        """Write what is buffered for this task (every task if None) now."""
+        for tid in [task_id] if task_id is not None else list(self._buf):
+            lock = self._locks.setdefault(tid, anyio.Lock())
+            async with lock:
+                rows = self._buf.pop(tid, None)
+                self._buf_bytes.pop(tid, None)
+                if rows:
+                    # Taken from the buffer: written even if the caller is cancelled meanwhile.
+                    with anyio.CancelScope(shield=True):
+                        await self.store.append_logs(tid, rows)
+                    self.on_flush(tid)
+
+    async def close(self) -> None:
+        """Write everything still buffered; call it after cancelling run(), before the store closes."""
+        with anyio.CancelScope(shield=True):
+            await self.flush()
+
+    def dropped(self, task_id: str, agent: str) -> int:
+        """Lines of this attempt not stored because it reached a cap (the cut line's included)."""
+        return self._dropped.get((task_id, agent), 0)
+
+    def forget(self, task_id: str) -> None:
+        """Drop a finished task's counters (read dropped() first); buffered lines are still written."""
+        for key in [k for k in self._used if k[0] == task_id] + [k for k in self._dropped if k[0] == task_id]:
+            self._used.pop(key, None)
+            self._dropped.pop(key, None)
+        lock = self._locks.get(task_id)
+        if lock is not None and not lock.locked() and task_id not in self._buf:
+            del self._locks[task_id]
