@@ -30,8 +30,9 @@ from .config import Config, ConfigError, LiveConfig, config_path, home_dir
 from .gitcmd import GitError, diff_stat, git, resolve_commit
 from .inputs import CouncilError, NotFound
 from .merge import STRATEGIES, MergeRefused, merge_branch
-from .models import (ACTIVE_TASK, Attempt, AttemptState, CheckResult, GcReport, LogChunk, LogLine, MergeResult,
+from .models import (ACTIVE_TASK, Attempt, AttemptState, CheckResult, GcReport, LogChunk, MergeResult,
                      Task, TaskList, TaskState, now)
+from .logbook import Logbook
 from .store import Store
 from .worktrees import Worktrees
 
@@ -77,6 +78,8 @@ class Engine:
         self._told_problem: str | None = None
         self.home = home or home_dir(self.environ)
         self.store = Store(self.home / "council.db")
+        self.logbook = Logbook(self.store, max_bytes=self.config.engine.log_max_bytes,
+                               max_lines=self.config.engine.log_max_lines, on_flush=self._notify)
         self.worktrees = Worktrees(self.home / "worktrees")
         self.owner = _self_owner()
         self._global = anyio.CapacityLimiter(self.config.engine.max_parallel)
@@ -85,7 +88,6 @@ class Engine:
         self._hosted: dict[str, Task] = {}
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._changed: dict[str, anyio.Event] = {}
-        self._seq: dict[str, int] = {}
         self._secrets: dict[str, list[str]] = {}  # per task: the values its agents' env holds as secrets
         # Our own secrets (API keys, tokens, passwords): never stored or shown, whoever prints them.
         self._own_secrets = secret_values(self.environ, min_len=8)
@@ -116,6 +118,7 @@ class Engine:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._watch_cancel_requests)
+        self._tg.start_soon(self.logbook.run)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -127,6 +130,7 @@ class Engine:
             await self._tg.__aexit__(None, None, None)
         finally:
             with anyio.CancelScope(shield=True):
+                await self.logbook.close()
                 await self.store.close()
 
     async def recover(self) -> list[str]:
@@ -141,9 +145,9 @@ class Engine:
                 if a.state in (AttemptState.queued, AttemptState.running):
                     a.state = AttemptState.interrupted
                     a.error = ErrorInfo(kind=ErrorKind.crash, message="the process hosting this task stopped")
-            for _, agent, pgid, pg_start in await self.store.procs(task_id):
+            for _, agent, pgid, pg_start, marker in await self.store.procs(task_id):
                 await runner.stop_recorded_group(pgid, pg_start, self.config.engine.kill_grace_s)
-                await self.store.clear_proc(task_id, agent)
+            await self.store.clear_procs(task_id)
             task.state = TaskState.interrupted
             task.finished_at = now()
             await self.store.save_task(task)
@@ -160,7 +164,6 @@ class Engine:
             raise RuntimeError("Engine must be entered (async with Engine() as engine) before submit")
         task = await self._new_task(repo, prompt, agents, tier, base, check, timeout_s, budget_usd)
         self._hosted[task.task_id] = task
-        self._seq[task.task_id] = 0
         await self.store.save_task(task, owner=self.owner)
         self._tg.start_soon(self._run_task, task, agents)
         return task.model_copy(deep=True)
@@ -209,7 +212,7 @@ class Engine:
             left = deadline - time.monotonic()
             if lines or finished or left <= 0:
                 return LogChunk(task_id=task_id, lines=lines, next_cursor=lines[-1].seq if lines else cursor,
-                                done=finished and len(lines) < limit)
+                                done=finished and not lines.more)
             await self._wait_change(task_id, min(left, 0.5))
 
     async def cancel(self, task_id: str) -> Task:
@@ -225,7 +228,7 @@ class Engine:
         await self.store.request_cancel(task_id)
         task = await self.wait(task_id, 2)
         if task.state in ACTIVE_TASK:
-            for _, _, pgid, start in await self.store.procs(task_id):
+            for _, _, pgid, start, marker in await self.store.procs(task_id):
                 await runner.stop_recorded_group(pgid, start, self.config.engine.kill_grace_s)
             if not await self._host_alive(task_id):
                 await self.recover()
@@ -445,11 +448,16 @@ class Engine:
         # The closing note is logged before the state turns final, so a reader that sees the task
         # finished has every line.
         ended = self._ended(task, cancelled=cancelled)
+        for a in task.attempts:
+            if dropped := self.logbook.dropped(task.task_id, a.agent):
+                await self._note(task, f"{dropped} lines of output over the log cap were not stored", a.agent)
         await self._note(task, f"task {ended['state']}" + (
             f"; best: {ended['best']} ({ended['best_reason']})" if ended["best"] else "")
             + (f"; {task.error.message}" if task.error else ""))
         for key, value in ended.items():
             setattr(task, key, value)
+        await self.logbook.flush(task.task_id)
+        self.logbook.forget(task.task_id)
         await self._save(task)
         await anyio.to_thread.run_sync(shutil.rmtree, self.home / "tmp" / task.task_id, True)
 
@@ -666,13 +674,8 @@ class Engine:
     # logs, notes and change notification
 
     async def _log(self, task: Task, agent: str, stream: str, text: str) -> None:
-        if task.task_id not in self._seq:  # a finished task this process did not host (a merge note)
-            self._seq[task.task_id] = await self.store.last_seq(task.task_id)
-        self._seq[task.task_id] += 1
-        line = LogLine(seq=self._seq[task.task_id], agent=agent, stream=stream,
-                       text=self._redact(task.task_id, text), ts=now())
-        await self.store.append_log(task.task_id, line)
-        self._notify(task.task_id)
+        await self.logbook.write(task.task_id, agent, stream, self._redact(task.task_id, text),
+                                 capped=stream != "council")
 
     async def _note(self, task: Task, text: str, agent: str = "council") -> None:
         await self._log(task, agent, "council", text)

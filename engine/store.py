@@ -252,10 +252,6 @@ class Store:
                 return insert(db, [tuple(_utf8(v) for v in row) for row in rows])
         return await self._call(append)
 
-    async def append_log(self, task_id: str, line: LogLine) -> int:
-        """One line; its seq is assigned by the store (line.seq is ignored) and returned."""
-        return await self.append_logs(task_id, [(line.agent, line.stream, line.text, line.ts)])
-
     async def last_seq(self, task_id: str) -> int:
         return await self._call(_last_seq, task_id)
 
