@@ -13,6 +13,7 @@ never deletes work silently, and one broken repo or worktree is reported, not fa
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Awaitable, Collection, Iterable
 from datetime import datetime, timedelta
@@ -23,9 +24,9 @@ import anyio
 from adapters import KINDS
 from engine.gitcmd import GitError, git, git_ok, resolve_commit
 from engine.merge import changes_in
-from engine.models import ACTIVE_TASK, AttemptState, GcReport, Task, TaskState, now
+from engine.models import ACTIVE_TASK, Attempt, AttemptState, GcReport, Task, TaskState, now
 
-__all__ = ["remove_attempt", "gc"]
+__all__ = ["remove_attempt", "gc", "check_output_until"]
 
 _RUNNING_ATTEMPT = frozenset({AttemptState.queued, AttemptState.running})
 # Dirs agent CLIs keep in their worktree that are never part of a result: not work to keep.
@@ -49,12 +50,37 @@ def _rmtree_and_empty_parents(path: Path, root: Path) -> None:
         parent = parent.parent
 
 
-async def _unsaved_work(worktree: Path) -> str | None:
-    """Why deleting this intact git worktree would lose work, or None: uncommitted changes
-    (ignored files and CLIs' scratch dirs aside) or commits on no branch (a detached HEAD)."""
+def check_output_until(attempt: Attempt) -> datetime | None:
+    """Until when only the council's check wrote to an attempt's worktree, or None when no check ran.
+
+    The engine commits the agent's work before it runs the check, so what is left uncommitted and
+    was last modified before the attempt finished is the check's output (bytecode, caches,
+    reports), not work; anything touched later (someone working in the kept worktree) is work.
+    """
+    return attempt.finished_at if attempt.check is not None else None
+
+
+def _touched_since(worktree: Path, paths: list[str], since: float) -> list[str]:
+    """The paths modified after `since` (a deleted path counts: its loss can't be dated)."""
+    out = []
+    for path in paths:
+        try:
+            if os.lstat(worktree / path).st_mtime <= since:
+                continue
+        except OSError:
+            pass
+        out.append(path)
+    return out
+
+
+async def _unsaved_work(worktree: Path, check_until: datetime | None = None) -> str | None:
+    """Why deleting this intact git worktree would lose work, or None: uncommitted changes (ignored
+    files, CLIs' scratch dirs and the check's output aside) or commits on no branch (a detached HEAD)."""
     out = await git(worktree, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames",
                     "--", ".", *(f":(exclude){d}" for d in _SCRATCH))
     paths = [entry[3:] for entry in out.split("\0") if entry]
+    if paths and check_until is not None:
+        paths = await anyio.to_thread.run_sync(_touched_since, worktree, paths, check_until.timestamp())
     if paths:
         return f"uncommitted changes ({', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''})"
     if not await git_ok(worktree, "symbolic-ref", "-q", "HEAD"):
@@ -65,7 +91,7 @@ async def _unsaved_work(worktree: Path) -> str | None:
 
 
 async def _remove_worktree(repo: str | Path | None, worktree: str | Path, root: str | Path,
-                           report: GcReport) -> bool:
+                           report: GcReport, check_until: datetime | None = None) -> bool:
     """Remove one worktree unless that could lose work; True when it is gone."""
     path = await _inside(worktree, root)
     if path is None:
@@ -73,7 +99,7 @@ async def _remove_worktree(repo: str | Path | None, worktree: str | Path, root: 
         return False
     if await anyio.Path(path).exists():
         owner = await _repo_of(path)
-        why = owner is not None and await _unsaved_work(path)
+        why = owner is not None and await _unsaved_work(path, check_until)
         if why:
             report.kept.append(f"{path}: {why}; look with `git -C {path} status`, keep the work with "
                                f"`git -C {path} add -A && git -C {path} commit`, or drop it with "
@@ -119,11 +145,13 @@ async def _remove_branch(repo: str | Path, branch: str, into: str | None, base: 
 
 async def remove_attempt(repo: str | Path, *, root: str | Path, worktree: str | Path | None = None,
                          branch: str | None = None, into: str | None = None, base: str | None = None,
-                         discard: bool = False, running: bool = False) -> GcReport:
+                         discard: bool = False, running: bool = False,
+                         check_until: datetime | None = None) -> GcReport:
     """Remove one attempt's worktree (only inside `root`) and branch; report what went and what stayed.
 
     The worktree is kept while it holds anything uncommitted, `discard` or not (the caller decided
-    about the attempt's result, not about leftovers it never saw), and its branch with it.
+    about the attempt's result, not about leftovers it never saw), and its branch with it;
+    `check_until` (see check_output_until) sets the check's own output aside.
     The branch is deleted when `discard` (the caller decided, e.g. an attempt that was not picked),
     when its changes since `base` are already in `into` (any strategy), or when its tip is reachable
     from another ref. `running=True` (its agent may still be working) keeps both.
@@ -132,7 +160,7 @@ async def remove_attempt(repo: str | Path, *, root: str | Path, worktree: str | 
     if running:
         report.kept += [f"{item}: its agent is still running" for item in (worktree, branch) if item]
         return report
-    if worktree and not await _remove_worktree(repo, worktree, root, report):
+    if worktree and not await _remove_worktree(repo, worktree, root, report, check_until):
         if branch:
             report.kept.append(f"{branch}: stays with its worktree {worktree}")
         return report
@@ -226,7 +254,8 @@ async def gc(root: str | Path, tasks: Iterable[Task], *, age_s: float, busy: Col
                 continue
             await guarded(attempt.branch or attempt.worktree or task.task_id, remove_attempt(
                 repo, root=root, worktree=attempt.worktree, branch=attempt.branch, into=task.into,
-                base=task.base, discard=task.state == TaskState.merged, running=running))
+                base=task.base, discard=task.state == TaskState.merged, running=running,
+                check_until=check_output_until(attempt)))
             if attempt.branch:
                 handled.add((repo, attempt.branch))
 

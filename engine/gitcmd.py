@@ -18,7 +18,7 @@ from pathlib import Path
 
 import anyio
 
-from adapters.base import BASE_ENV
+from adapters.base import allowed_env
 
 # Said to every git the server runs; `-c` reaches the git processes git itself starts too.
 NO_HOOKS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
@@ -37,9 +37,9 @@ _GIT_FIXED = {"GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "
 
 def git_env(environ: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
     """The environment of a git the server runs: agents' allow-list, git's own locations, fixed settings."""
-    source = os.environ if environ is None else environ
-    env = {k: v for k, v in source.items() if k in BASE_ENV or k in _GIT_PASS or k.startswith("LC_")}
-    return {**env, **_GIT_FIXED, **extra}
+    source = dict(os.environ if environ is None else environ)
+    own = {k: v for k, v in source.items() if k in _GIT_PASS}
+    return {**allowed_env(source), **own, **_GIT_FIXED, **extra}
 
 
 class GitError(RuntimeError):
