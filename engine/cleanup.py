@@ -230,7 +230,7 @@ async def gc(root: str | Path, tasks: Iterable[Task], *, age_s: float, busy: Col
         try:
             part = await step
         except (GitError, OSError) as e:
-            report.kept.append(f"{what}: {getattr(e, 'stderr', None) or e}")
+            report.kept.append(f"{what}: kept, could not check it: {getattr(e, 'stderr', None) or e}")
             return
         if part is not None:
             _merge_into(report, part)
@@ -252,7 +252,7 @@ async def gc(root: str | Path, tasks: Iterable[Task], *, age_s: float, busy: Col
                 else:  # the council committed this attempt's work into a repo that is gone
                     await _remove_worktree(None, attempt.worktree, root, report)
                 continue
-            await guarded(attempt.branch or attempt.worktree or task.task_id, remove_attempt(
+            await guarded(attempt.worktree or attempt.branch or task.task_id, remove_attempt(
                 repo, root=root, worktree=attempt.worktree, branch=attempt.branch, into=task.into,
                 base=task.base, discard=task.state == TaskState.merged, running=running,
                 check_until=check_output_until(attempt)))
