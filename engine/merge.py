@@ -224,6 +224,9 @@ async def _target(repo: str | Path, into: str) -> str:
                            "give a local branch such as main")
     if not await git_ok(repo, "show-ref", "--verify", "--quiet", f"refs/heads/{name}"):
         raise MergeRefused(f"there is no local branch {name!r} in {repo}; create it first or pick another")
+    points_to = await git(repo, "symbolic-ref", "--quiet", f"refs/heads/{name}", check=False)
+    if points_to:  # moving it would move another branch, behind the back of any checkout of that one
+        raise MergeRefused(f"{name} is a symbolic ref to {points_to}; merge into that branch instead")
     return name
 
 

@@ -181,7 +181,8 @@ async def test_gc(repo, root, tmp_path):
         assert item in report.removed, item
     kept = "\n".join(report.kept)
     for reason in ("council/ghost/claude: has work in no other branch", "council/t-old/claude: has work not in main",
-                   "task t-running: still running", "task t-young: finished less than", "ghost4/claude: uncommitted changes (notes.txt)", "t-busy/claude: its agent is still running"):
+                   "task t-running: still running", "task t-young: finished less than",
+                   "ghost4/claude: uncommitted changes (notes.txt)", "t-busy/claude: its agent is still running"):
         assert reason in kept, reason
     assert (dirty / "notes.txt").exists()
 

@@ -412,12 +412,13 @@ def backups(repo: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("into", ["main~1", "main^", "@{-1}", "HEAD", "main..feature", "main:x", "-main", "ma\0in",
                                   "main.lock", "nope", "refs/tags/v1", "refs/heads/", "", "x" * 5000,
-                                  "council/t2/claude", "refs/heads/council/t1/claude", "Council/T2/Claude"])
+                                  "council/t2/claude", "refs/heads/council/t1/claude", "Council/T2/Claude", "alias"])
 async def test_a_target_that_is_not_a_users_branch_is_refused_and_nothing_is_written(repo, root, into):
     g(repo, "branch", "feature")
     g(repo, "checkout", "-q", "feature")
     g(repo, "checkout", "-q", "main")  # so that @{-1} names a branch
     g(repo, "tag", "v1")
+    g(repo, "symbolic-ref", "refs/heads/alias", "refs/heads/main")
     branch, _ = attempt(repo, root, "t1", "claude", {"a.txt": edited(0, "agent")})
     attempt(repo, root, "t2", "claude", {"b.txt": edited(0, "other task")})
     before = snapshot(repo)
