@@ -300,7 +300,7 @@ class Engine:
                 try:
                     report = await cleanup_mod.remove_attempt(
                         task.repo, root=self.worktrees.root, worktree=a.worktree, branch=a.branch, into=into,
-                        base=task.base, discard=a.agent != agent)
+                        base=task.base, discard=a.agent != agent, check_until=cleanup_mod.check_output_until(a))
                 except GitError as e:  # the merge landed; what is left behind, gc reclaims later
                     result.message += f"; cleanup of {a.agent} incomplete ({e.stderr or e})"
                     continue

@@ -1,16 +1,45 @@
-"""Git as an async subprocess: nothing blocks the event loop, and errors carry git's own words."""
+"""Git as an async subprocess: nothing blocks the event loop, and errors carry git's own words.
+
+Every git the server runs goes through here, and runs on the server's behalf in a repo an agent
+could write to: an agent can drop a script into `<git-common-dir>/hooks` or set `core.hooksPath`
+or `core.fsmonitor` in the repo's config, and the server's next `worktree add`, `status` or
+`merge` would run it. So hooks and the fsmonitor program are switched off on the command line
+(which beats every config file), and git gets the same allow-listed environment as agents, never
+the server's API keys and tokens. Programs the user configures for content (clean/smudge filters
+such as git-lfs, merge drivers) still run, as they must for a correct checkout, with that same
+environment: nothing an agent could not already do itself.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
 
-# A fixed identity and no user hooks/config surprises for the commits the council makes itself.
+from adapters.base import allowed_env
+
+# Said to every git the server runs; `-c` reaches the git processes git itself starts too.
+NO_HOOKS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
+# A fixed identity for the commits the council makes itself.
 COUNCIL_IDENTITY = ("-c", "user.name=cli-council", "-c", "user.email=cli-council@localhost",
-                    "-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null")
-_GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+                    "-c", "commit.gpgsign=false")
+# Where git and its config files are (tests and relocated installs set these). Left out on purpose:
+# GIT_CONFIG_COUNT/KEY_n/VALUE_n and GIT_CONFIG_PARAMETERS (config injected through the environment
+# may carry credentials, e.g. http.extraHeader), GIT_DIR/GIT_WORK_TREE/GIT_INDEX_FILE (would point
+# every command at another repo), SSH_AUTH_SOCK/GIT_SSH_COMMAND/GIT_ASKPASS (the server's git never
+# talks to a remote: it adds worktrees, commits, merges locally and moves refs).
+_GIT_PASS = ("GIT_EXEC_PATH", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM", "GIT_CONFIG_NOSYSTEM",
+             "GIT_CEILING_DIRECTORIES")
+_GIT_FIXED = {"GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+
+
+def git_env(environ: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a git the server runs: agents' allow-list, git's own locations, fixed settings."""
+    source = dict(os.environ if environ is None else environ)
+    own = {k: v for k, v in source.items() if k in _GIT_PASS}
+    return {**allowed_env(source), **own, **_GIT_FIXED, **extra}
 
 
 class GitError(RuntimeError):
@@ -21,11 +50,16 @@ class GitError(RuntimeError):
         super().__init__(f"git {' '.join(args)} failed ({code}): {self.stderr}")
 
 
+async def _run(cwd: str | Path, args: tuple[str, ...], input: bytes | None = None,
+               env: dict[str, str] | None = None):
+    return await anyio.run_process(["git", *NO_HOOKS, *args], cwd=str(cwd), input=input, check=False,
+                                   env=git_env(**(env or {})))
+
+
 async def git(cwd: str | Path, *args: str, check: bool = True, input: bytes | None = None,
               env: dict[str, str] | None = None) -> str:
-    """Run git in `cwd` and return stdout (stripped of the final newline)."""
-    full_env = {**os.environ, **_GIT_ENV, **(env or {})}
-    result = await anyio.run_process(["git", *args], cwd=str(cwd), input=input, check=False, env=full_env)
+    """Run git in `cwd` and return stdout (stripped of the final newline). `env` adds variables."""
+    result = await _run(cwd, args, input, env)
     if check and result.returncode != 0:
         raise GitError(list(args), result.returncode, result.stderr.decode(errors="replace"))
     return result.stdout.decode(errors="replace").rstrip("\n")
@@ -33,9 +67,7 @@ async def git(cwd: str | Path, *args: str, check: bool = True, input: bytes | No
 
 async def git_ok(cwd: str | Path, *args: str) -> bool:
     """True when git exits 0 (for questions like `rev-parse --verify`)."""
-    result = await anyio.run_process(["git", *args], cwd=str(cwd), check=False,
-                                     env={**os.environ, **_GIT_ENV})
-    return result.returncode == 0
+    return (await _run(cwd, args)).returncode == 0
 
 
 async def resolve_commit(cwd: str | Path, rev: str) -> str | None:

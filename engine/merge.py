@@ -1,21 +1,27 @@
 """Bring an attempt's branch into a target branch without ever losing work.
 
+The target must be an existing local branch of the user's (never a council attempt branch).
 Everything is first computed as git objects only (merge-tree, commit-tree), so a conflict, a dry run
 or a refusal leaves refs, index and working trees exactly as they were. Only then is the target
-moved, after `refs/council/backup/<task_id>` records its old tip:
-- not checked out anywhere: the ref moves with its old value as a guard (`update-ref NEW OLD`);
+moved, and its old tip recorded under a backup ref of its own (`refs/council/backup/<task_id>`,
+then `<task_id>-2`, `-3`... for later merges of the same task; never overwritten):
+- not checked out anywhere: the backup ref and the target move in one ref transaction, the target
+  with its old value as a guard;
 - checked out and clean: `git merge --ff-only NEW` in that worktree moves ref and files together,
-  and git itself refuses if anything changed in between.
+  and git itself refuses if anything changed in between; the backup ref is written after it (the
+  old tip is an ancestor of the new one whatever happens, so it is never lost).
 
 Normal outcomes (no changes, conflicts, already merged, dry run) come back as a MergeResult with
 merged=False. A target that can't be moved safely right now (uncommitted changes, an operation in
-progress, untracked files in the way, unknown refs) raises MergeRefused, whose message says what
-the user should do; the engine turns it into merged=False at its boundary.
+progress, untracked files in the way, unknown refs, a target that is not a branch of the user's)
+raises MergeRefused, whose message says what the user should do; the engine turns it into
+merged=False at its boundary.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import anyio
@@ -29,6 +35,9 @@ STRATEGIES = ("squash", "merge", "rebase")
 _HELPER_MSG = "cli-council: throwaway commit for a three-way merge with an explicit base\n"
 # Files git leaves in a worktree's git dir while an operation waits for the user.
 _IN_PROGRESS = ("MERGE_HEAD", "CHERRY_PICK_HEAD", "REVERT_HEAD", "rebase-merge", "rebase-apply", "sequencer")
+BACKUP_PREFIX = "refs/council/backup/"
+_TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
+_MAX_NAME = 1024  # bytes; far above any real branch name, far below the argv limit
 
 
 class MergeRefused(ValueError):
@@ -198,6 +207,57 @@ async def _check_checkout(worktree: str, into: str, old: str, new: str) -> None:
                            f"({', '.join(blocked[:5])}): move or delete them, then merge again")
 
 
+async def _target(repo: str | Path, into: str) -> str:
+    """`into` as the name of an existing local branch the council may move, or MergeRefused.
+
+    Only a plain branch name: no revision syntax (`main~1`, `@{-1}`, `a..b`), no option-like name,
+    and never one of the council's own attempt branches (`council/<task>/<agent>`).
+    """
+    name = into.removeprefix("refs/heads/")
+    if not name or "\0" in name or len(name.encode()) > _MAX_NAME or name.startswith("-"):
+        raise MergeRefused(f"into {into!r} is not a branch name; give a local branch such as main")
+    if name.split("/", 1)[0].casefold() == "council" and "/" in name:
+        raise MergeRefused(f"into {name!r} is one of the council's own attempt branches; "
+                           "merge into a branch of yours (such as main) instead")
+    if await git(repo, "check-ref-format", "--branch", name, check=False) != name:
+        raise MergeRefused(f"into {into!r} is not a valid branch name (no ~ ^ : .. @{{ or spaces); "
+                           "give a local branch such as main")
+    if not await git_ok(repo, "show-ref", "--verify", "--quiet", f"refs/heads/{name}"):
+        raise MergeRefused(f"there is no local branch {name!r} in {repo}; create it first or pick another")
+    points_to = await git(repo, "symbolic-ref", "--quiet", f"refs/heads/{name}", check=False)
+    if points_to:  # moving it would move another branch, behind the back of any checkout of that one
+        raise MergeRefused(f"{name} is a symbolic ref to {points_to}; merge into that branch instead")
+    return name
+
+
+def _backup_name(task_id: str, n: int) -> str:
+    return f"{BACKUP_PREFIX}{task_id}" + (f"-{n}" if n > 1 else "")
+
+
+async def _save_old_tip(repo: str | Path, task_id: str, old: str, reflog: str,
+                        move: tuple[str, str] | None = None) -> str:
+    """Create the first free backup ref of this task at `old` and return it; never overwrites one.
+
+    With `move` (ref, new) the target moves from `old` to `new` in the same transaction: both or
+    neither. Raises GitError when git refuses for another reason than the name being taken.
+    """
+    taken = set((await git(repo, "for-each-ref", "--format=%(refname)", BACKUP_PREFIX)).splitlines())
+    n = 1
+    while True:
+        name = _backup_name(task_id, n)
+        n += 1
+        if name in taken:
+            continue
+        commands = f"create {name} {old}\n" + (f"update {move[0]} {move[1]} {old}\n" if move else "")
+        try:
+            await git(repo, "update-ref", "-m", reflog, "--stdin", input=commands.encode())
+            return name
+        except GitError:
+            if not await git_ok(repo, "show-ref", "--verify", "--quiet", name):
+                raise  # not a race for the name: the target moved, or git can't write refs
+            taken.add(name)  # another merge of this task took the name meanwhile
+
+
 async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, strategy: str = "squash",
                        message: str, task_id: str, dry_run: bool = False) -> MergeResult:
     """Bring `branch` (an attempt that started at `base`) into the local branch `into`.
@@ -210,7 +270,12 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
-    into = into.removeprefix("refs/heads/")
+    if not _TASK_ID.fullmatch(task_id):
+        raise ValueError(f"task id {task_id!r} can't name a backup ref")
+    for name in (branch, base):
+        if "\0" in name or len(name.encode()) > _MAX_NAME:
+            raise MergeRefused(f"{name[:80]!r} is not a commit or branch name")
+    into = await _target(repo, into)
     ref = f"refs/heads/{into}"
     branch_tip, base_c, old = [await resolve_commit(repo, rev) for rev in (branch, base, ref)]
     for name, value in ((branch, branch_tip), (base, base_c), (into, old)):
@@ -257,18 +322,23 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
         return result(False, f"dry run: {strategy} of {branch} into {into} would apply cleanly "
                              f"({len(files)} file(s), +{ins} -{dels})", **counts)
 
-    backup_ref = f"refs/council/backup/{task_id}"
     reflog = f"cli-council: {strategy} {branch} (task {task_id})"
-    await git(repo, "update-ref", "-m", reflog, backup_ref, old)
     try:
         if checkout:
             await git(checkout, *COUNCIL_IDENTITY, "merge", "--ff-only", "--no-stat", "-q", new,
                       env={"GIT_REFLOG_ACTION": reflog})
         else:
-            await git(repo, "update-ref", "-m", reflog, ref, new, old)
+            backup_ref = await _save_old_tip(repo, task_id, old, reflog, move=(ref, new))
     except GitError as e:
         raise MergeRefused(f"could not move {into} ({e.stderr}); nothing was merged, try again") from e
+    if checkout:
+        try:
+            backup_ref = await _save_old_tip(repo, task_id, old, reflog)
+        except GitError as e:  # merged all the same; the old tip is an ancestor of the new one
+            backup_ref, saved = None, f"old tip {old} not saved ({e.stderr})"
+    if backup_ref:
+        saved = f"old tip saved at {backup_ref}"
     where = f"and updated {checkout}" if checkout else "(not checked out; only the branch moved)"
     return result(True, f"{strategy} of {branch} into {into} {where}: {new[:12]}, "
-                        f"{len(files)} file(s), +{ins} -{dels}; old tip saved at {backup_ref}",
+                        f"{len(files)} file(s), +{ins} -{dels}; {saved}",
                   commit=new, backup_ref=backup_ref, **counts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from datetime import timedelta
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from engine.cleanup import gc, remove_attempt
 from engine.merge import merge_branch
-from engine.models import Attempt, AttemptState, Task, TaskState, now
+from engine.models import Attempt, AttemptState, CheckResult, Task, TaskState, now
 
 ID = ["-c", "user.name=Agent", "-c", "user.email=agent@example.com", "-c", "commit.gpgsign=false"]
 
@@ -180,8 +181,8 @@ async def test_gc(repo, root, tmp_path):
         assert item in report.removed, item
     kept = "\n".join(report.kept)
     for reason in ("council/ghost/claude: has work in no other branch", "council/t-old/claude: has work not in main",
-                   "task t-running: still running", "task t-young: finished less than", "ghost4/claude: unknown "
-                   "worktree with uncommitted changes", "t-busy/claude: its agent is still running"):
+                   "task t-running: still running", "task t-young: finished less than",
+                   "ghost4/claude: uncommitted changes (notes.txt)", "t-busy/claude: its agent is still running"):
         assert reason in kept, reason
     assert (dirty / "notes.txt").exists()
 
@@ -194,3 +195,156 @@ async def test_gc_with_the_repo_gone_clears_its_worktrees(repo, root, tmp_path):
     t = task(repo, root, "t1", TaskState.succeeded, timedelta(days=3), {"claude": AttemptState.succeeded}, base)
     report = await gc(root, [t], age_s=3600)
     assert report.removed == [str((root / "t1" / "claude").resolve())] and list(root.iterdir()) == []
+
+
+def dirty_tracked(wt: Path) -> str:
+    (wt / "a.txt").write_text("agent's unsaved edit\n")
+    return "a.txt"
+
+
+def dirty_untracked(wt: Path) -> str:
+    (wt / "deep" / "er").mkdir(parents=True)
+    (wt / "deep" / "er" / "new.txt").write_text("agent's new file\n")
+    return "deep/er/new.txt"
+
+
+def dirty_staged(wt: Path) -> str:
+    (wt / "staged.txt").write_text("staged\n")
+    g(wt, "add", "staged.txt")
+    return "staged.txt"
+
+
+def dirty_deleted(wt: Path) -> str:
+    (wt / "b.txt").unlink()
+    return "b.txt"
+
+
+@pytest.mark.parametrize("make_dirty", [dirty_tracked, dirty_untracked, dirty_staged, dirty_deleted])
+async def test_uncommitted_work_keeps_the_worktree_and_its_branch(repo, root, make_dirty):
+    """An attempt whose agent was killed before the council committed: discarding the attempt
+    does not discard what it never saw."""
+    branch, wt = attempt(repo, root, "t1", "claude", {"c.txt": "committed part\n"})
+    path = make_dirty(wt)
+    before = g(wt, "status", "--porcelain", "--untracked-files=all")
+
+    report = await remove_attempt(repo, root=root, worktree=wt, branch=branch, discard=True)
+
+    assert report.removed == [] and wt.is_dir() and branches(repo) == [branch]
+    assert g(wt, "status", "--porcelain", "--untracked-files=all") == before
+    why = report.kept[0]
+    assert f"uncommitted changes ({path})" in why and f"git -C {wt.resolve()} status" in why
+    assert f"worktree remove --force {wt.resolve()}" in why and "commit" in why
+    assert report.kept[1] == f"{branch}: stays with its worktree {wt}"
+
+    g(wt, "add", "-A")
+    g(wt, "commit", "-q", "-m", "saved")
+    report = await remove_attempt(repo, root=root, worktree=wt, branch=branch, into="main")
+    assert report.removed == [str(wt.resolve())] and branches(repo) == [branch], "the branch holds the work now"
+
+
+async def test_scratch_dirs_and_ignored_files_are_not_work(repo, root):
+    commit(repo, {".gitignore": "build/\n"})
+    branch, wt = attempt(repo, root, "t1", "claude", {"a.txt": "done\n"})
+    (wt / ".auto-claude").mkdir()
+    (wt / ".auto-claude" / "spec.md").write_text("auto-claude's notes\n")
+    (wt / "build").mkdir()
+    (wt / "build" / "out.bin").write_text("artifact\n")
+    report = await remove_attempt(repo, root=root, worktree=wt, branch=branch, into="main")
+    assert report.removed == [str(wt.resolve())] and not wt.exists()
+
+
+async def test_commits_on_no_branch_keep_the_worktree(repo, root):
+    branch, wt = attempt(repo, root, "t1", "claude", {})
+    g(wt, "checkout", "-q", "--detach")
+    commit(wt, {"a.txt": "committed on a detached HEAD\n"})
+    report = await remove_attempt(repo, root=root, worktree=wt, branch=branch, discard=True)
+    assert wt.is_dir() and "commits on no branch (detached HEAD at" in report.kept[0]
+    g(wt, "branch", "keep-it")
+    report = await remove_attempt(repo, root=root, worktree=wt, branch=branch, discard=True)
+    assert report.removed == [str(wt.resolve()), branch] and g(repo, "show", "keep-it:a.txt") == "committed on a detached HEAD"
+
+
+async def test_gc_keeps_an_interrupted_attempts_uncommitted_work(repo, root):
+    base = g(repo, "rev-parse", "main")
+    branch, wt = attempt(repo, root, "t1", "claude", {})
+    (wt / "a.txt").write_text("half-done work of a killed agent\n")
+    (wt / "new.txt").write_text("new\n")
+    t = task(repo, root, "t1", TaskState.interrupted, timedelta(days=3), {"claude": AttemptState.interrupted}, base)
+
+    report = await gc(root, [t], age_s=3600)
+
+    assert report.removed == [] and (wt / "a.txt").read_text() == "half-done work of a killed agent\n"
+    assert "uncommitted changes (a.txt, new.txt)" in report.kept[0] and branches(repo) == [branch]
+    assert str(wt) in worktree_list(repo)
+
+
+async def test_the_checks_output_is_not_work_but_later_edits_are(repo, root):
+    """The council commits the agent's work, then runs the check: what the check leaves before
+    the attempt finishes goes; what someone changes in the kept worktree afterwards stays."""
+    base = g(repo, "rev-parse", "main")
+    tasks, worktrees = [], {}
+    for tid in ("t-check", "t-edited"):
+        _, wt = attempt(repo, root, tid, "claude", {"a.txt": f"{tid}\n"})
+        (wt / "__pycache__").mkdir()
+        (wt / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"\0bytecode")
+        (wt / "b.txt").write_text("rewritten by the check\n")
+        t = task(repo, root, tid, TaskState.succeeded, timedelta(days=3), {"claude": AttemptState.succeeded}, base)
+        t.attempts[0].check = CheckResult(command="pytest", passed=True, exit_code=0)
+        t.attempts[0].finished_at = now() - timedelta(days=3)
+        for path in ("__pycache__/app.cpython-311.pyc", "b.txt"):
+            os.utime(wt / path, (t.attempts[0].finished_at.timestamp() - 5,) * 2)
+        tasks.append(t)
+        worktrees[tid] = wt
+    (worktrees["t-edited"] / "notes.txt").write_text("the user's notes, written after the attempt\n")
+
+    report = await gc(root, tasks, age_s=3600)
+
+    assert not worktrees["t-check"].exists() and str(worktrees["t-check"].resolve()) in report.removed
+    assert (worktrees["t-edited"] / "notes.txt").exists()
+    assert any("uncommitted changes (notes.txt)" in k for k in report.kept), report.kept
+
+
+async def test_gc_survives_broken_surroundings_and_goes_on(repo, root, tmp_path):
+    base = g(repo, "rev-parse", "main")
+    age = timedelta(days=3)
+    # a repo that is no longer a git repo: a finished attempt's worktree is litter, an interrupted one is kept
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    g(broken, "init", "-q", "-b", "main")
+    commit(broken, {"a.txt": "a\n"})
+    _, litter = attempt(broken, root, "t-broken", "claude", {"a.txt": "x\n"})
+    _, interrupted = attempt(broken, root, "t-broken", "gemini", {})
+    (interrupted / "unsaved.txt").write_text("only copy\n")
+    shutil.rmtree(broken / ".git")
+    # a recorded worktree deleted by hand; its branch holds unmerged work
+    handmade, gone_wt = attempt(repo, root, "t-hand", "claude", {"a.txt": "hand\n"})
+    shutil.rmtree(gone_wt)
+    # a merged task whose unpicked branch the user checked out in a worktree of their own
+    elsewhere, _ = attempt(repo, root, "t-else", "claude", {"b.txt": "else\n"})
+    g(repo, "worktree", "remove", str(root / "t-else" / "claude"))
+    g(repo, "worktree", "add", "-q", str(tmp_path / "inspect"), elsewhere)
+    # a branch whose tip commit object is missing (an interrupted copy, a broken disk): git fails
+    corrupt, corrupt_wt = attempt(repo, root, "t-corrupt", "claude", {"c.txt": "c\n"})
+    tip = g(repo, "rev-parse", corrupt)
+    (repo / ".git" / "objects" / tip[:2] / tip[2:]).unlink()
+    # and an ordinary finished task that must still be cleaned up
+    _, plain = attempt(repo, root, "t-plain", "claude", {})
+    s = AttemptState
+    tasks = [
+        task(broken, root, "t-broken", TaskState.failed, age, {"claude": s.failed, "gemini": s.interrupted}, base),
+        task(repo, root, "t-hand", TaskState.failed, age, {"claude": s.failed}, base),
+        task(repo, root, "t-else", TaskState.merged, age, {"claude": s.succeeded}, base),
+        task(repo, root, "t-corrupt", TaskState.failed, age, {"claude": s.failed}, base),
+        task(repo, root, "t-plain", TaskState.failed, age, {"claude": s.failed}, base),
+    ]
+
+    report = await gc(root, tasks, age_s=3600)
+
+    kept = "\n".join(report.kept)
+    assert not litter.exists() and str(litter.resolve()) in report.removed
+    assert (interrupted / "unsaved.txt").exists() and f"{interrupted}: its repo {broken} is gone" in kept
+    assert "t-hand" not in worktree_list(repo) and "council/t-hand/claude: has work not in main" in kept
+    assert (tmp_path / "inspect" / "b.txt").read_text() == "else\n" and f"{elsewhere}: " in kept
+    assert corrupt_wt.is_dir() and f"{corrupt_wt}: kept, could not check it: fatal: bad object HEAD" in kept  # can't tell what it holds: kept
+    assert not plain.exists() and "council/t-plain/claude" in report.removed
+    assert sorted(branches(repo)) == [corrupt, elsewhere, handmade]

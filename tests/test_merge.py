@@ -403,3 +403,80 @@ async def test_randomized_merges_never_lose_a_commit(repo, root):
             assert snapshot(repo) == before
         g(repo, "worktree", "remove", str(wt))
     assert outcomes["merged"] >= 10 and outcomes["conflict"] >= 3, outcomes
+
+
+def backups(repo: Path) -> dict[str, str]:
+    out = g(repo, "for-each-ref", "--format=%(refname) %(objectname)", "refs/council/backup/")
+    return dict(line.split() for line in out.splitlines())
+
+
+@pytest.mark.parametrize("into", ["main~1", "main^", "@{-1}", "HEAD", "main..feature", "main:x", "-main", "ma\0in",
+                                  "main.lock", "nope", "refs/tags/v1", "refs/heads/", "", "x" * 5000,
+                                  "council/t2/claude", "refs/heads/council/t1/claude", "Council/T2/Claude", "alias"])
+async def test_a_target_that_is_not_a_users_branch_is_refused_and_nothing_is_written(repo, root, into):
+    g(repo, "branch", "feature")
+    g(repo, "checkout", "-q", "feature")
+    g(repo, "checkout", "-q", "main")  # so that @{-1} names a branch
+    g(repo, "tag", "v1")
+    g(repo, "symbolic-ref", "refs/heads/alias", "refs/heads/main")
+    branch, _ = attempt(repo, root, "t1", "claude", {"a.txt": edited(0, "agent")})
+    attempt(repo, root, "t2", "claude", {"b.txt": edited(0, "other task")})
+    before = snapshot(repo)
+
+    with pytest.raises(MergeRefused) as err:
+        await merge(repo, branch, into=into)
+
+    assert snapshot(repo) == before and backups(repo) == {}
+    if into.casefold().removeprefix("refs/heads/").startswith("council/"):
+        assert "council's own attempt branches" in str(err.value)
+    assert (await merge(repo, branch, into="main")).merged  # the same merge into a real branch works
+
+
+async def test_each_merge_of_a_task_gets_its_own_backup_ref(repo, root):
+    g(repo, "branch", "feature")
+    tips = [g(repo, "rev-parse", "main")]
+    claude, _ = attempt(repo, root, "t1", "claude", {"a.txt": edited(0, "claude")})
+    gemini, _ = attempt(repo, root, "t1", "gemini", {"b.txt": edited(0, "gemini")})
+    ollama, _ = attempt(repo, root, "t1", "ollama", {"dir/c.txt": "ollama\n"})
+
+    first = await merge(repo, claude, base=tips[0])
+    tips.append(g(repo, "rev-parse", "main"))
+    second = await merge(repo, gemini, "merge", base=tips[0])
+    feature = g(repo, "rev-parse", "feature")
+    third = await merge(repo, ollama, "rebase", into="feature", base=tips[0])  # not checked out: a ref transaction
+
+    assert [r.backup_ref for r in (first, second, third)] == [
+        "refs/council/backup/t1", "refs/council/backup/t1-2", "refs/council/backup/t1-3"]
+    assert backups(repo) == {"refs/council/backup/t1": tips[0], "refs/council/backup/t1-2": tips[1],
+                             "refs/council/backup/t1-3": feature}
+    assert all(r.backup_ref in r.message for r in (first, second, third))
+
+
+async def test_a_backup_name_already_taken_is_never_overwritten(repo, root):
+    old = g(repo, "rev-parse", "main")
+    g(repo, "update-ref", "refs/council/backup/t1", f"{old}~0")
+    commit(repo, {"b.txt": "user\n"})
+    g(repo, "update-ref", "refs/council/backup/t1-2", "main")
+    branch, _ = attempt(repo, root, "t1", "claude", {"a.txt": edited(0, "agent")}, base=old)
+    tip = g(repo, "rev-parse", "main")
+
+    res = await merge(repo, branch, base=old)
+
+    assert res.merged and res.backup_ref == "refs/council/backup/t1-3"
+    assert backups(repo) == {"refs/council/backup/t1": old, "refs/council/backup/t1-2": tip,
+                             "refs/council/backup/t1-3": tip}
+
+
+async def test_when_the_target_cannot_move_no_backup_is_written(repo, root):
+    g(repo, "branch", "feature")
+    branch, _ = attempt(repo, root, "t1", "claude", {"a.txt": edited(0, "agent")}, base="feature")
+    lock = repo / ".git" / "refs" / "heads" / "feature.lock"  # another git is updating feature right now
+    lock.write_text("")
+    before = snapshot(repo)
+
+    with pytest.raises(MergeRefused, match="could not move feature"):
+        await merge(repo, branch, into="feature", base="feature")
+
+    assert snapshot(repo) == before and backups(repo) == {}
+    lock.unlink()
+    assert (await merge(repo, branch, into="feature", base="feature")).backup_ref == "refs/council/backup/t1"
