@@ -101,6 +101,11 @@ def _needle(marker: str) -> bytes:
 def marked_pids(marker: str) -> list[int]:
     """Live (non-zombie) processes of this uid, other than this one, whose environment holds
     CLI_COUNCIL_RUN=<marker> exactly. Processes that vanish or cannot be read are skipped."""
+    return [pid for pid, _ in _marked(marker)]
+
+
+def _marked(marker: str) -> list[tuple[int, int]]:
+    """(pid, start time) of each live marked process."""
     needle, uid, me = _needle(marker), os.getuid(), os.getpid()
     found = []
     try:
@@ -120,41 +125,48 @@ def marked_pids(marker: str) -> list[int]:
         if needle in b"\0" + env + b"\0":
             fields = _stat(entry.name)
             if fields and fields[0] != b"Z":
-                found.append(int(entry.name))
+                found.append((int(entry.name), int(fields[19])))
     return found
 
 
-def _signal_marked(marker: str, sig: int, skip: set[int]) -> list[int]:
-    """Send sig to every marked process not in skip; return all those found."""
-    pids = marked_pids(marker)
-    for pid in pids:
-        if pid not in skip:
+def _running(pid: int, start: int) -> bool:
+    """Whether this very process (not a reuse of its pid) has yet to become a zombie."""
+    fields = _stat(pid)
+    return bool(fields) and int(fields[19]) == start and fields[0] != b"Z"
+
+
+def _signal_marked(marker: str, sig: int, signalled: dict[int, int]) -> bool:
+    """Send sig to every marked process (TERM only to those not sent it yet) and note them in
+    signalled. Whether any is left, counting those signalled before that are still dying:
+    a dying process loses its environment before it becomes a zombie."""
+    found = _marked(marker)
+    for pid, start in found:
+        if sig != signal.SIGTERM or signalled.get(pid) != start:
             try:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
-    return pids
+        signalled[pid] = start
+    return bool(found) or any(_running(pid, start) for pid, start in signalled.items())
 
 
 KILL_ROUNDS_S = 2.0  # how long KILL keeps sweeping for marked processes that forked meanwhile
 
 
-async def _stop(pgid: int | None, marker: str | None, grace_s: float, proc: Process | None) -> set[int]:
+async def _stop(pgid: int | None, marker: str | None, grace_s: float, proc: Process | None) -> dict[int, int]:
     """TERM the group and the marked processes, wait up to grace_s for them all to go, then KILL
-    what is left (sweeping again for any that forked meanwhile). Returns the marked pids signalled."""
-    signalled: set[int] = set()
+    what is left (sweeping again for any that forked meanwhile). Returns the marked processes
+    signalled (pid: start time)."""
+    signalled: dict[int, int] = {}
 
     async def sweep(sig: int) -> bool:
-        """Signal the group and the marked processes (TERM only those not yet TERMed): any found?"""
+        """Signal the group and the marked processes: is any marked one left?"""
         # Once the leader is reaped and the group empty, its id may be reused: leave it alone then.
         if pgid is not None and (proc is None or proc.returncode is None or group_alive(pgid)):
             signal_group(pgid, sig)
         if marker is None:
             return False
-        skip = signalled if sig == signal.SIGTERM else set()
-        pids = await anyio.to_thread.run_sync(_signal_marked, marker, sig, skip)
-        signalled.update(pids)
-        return bool(pids)
+        return await anyio.to_thread.run_sync(_signal_marked, marker, sig, signalled)
 
     await sweep(signal.SIGTERM)
     with anyio.move_on_after(grace_s):
@@ -170,7 +182,7 @@ async def _stop(pgid: int | None, marker: str | None, grace_s: float, proc: Proc
             await anyio.sleep(0.05)
     await sweep(signal.SIGKILL)
     with anyio.move_on_after(KILL_ROUNDS_S):
-        while await sweep(signal.SIGKILL):
+        while await sweep(signal.SIGKILL) or (pgid is not None and group_alive(pgid)):
             await anyio.sleep(0.01)
     if proc is not None:
         await proc.wait()
