@@ -168,18 +168,19 @@ async def _stop(pgid: int | None, marker: str | None, grace_s: float, proc: Proc
             return False
         return await anyio.to_thread.run_sync(_signal_marked, marker, sig, signalled)
 
-    await sweep(signal.SIGTERM)
+    left = await sweep(signal.SIGTERM)
     with anyio.move_on_after(grace_s):
         while True:
             if proc is not None and proc.returncode is None:
                 with anyio.move_on_after(0.05):
                     await proc.wait()
-                continue
-            if not (pgid is not None and group_alive(pgid)):
-                # TERM any marked process started since the last sweep; done when none is left.
-                if not await sweep(signal.SIGTERM):
-                    return signalled
-            await anyio.sleep(0.05)
+            elif pgid is not None and group_alive(pgid):
+                await anyio.sleep(0.05)
+            elif not left:
+                return signalled
+            else:  # TERM any marked process started since the last sweep
+                await anyio.sleep(0.05)
+                left = await sweep(signal.SIGTERM)
     await sweep(signal.SIGKILL)
     with anyio.move_on_after(KILL_ROUNDS_S):
         while await sweep(signal.SIGKILL) or (pgid is not None and group_alive(pgid)):
@@ -233,7 +234,7 @@ async def _pump(stream: ByteReceiveStream | None, name: str, sink: LineSink) -> 
 
 def _spawn_error(inv: Invocation, env: dict[str, str] | None, e: Exception) -> SpawnError:
     """Why the program could not start, said so that the reader knows what to change."""
-    prog = inv.argv[0]
+    prog = str(inv.argv[0])
     shown = prog if len(prog) <= 80 else prog[:60] + f"... ({len(prog.encode())} bytes)"
     head = f"cannot start {shown!r}"
     if isinstance(e, ValueError) and "null" in str(e):
@@ -242,43 +243,50 @@ def _spawn_error(inv: Invocation, env: dict[str, str] | None, e: Exception) -> S
         elif any("\0" in k or "\0" in v for k, v in (env or {}).items()):
             where = "an environment variable"
         else:
-            where = f"argument #{next((i for i, a in enumerate(inv.argv) if chr(0) in a), 0)}"
+            where = f"argument #{next((i for i, a in enumerate(inv.argv) if chr(0) in str(a)), 0)}"
         return SpawnError(errno.EINVAL, f"{head}: {where} holds a NUL byte, which no program can receive — remove it")
     if not isinstance(e, OSError):
         return SpawnError(errno.EINVAL, f"{head}: {e}")
     code, reason = e.errno, e.strerror or str(e)
     cwd = str(inv.cwd)
-    if e.filename is not None and str(e.filename) == cwd and code in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+    if e.filename is not None and str(e.filename) == cwd != prog:
         return SpawnError(code, f"{head}: its working directory {cwd} cannot be entered ({reason}); was it removed?")
-    path = Path(cwd, prog)
-    if code == errno.ENOENT:
-        if "/" not in prog:
-            hint = "no such program on PATH — install it or give its full path"
-        elif path.is_file():
-            hint = f"its #! interpreter was not found ({_first_line(path)!r}) — fix the #! line or install the interpreter"
-        else:
-            hint = "no such file"
-    elif code == errno.EACCES:
-        hint = ("it is a directory" if path.is_dir() else
-                "it is not executable — make it executable (chmod +x) or run it through its interpreter")
-    elif code == errno.ENOEXEC:
-        hint = "a script needs a #! line (e.g. #!/bin/sh), or run it through its interpreter"
-    elif code == errno.ENOTDIR:
-        hint = "a part of its path is not a directory"
-    elif code == errno.ENAMETOOLONG:
-        longest = max((len(part.encode()) for part in prog.split("/")), default=0)
-        hint = (f"the path is {len(prog.encode())} bytes and its longest name {longest} bytes "
-                f"(at most {os.pathconf('/', 'PC_PATH_MAX') - 1} and 255 here)")
-    elif code == errno.E2BIG:
-        sizes = [len(a.encode()) + 1 for a in inv.argv]
-        total = sum(sizes) + sum(len(k.encode()) + len(v.encode()) + 2 for k, v in (os.environ if env is None else env).items())
-        i = max(range(len(sizes)), key=sizes.__getitem__)
-        hint = (f"{len(sizes)} arguments and the environment take {total:,} bytes, the largest (argument #{i}) "
-                f"{sizes[i] - 1:,} bytes; one argument may hold at most {MAX_ARG_STRLEN - 1:,} bytes and all "
-                f"of them with the environment about {os.sysconf('SC_ARG_MAX'):,} — pass long text on stdin or in a file")
-    else:
+    try:
+        hint = _hint(inv, env, code, prog, Path(cwd, prog))
+    except OSError:  # the path cannot even be looked at: the reason alone will do
         hint = ""
     return SpawnError(code, f"{head}: {reason}" + (f" — {hint}" if hint else ""))
+
+
+def _hint(inv: Invocation, env: dict[str, str] | None, code: int | None, prog: str, path: Path) -> str:
+    """What to do about an exec failure."""
+    if code == errno.ENOENT:
+        if "/" not in prog:
+            return "no such program on PATH: install it or give its full path"
+        if path.is_file():
+            return f"its #! interpreter was not found ({_first_line(path)!r}): fix the #! line or install it"
+        return "no such file"
+    if code == errno.EACCES:
+        if path.is_dir():
+            return "it is a directory"
+        return "it is not executable: make it executable (chmod +x) or run it through its interpreter"
+    if code == errno.ENOEXEC:
+        return "a script needs a #! line (e.g. #!/bin/sh), or run it through its interpreter"
+    if code == errno.ENOTDIR:
+        return "a part of its path is not a directory"
+    if code == errno.ENAMETOOLONG:
+        longest = max(len(part.encode()) for part in prog.split("/"))
+        return (f"the path is {len(prog.encode())} bytes and its longest name {longest} bytes; at most "
+                f"{os.pathconf('/', 'PC_PATH_MAX') - 1} bytes for a path and 255 for one name")
+    if code == errno.E2BIG:
+        sizes = [len(str(a).encode()) + 1 for a in inv.argv]
+        environ = os.environ if env is None else env
+        total = sum(sizes) + sum(len(k.encode()) + len(v.encode()) + 2 for k, v in environ.items())
+        i = max(range(len(sizes)), key=sizes.__getitem__)
+        return (f"{len(sizes)} arguments and the environment take {total:,} bytes, the largest (argument #{i}) "
+                f"{sizes[i] - 1:,} bytes; one argument may hold at most {MAX_ARG_STRLEN - 1:,} bytes and all of "
+                f"them with the environment about {os.sysconf('SC_ARG_MAX'):,}: pass long text on stdin or in a file")
+    return ""
 
 
 def _first_line(path: Path) -> str:
@@ -311,7 +319,7 @@ async def run(inv: Invocation, *, timeout_s: float, on_line: LineSink,
     except (OSError, ValueError, TypeError) as e:
         raise _spawn_error(inv, env, e) from None
     pgid = proc.pid
-    timed_out = False
+    timed_out = stopped = False
     sink_error: list[Exception] = []
     try:
         if on_start is not None:
@@ -337,13 +345,15 @@ async def run(inv: Invocation, *, timeout_s: float, on_line: LineSink,
             timed_out = scope.cancelled_caught
             # Reap whatever the agent left running, then let the pipes drain.
             await stop_group(pgid, kill_grace_s if timed_out else min(kill_grace_s, 1.0), proc, marker)
+            stopped = True
             with anyio.move_on_after(DRAIN_S):
                 for ev in done:
                     await ev.wait()
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
-            await stop_group(pgid, kill_grace_s, proc, marker)
+            if not stopped:
+                await stop_group(pgid, kill_grace_s, proc, marker)
             await proc.aclose()
     if sink_error:
         raise sink_error[0]

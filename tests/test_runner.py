@@ -7,6 +7,7 @@ what it started through the pid files, whatever the runner did.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -202,19 +203,20 @@ def start_marked(env_marker: str | None, pidfile: Path, var: str = runner.MARKER
     env.pop(runner.MARKER_VAR, None)
     if env_marker is not None:
         env[var] = env_marker
-    return subprocess.Popen([sys.executable, "-c", ESCAPEE, str(pidfile)], env=env, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-c", ESCAPEE, str(pidfile)], env=env)  # ESCAPEE calls setsid()
 
 
 async def test_stop_marked_kills_exactly_what_a_crashed_host_left_behind(tmp_path, pidfiles, marker):
-    procs = {name: start_marked(m, pidfiles(), var) for name, m, var in [
+    files = [pidfiles() for _ in range(4)]
+    procs = {name: start_marked(m, file, var) for file, (name, m, var) in zip(files, [
         ("ours", marker, runner.MARKER_VAR),
         ("longer marker", marker + "x", runner.MARKER_VAR),
         ("prefix", marker[:-1], runner.MARKER_VAR),
         ("other variable", marker, "OTHER_RUN"),
-    ]}
+    ])}
     try:
         with anyio.fail_after(30):
-            while procs["ours"].pid not in runner.marked_pids(marker):  # until it has exec'd
+            while not all(f.exists() for f in files):  # until each has left its session and ignores TERM
                 await anyio.sleep(0.02)
         assert runner.marked_pids(marker) == [procs["ours"].pid]
         assert await runner.stop_marked(marker, grace_s=0.5) == 1
@@ -264,13 +266,14 @@ def spawn_cases(tmp: Path) -> list[tuple[str, list[str], dict | None, Path, str]
         ("NUL in environment", [py, "-c", "pass"], {"A": "a\0b"}, tmp, "an environment variable holds a NUL byte"),
         ("working directory gone", [py, "-c", "pass"], None, tmp / "gone", f"working directory {tmp / 'gone'} cannot be entered"),
         ("empty command", [], None, tmp, "the command is empty"),
+        ("not a string", [py, "-c", "pass", None], None, tmp, "expected str, bytes or os.PathLike object"),
     ]
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(15))
 async def test_each_spawn_failure_is_a_spawn_error_that_says_what_to_do(tmp_path, case, marker):
     cases = spawn_cases(tmp_path)
-    assert len(cases) == 14
+    assert len(cases) == 15
     name, argv, env, cwd, message = cases[case]
     env = dict(os.environ) if env is None else env
     with pytest.raises(SpawnError) as info:
@@ -303,3 +306,11 @@ def test_marked_pids_survives_processes_vanishing_mid_scan(marker):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_the_scan_bench_prints_its_figures():
+    bench = Path(__file__).parents[1] / "bench" / "proc_scan.py"
+    out = subprocess.run([sys.executable, str(bench), "--procs", "1", "--marked", "2", "--rounds", "3"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    doc = json.loads(out)
+    assert doc["bench"] == "proc_scan" and doc["marked"] == 2 and doc["marked_pids_ms"]["p50"] > 0
