@@ -314,3 +314,17 @@ def test_the_scan_bench_prints_its_figures():
                          capture_output=True, text=True, timeout=120, check=True).stdout
     doc = json.loads(out)
     assert doc["bench"] == "proc_scan" and doc["marked"] == 2 and doc["marked_pids_ms"]["p50"] > 0
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="starting a process as another user needs root")
+async def test_another_users_marked_process_is_left_alone(tmp_path, marker):
+    theirs = subprocess.Popen(["sleep", "600"], env={**os.environ, runner.MARKER_VAR: marker}, user=65534, cwd="/")
+    try:
+        with anyio.fail_after(30):
+            while Path(f"/proc/{theirs.pid}/exe").resolve().name != "sleep":  # until it has exec'd
+                await anyio.sleep(0.02)
+        assert runner.marked_pids(marker) == []
+        assert await runner.stop_marked(marker, grace_s=0.1) == 0 and pid_running(theirs.pid)
+    finally:
+        theirs.kill()
+        theirs.wait()
