@@ -8,10 +8,12 @@ a distributed runner would take the same Invocation and give the same lines and 
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Awaitable, Callable
 
 import anyio
@@ -20,13 +22,17 @@ from anyio.abc import ByteReceiveStream, Process
 from adapters.base import Invocation
 
 MAX_LINE = 256 * 1024  # longer lines are cut: one runaway line must not hold the whole output in memory
+MAX_ARG_STRLEN = 131072  # Linux: the most one argv or environment string may hold
 DRAIN_S = 2.0  # after the group is dead, how long pipes held by escaped grandchildren may stay open
 
 LineSink = Callable[[str, str], Awaitable[None]]
 
 
 class SpawnError(OSError):
-    """The program could not be started at all (not found, not executable)."""
+    """The program could not be started at all; the message says why and what to do."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 @dataclass
@@ -40,10 +46,11 @@ def _stat(pid: int | str) -> list[bytes] | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except OSError:
+        # The command name (field 2) may hold spaces and parentheses: split after its closing one.
+        fields = stat[stat.rindex(b")") + 2:].split()
+    except (OSError, ValueError):  # gone, or vanished between open and read
         return None
-    # The command name (field 2) may hold spaces and parentheses: split after its closing one.
-    return stat[stat.rindex(b")") + 2:].split()
+    return fields if len(fields) > 19 else None
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -78,21 +85,121 @@ def signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-async def stop_group(pgid: int, grace_s: float, proc: Process | None = None) -> None:
-    """TERM the group, wait up to grace_s for it to go, then KILL what is left."""
-    signal_group(pgid, signal.SIGTERM)
+# Marking: a process that leaves the group (setsid, a double-forking daemon) keeps the environment
+# it was started with, so the run's marker still names it. /proc/PID/environ is the environment the
+# process was exec'd with; only a program exec'd with a cleared environment escapes the mark.
+
+MARKER_VAR = "CLI_COUNCIL_RUN"
+
+
+def _needle(marker: str) -> bytes:
+    if not marker or "\0" in marker:
+        raise ValueError(f"invalid run marker {marker!r}: must be non-empty and hold no NUL byte")
+    return f"\0{MARKER_VAR}={marker}\0".encode()
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Live (non-zombie) processes of this uid, other than this one, whose environment holds
+    CLI_COUNCIL_RUN=<marker> exactly. Processes that vanish or cannot be read are skipped."""
+    return [pid for pid, _ in _marked(marker)]
+
+
+def _marked(marker: str) -> list[tuple[int, int]]:
+    """(pid, start time) of each live marked process."""
+    needle, uid, me = _needle(marker), os.getuid(), os.getpid()
+    found = []
+    try:
+        entries = list(os.scandir("/proc"))
+    except OSError:  # no /proc: nothing can be found by its mark
+        return found
+    for entry in entries:
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if needle in b"\0" + env + b"\0":
+            fields = _stat(entry.name)
+            if fields and fields[0] != b"Z":
+                found.append((int(entry.name), int(fields[19])))
+    return found
+
+
+def _running(pid: int, start: int) -> bool:
+    """Whether this very process (not a reuse of its pid) has yet to become a zombie."""
+    fields = _stat(pid)
+    return bool(fields) and int(fields[19]) == start and fields[0] != b"Z"
+
+
+def _signal_marked(marker: str, sig: int, signalled: dict[int, int]) -> bool:
+    """Send sig to every marked process (TERM only to those not sent it yet) and note them in
+    signalled. Whether any is left, counting those signalled before that are still dying:
+    a dying process loses its environment before it becomes a zombie."""
+    found = _marked(marker)
+    for pid, start in found:
+        if sig != signal.SIGTERM or signalled.get(pid) != start:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        signalled[pid] = start
+    return bool(found) or any(_running(pid, start) for pid, start in signalled.items())
+
+
+KILL_ROUNDS_S = 2.0  # how long KILL keeps sweeping for marked processes that forked meanwhile
+
+
+async def _stop(pgid: int | None, marker: str | None, grace_s: float, proc: Process | None) -> dict[int, int]:
+    """TERM the group and the marked processes, wait up to grace_s for them all to go, then KILL
+    what is left (sweeping again for any that forked meanwhile). Returns the marked processes
+    signalled (pid: start time)."""
+    signalled: dict[int, int] = {}
+
+    async def sweep(sig: int) -> bool:
+        """Signal the group and the marked processes: is any marked one left?"""
+        # Once the leader is reaped and the group empty, its id may be reused: leave it alone then.
+        if pgid is not None and (proc is None or proc.returncode is None or group_alive(pgid)):
+            signal_group(pgid, sig)
+        if marker is None:
+            return False
+        return await anyio.to_thread.run_sync(_signal_marked, marker, sig, signalled)
+
+    left = await sweep(signal.SIGTERM)
     with anyio.move_on_after(grace_s):
         while True:
             if proc is not None and proc.returncode is None:
                 with anyio.move_on_after(0.05):
                     await proc.wait()
-            elif not group_alive(pgid):
-                return
-            else:
+            elif pgid is not None and group_alive(pgid):
                 await anyio.sleep(0.05)
-    signal_group(pgid, signal.SIGKILL)
+            elif not left:
+                return signalled
+            else:  # TERM any marked process started since the last sweep
+                await anyio.sleep(0.05)
+                left = await sweep(signal.SIGTERM)
+    await sweep(signal.SIGKILL)
+    with anyio.move_on_after(KILL_ROUNDS_S):
+        while await sweep(signal.SIGKILL) or (pgid is not None and group_alive(pgid)):
+            await anyio.sleep(0.01)
     if proc is not None:
         await proc.wait()
+    return signalled
+
+
+async def stop_group(pgid: int, grace_s: float, proc: Process | None = None, marker: str | None = None) -> None:
+    """TERM the group (and the processes carrying marker), wait up to grace_s, then KILL what is left."""
+    await _stop(pgid, marker, grace_s, proc)
+
+
+async def stop_marked(marker: str, grace_s: float) -> int:
+    """Stop every process carrying this run's marker, e.g. those a crashed host left behind:
+    TERM, then KILL after grace_s. Returns how many were signalled."""
+    _needle(marker)
+    return len(await _stop(None, marker, grace_s, None))
 
 
 async def stop_recorded_group(pgid: int, start_time: int | None, grace_s: float) -> bool:
@@ -125,18 +232,95 @@ async def _pump(stream: ByteReceiveStream | None, name: str, sink: LineSink) -> 
         await sink(name, buf.decode(errors="replace").rstrip("\r"))
 
 
+def _spawn_error(inv: Invocation, env: dict[str, str] | None, e: Exception) -> SpawnError:
+    """Why the program could not start, said so that the reader knows what to change."""
+    prog = str(inv.argv[0])
+    shown = prog if len(prog) <= 80 else prog[:60] + f"... ({len(prog.encode())} bytes)"
+    head = f"cannot start {shown!r}"
+    if isinstance(e, ValueError) and "null" in str(e):
+        if "\0" in str(inv.cwd):
+            where = "the working directory"
+        elif any("\0" in k or "\0" in v for k, v in (env or {}).items()):
+            where = "an environment variable"
+        else:
+            where = f"argument #{next((i for i, a in enumerate(inv.argv) if chr(0) in str(a)), 0)}"
+        return SpawnError(errno.EINVAL, f"{head}: {where} holds a NUL byte, which no program can receive — remove it")
+    if not isinstance(e, OSError):
+        return SpawnError(errno.EINVAL, f"{head}: {e}")
+    code, reason = e.errno, e.strerror or str(e)
+    cwd = str(inv.cwd)
+    if e.filename is not None and str(e.filename) == cwd != prog:
+        return SpawnError(code, f"{head}: its working directory {cwd} cannot be entered ({reason}); was it removed?")
+    try:
+        hint = _hint(inv, env, code, prog, Path(cwd, prog))
+    except OSError:  # the path cannot even be looked at: the reason alone will do
+        hint = ""
+    return SpawnError(code, f"{head}: {reason}" + (f" — {hint}" if hint else ""))
+
+
+def _hint(inv: Invocation, env: dict[str, str] | None, code: int | None, prog: str, path: Path) -> str:
+    """What to do about an exec failure."""
+    if code == errno.ENOENT:
+        if "/" not in prog:
+            return "no such program on PATH: install it or give its full path"
+        if path.is_file():
+            return f"its #! interpreter was not found ({_first_line(path)!r}): fix the #! line or install it"
+        return "no such file"
+    if code == errno.EACCES:
+        if path.is_dir():
+            return "it is a directory"
+        return "it is not executable: make it executable (chmod +x) or run it through its interpreter"
+    if code == errno.ENOEXEC:
+        return "a script needs a #! line (e.g. #!/bin/sh), or run it through its interpreter"
+    if code == errno.ENOTDIR:
+        return "a part of its path is not a directory"
+    if code == errno.ENAMETOOLONG:
+        longest = max(len(part.encode()) for part in prog.split("/"))
+        return (f"the path is {len(prog.encode())} bytes and its longest name {longest} bytes; at most "
+                f"{os.pathconf('/', 'PC_PATH_MAX') - 1} bytes for a path and 255 for one name")
+    if code == errno.E2BIG:
+        sizes = [len(str(a).encode()) + 1 for a in inv.argv]
+        environ = os.environ if env is None else env
+        total = sum(sizes) + sum(len(k.encode()) + len(v.encode()) + 2 for k, v in environ.items())
+        i = max(range(len(sizes)), key=sizes.__getitem__)
+        return (f"{len(sizes)} arguments and the environment take {total:,} bytes, the largest (argument #{i}) "
+                f"{sizes[i] - 1:,} bytes; one argument may hold at most {MAX_ARG_STRLEN - 1:,} bytes and all of "
+                f"them with the environment about {os.sysconf('SC_ARG_MAX'):,}: pass long text on stdin or in a file")
+    return ""
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.readline(200).decode(errors="replace").rstrip()
+    except OSError:
+        return ""
+
+
 async def run(inv: Invocation, *, timeout_s: float, on_line: LineSink,
-              on_start: Callable[[int], Awaitable[None]] | None = None, kill_grace_s: float = 5.0) -> RunResult:
-    """Run one invocation to its end. Cancelling the caller kills the process group first."""
+              on_start: Callable[[int], Awaitable[None]] | None = None, kill_grace_s: float = 5.0,
+              marker: str | None = None) -> RunResult:
+    """Run one invocation to its end. When it ends, times out, the caller is cancelled or on_line
+    raises, its process group and every process carrying `marker` (CLI_COUNCIL_RUN in the
+    environment, inherited by all it starts) are stopped before this returns or raises.
+    A program that cannot start raises SpawnError; an exception from on_line or on_start
+    propagates after the processes are stopped."""
+    env = inv.env
+    if marker is not None:
+        _needle(marker)
+        env = {**(os.environ if env is None else env), MARKER_VAR: marker}
+    if not inv.argv:
+        raise SpawnError(errno.EINVAL, "cannot start anything: the command is empty")
     try:
         proc = await anyio.open_process(
-            inv.argv, cwd=str(inv.cwd), env=inv.env, start_new_session=True,
+            inv.argv, cwd=str(inv.cwd), env=env, start_new_session=True,
             stdin=subprocess.PIPE if inv.stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
-        raise SpawnError(e.errno, f"cannot start {inv.argv[0]!r}: {e.strerror}") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise _spawn_error(inv, env, e) from None
     pgid = proc.pid
-    timed_out = False
+    timed_out = stopped = False
+    sink_error: list[Exception] = []
     try:
         if on_start is not None:
             await on_start(pgid)
@@ -146,6 +330,9 @@ async def run(inv: Invocation, *, timeout_s: float, on_line: LineSink,
             async def pump(stream, name, ev):
                 try:
                     await _pump(stream, name, on_line)
+                except Exception as e:  # the sink failed: stop the run, raise it once all is dead
+                    sink_error.append(e)
+                    tg.cancel_scope.cancel()
                 finally:
                     ev.set()
 
@@ -156,17 +343,20 @@ async def run(inv: Invocation, *, timeout_s: float, on_line: LineSink,
             with anyio.move_on_after(timeout_s) as scope:
                 await proc.wait()
             timed_out = scope.cancelled_caught
-            # Reap whatever the agent left running in its group, then let the pipes drain.
-            await stop_group(pgid, kill_grace_s if timed_out else min(kill_grace_s, 1.0), proc)
+            # Reap whatever the agent left running, then let the pipes drain.
+            await stop_group(pgid, kill_grace_s if timed_out else min(kill_grace_s, 1.0), proc, marker)
+            stopped = True
             with anyio.move_on_after(DRAIN_S):
                 for ev in done:
                     await ev.wait()
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
-            if proc.returncode is None or group_alive(pgid):
-                await stop_group(pgid, kill_grace_s, proc)
+            if not stopped:
+                await stop_group(pgid, kill_grace_s, proc, marker)
             await proc.aclose()
+    if sink_error:
+        raise sink_error[0]
     return RunResult(exit_code=None if timed_out else proc.returncode, timed_out=timed_out)
 
 
