@@ -7,6 +7,7 @@ store. Parallelism is capped globally and per agent with CapacityLimiters that h
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -145,8 +146,7 @@ class Engine:
                 if a.state in (AttemptState.queued, AttemptState.running):
                     a.state = AttemptState.interrupted
                     a.error = ErrorInfo(kind=ErrorKind.crash, message="the process hosting this task stopped")
-            for _, agent, pgid, pg_start, marker in await self.store.procs(task_id):
-                await runner.stop_recorded_group(pgid, pg_start, self.config.engine.kill_grace_s)
+            await self._stop_recorded(task_id)
             await self.store.clear_procs(task_id)
             task.state = TaskState.interrupted
             task.finished_at = now()
@@ -228,8 +228,7 @@ class Engine:
         await self.store.request_cancel(task_id)
         task = await self.wait(task_id, 2)
         if task.state in ACTIVE_TASK:
-            for _, _, pgid, start, marker in await self.store.procs(task_id):
-                await runner.stop_recorded_group(pgid, start, self.config.engine.kill_grace_s)
+            await self._stop_recorded(task_id)
             if not await self._host_alive(task_id):
                 await self.recover()
         return await self.wait(task_id, 10)
@@ -598,7 +597,8 @@ class Engine:
         if task.check and attempt.files_changed and attempt.error is None:
             attempt.check = await self._run_check(task, attempt, path)
             if not attempt.check.passed:
-                attempt.error = ErrorInfo(kind=ErrorKind.check_failed, message=f"`{task.check}` failed (exit {attempt.check.exit_code})")
+                why = attempt.check.error or f"exit {attempt.check.exit_code}"
+                attempt.error = ErrorInfo(kind=ErrorKind.check_failed, message=f"`{task.check}` failed ({why})")
         attempt.state = AttemptState.succeeded if outcome.ok and attempt.error is None else AttemptState.failed
 
     @staticmethod
@@ -630,18 +630,12 @@ class Engine:
                 await self._note(task, f"parser error on a line: {e!r}", attempt.agent)
             await self._log(task, attempt.agent, stream, text)
 
-        async def on_start(pgid: int) -> None:
-            await self.store.set_proc(task.task_id, attempt.agent, pgid, runner.proc_start_time(pgid))
-
         await self._note(task, f"running: {shlex.join(inv.argv[:1])} in {job.worktree}", attempt.agent)
         try:
-            result = await runner.run(inv, timeout_s=max(budget_s, 0.001), on_line=on_line, on_start=on_start,
-                                      kill_grace_s=self.config.engine.kill_grace_s)
+            result = await self._spawn(task, attempt.agent, "agent", inv, max(budget_s, 0.001), on_line)
         except runner.SpawnError as e:
-            return Outcome(ok=False, error=ErrorInfo(kind=ErrorKind.not_installed, message=str(e))), runner.RunResult(None)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.store.clear_proc(task.task_id, attempt.agent)
+            kind = ErrorKind.not_installed if e.errno in (errno.ENOENT, errno.EACCES, errno.ENOTDIR) else ErrorKind.crash
+            return Outcome(ok=False, error=ErrorInfo(kind=kind, message=str(e))), runner.RunResult(None)
         if await self.store.cancel_requested([task.task_id]):
             # Another process cancelled and may have killed the agent before our watcher saw the
             # flag: the attempt was cancelled, not failed.
@@ -664,12 +658,38 @@ class Engine:
 
         await self._note(task, f"check: {task.check}", attempt.agent)
         try:
-            result = await runner.run(inv, timeout_s=self.config.engine.check_timeout_s, on_line=on_line,
-                                      kill_grace_s=self.config.engine.kill_grace_s)
+            result = await self._spawn(task, attempt.agent, "check", inv, self.config.engine.check_timeout_s, on_line)
         except runner.SpawnError as e:
             await self._log(task, attempt.agent, "check", str(e))
-            return CheckResult(command=task.check, passed=False, exit_code=None)
+            return CheckResult(command=task.check, passed=False, exit_code=None, error=str(e))
+        if result.timed_out:
+            return CheckResult(command=task.check, passed=False, exit_code=None,
+                               error=f"no result within {self.config.engine.check_timeout_s:g}s; killed")
         return CheckResult(command=task.check, passed=result.exit_code == 0, exit_code=result.exit_code)
+
+    async def _spawn(self, task: Task, agent: str, role: str, inv: Invocation, timeout_s: float,
+                     on_line: runner.LineSink) -> runner.RunResult:
+        """Run one agent or check process, recorded in the store while it runs, so that a later
+        process can stop it (and whatever it started, even outside its group) if we die."""
+        marker = f"{task.task_id}.{agent}.{role}.{uuid.uuid4().hex[:8]}"
+
+        async def on_start(pgid: int) -> None:
+            await self.store.set_proc(task.task_id, agent, pgid, runner.proc_start_time(pgid), marker=marker, role=role)
+
+        try:
+            return await runner.run(inv, timeout_s=timeout_s, on_line=on_line, on_start=on_start,
+                                    kill_grace_s=self.config.engine.kill_grace_s, marker=marker)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.store.clear_proc(task.task_id, agent, role)
+
+    async def _stop_recorded(self, task_id: str) -> None:
+        """Stop the processes another (maybe dead) process recorded for a task: groups, then escapees."""
+        grace = self.config.engine.kill_grace_s
+        for _, _, pgid, start, marker in await self.store.procs(task_id):
+            await runner.stop_recorded_group(pgid, start, grace)
+            if marker:
+                await runner.stop_marked(marker, grace)
 
     # logs, notes and change notification
 

@@ -52,6 +52,7 @@ class CheckResult(BaseModel):
     command: str
     passed: bool
     exit_code: int | None = None
+    error: str | None = Field(None, description="why the check gave no exit code (could not start, timed out)")
 
 
 class Attempt(BaseModel):

@@ -117,6 +117,46 @@ def test_restart_after_a_kill_marks_running_attempts_interrupted(repo, config, t
         wait_for(lambda: not pid_running(int(f.read_text())), 10)
 
 
+ESCAPING_CHECK = """import os, signal, sys, time
+if os.fork() == 0:  # a grandchild that leaves the process group and ignores SIGTERM
+    os.setsid()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open(sys.argv[2], "w").write(str(os.getpid()))
+    time.sleep(600)
+    os._exit(0)
+open(sys.argv[1], "w").write(str(os.getpid()))
+time.sleep(600)
+"""
+
+
+def test_restart_after_a_kill_stops_a_running_check_and_what_escaped_its_group(repo, config, tmp_path):
+    script, check_pid, escaped_pid = tmp_path / "check.py", tmp_path / "check.pid", tmp_path / "escaped.pid"
+    script.write_text(ESCAPING_CHECK)
+    write_config(config, {"writer": fake("--write", "w.txt=w")})
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "run", "--repo", str(repo), "--agents", "writer",
+                             "--check", f"{sys.executable} {script} {check_pid} {escaped_pid}", "--json", "go"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        task_id = proc.stderr.readline().split()[1]
+        wait_for(lambda: check_pid.exists() and escaped_pid.exists() and escaped_pid.read_text())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        pids = [int(check_pid.read_text()), int(escaped_pid.read_text())]
+        assert all(pid_running(p) for p in pids), "both should have outlived their killed host"
+        task = json.loads(cli("status", task_id, "--json").stdout)  # a new process recovers
+        assert task["state"] == "interrupted"
+        for pid in pids:
+            wait_for(lambda: not pid_running(pid), 10)
+    finally:
+        proc.kill()
+        for f in (check_pid, escaped_pid):
+            if f.exists() and f.read_text():
+                try:
+                    os.kill(int(f.read_text()), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
 def test_logs_follow_from_another_shell(repo, config):
     write_config(config, {"chatty": fake("--lines", "3", "--sleep", "1.5", "--write", "c.txt=1")})
     run, task_id = start_run(repo, "chatty", "talk")
