@@ -315,7 +315,25 @@ class Engine:
         busy = [a.worktree for t in self._hosted.values() for a in t.attempts if a.worktree]
         report = await cleanup_mod.gc(self.worktrees.root, tasks, age_s=age, busy=busy)
         report.removed[:0] = [f"task {t}: host process gone, marked interrupted" for t in interrupted]
+        cutoff = now().timestamp() - age
+        for task in tasks:
+            finished = task.finished_at or task.created_at
+            if task.state not in ACTIVE_TASK and finished.timestamp() <= cutoff and not await self._leftovers(task):
+                await self.store.delete_task(task.task_id)
+                report.removed.append(f"task {task.task_id}: record and logs (nothing of it is left in git or on disk)")
+        report.kept += [f"task {tid}: its stored record cannot be read ({why})" for tid, why in
+                        await self.store.unreadable_tasks()]
         return report
+
+    async def _leftovers(self, task: Task) -> bool:
+        """Whether any worktree or branch of the task still exists (its record must stay to explain them)."""
+        for a in task.attempts:
+            if a.worktree and await anyio.Path(a.worktree).exists():
+                return True
+        if not await anyio.Path(task.repo).is_dir():
+            return False
+        return bool(await git(task.repo, "for-each-ref", "--format=%(refname)", f"refs/heads/council/{task.task_id}/",
+                              check=False))
 
     # building a task
 
