@@ -52,11 +52,11 @@ async def test_log_pages_are_cut_by_bytes(make_engine, repo):
 
 
 async def test_gc_prunes_a_finished_tasks_record_and_logs_once_nothing_of_it_is_left(make_engine, repo):
-    agents = {"w": fake("--lines", "20", "--write", "w.txt=w"), "x": fake("--exit", "1")}
+    agents = {"w": fake("--lines", "20", "--write", "w.txt=w"), "u": fake("--write", "u.txt=u")}
     async with make_engine(agents) as engine:
         merged = await engine.wait((await engine.submit(str(repo), "m", agents=["w"])).task_id, 60)
         assert (await engine.merge(merged.task_id)).merged
-        unmerged = await engine.wait((await engine.submit(str(repo), "u", agents=["w"])).task_id, 60)
+        unmerged = await engine.wait((await engine.submit(str(repo), "u", agents=["u"])).task_id, 60)
         report = await engine.gc(older_than_s=0)
         assert f"task {merged.task_id}: record and logs (nothing of it is left in git or on disk)" in report.removed
         assert await engine.store.last_seq(merged.task_id) == 0
