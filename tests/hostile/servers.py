@@ -44,6 +44,7 @@ class InMemory:
     def __init__(self, config: Config, home: Path):
         self.config, self.home = config, home
         self._portal_cm = self._client_cm = None
+        self.orphans: set[str] = set()
         self.start()
 
     def start(self) -> None:
@@ -81,6 +82,12 @@ class InMemory:
         if not self.alive():
             self.stop()
             self.start()
+            # Tasks the dead engine hosted stay "running" in the store: this process, their recorded
+            # host, is alive, so nothing will ever end them. They change no more; leave them be.
+            try:
+                self.orphans = {t["task_id"] for t in self.tasks() if t["state"] in ACTIVE}
+            except Exception:  # an unreadable store: the caller starts a fresh one
+                self.orphans = set()
 
     def tasks(self) -> list[dict]:
         return self.call("list_tasks", {"limit": 1000}).structured_content["tasks"]
@@ -90,13 +97,14 @@ class InMemory:
         cancel whatever still is, so it cannot write into the next case's snapshot."""
         deadline = time.monotonic() + within
         while True:
-            active = [t["task_id"] for t in self.tasks() if t["state"] in ACTIVE and t["task_id"] not in keep]
+            active = [t["task_id"] for t in self.tasks()
+                      if t["state"] in ACTIVE and t["task_id"] not in keep | self.orphans]
             if not active:
                 return
             if time.monotonic() > deadline:
                 for task_id in active:
                     self.call("cancel_task", {"task_id": task_id})
-                deadline = time.monotonic() + within
+                return
             time.sleep(0.2)
 
     def wait_done(self, task_id: str, within: float = 60) -> dict:
