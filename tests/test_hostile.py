@@ -12,7 +12,6 @@ unrelated task that must still succeed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -30,7 +29,7 @@ from mcp.shared.exceptions import MCPError
 from engine.config import ConfigError, parse_config
 from server.app import build_server
 from tests.conftest import FAKE_AGENT, fake
-from tests.hostile.servers import (ACTIVE, INITIALIZE, MCP_HEADERS, ROOT, HttpProcess, InMemory, StdioProcess,
+from tests.hostile.servers import (ACTIVE, INITIALIZE, ROOT, HttpProcess, InMemory, StdioProcess,
                                    env_for, settle, tool_text)
 from tests.hostile.snapshot import assert_unchanged, snapshot
 
@@ -680,7 +679,7 @@ def test_stdio_replies_with_an_error_and_keeps_serving(stdio_case, raw, expect):
     before = snapshot(stdio_world.home, stdio_world.repo)
     server.send(raw)
     ids = expect[1]
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 5  # an error reply is immediate; this is slack for a loaded machine
     reply = None
     while reply is None:
         left = deadline - time.monotonic()
