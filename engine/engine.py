@@ -30,7 +30,7 @@ from . import inputs, judge, routing, runner
 from .config import Config, ConfigError, LiveConfig, config_path, home_dir
 from .gitcmd import GitError, diff_stat, git, resolve_commit
 from .inputs import CouncilError, NotFound
-from .merge import STRATEGIES, MergeRefused, merge_branch
+from .merge import STRATEGIES, MergeRefused, check_target, merge_branch
 from .models import (ACTIVE_TASK, Attempt, AttemptState, CheckResult, GcReport, LogChunk, MergeResult,
                      Task, TaskList, TaskState, now)
 from .logbook import Logbook
@@ -191,7 +191,7 @@ class Engine:
     async def list(self, repo: str | None = None, limit: int = 20) -> TaskList:
         limit = int(inputs.number("limit", limit, low=1, high=10**9))
         if repo is not None:
-            inputs.text("repo", repo, max_bytes=inputs.MAX_PATH_BYTES)
+            repo = str(inputs.repo_path(repo, []))
             repo = await self._toplevel(repo, must_exist=False) or repo
         tasks = await self.store.list_tasks(repo, max(1, min(limit, 1000)))
         return TaskList(tasks=[self._hosted.get(t.task_id, t).model_copy(deep=True) for t in tasks])
@@ -255,6 +255,10 @@ class Engine:
         into = into or task.into
         if not into:
             raise CouncilError("the repo was on a detached HEAD when the task was submitted; pass into=BRANCH")
+        try:
+            into = await check_target(task.repo, into)
+        except MergeRefused as e:  # a target that is no branch of the user's is bad input, not a refusal
+            raise CouncilError(str(e)) from None
 
         def refuse(message: str) -> MergeResult:
             return MergeResult(merged=False, task_id=task_id, agent=agent, strategy=strategy, into=into,
@@ -350,10 +354,14 @@ class Engine:
             inputs.text("check", check, max_bytes=inputs.MAX_CHECK_BYTES,
                         hint="put a long check in a script in the repo and run that")
             try:
-                if not shlex.split(check):
-                    raise CouncilError("check is empty; give a command such as 'pytest -q', or leave it out")
+                words = shlex.split(check)
             except ValueError as e:
                 raise CouncilError(f"check {check!r} cannot be parsed: {e}") from None
+            if not words:
+                raise CouncilError("check is empty; give a command such as 'pytest -q', or leave it out")
+            if any(len(part.encode()) > 255 for part in words[0].split("/")):
+                raise CouncilError("the check's program name is longer than any file name can be (255 bytes); "
+                                   "give the program to run first, e.g. 'pytest -q'")
         if agents is not None:
             if not isinstance(agents, list) or not agents:
                 raise CouncilError("agents must be a non-empty list of agent names, or left out to route by tier")
@@ -369,6 +377,8 @@ class Engine:
                     raise CouncilError(f"agent {name!r} is disabled in the config ([agents.{name}] enabled = false)")
         if base is not None:
             inputs.ref("base", base)
+            if ".." in base:
+                raise CouncilError(f"base {base!r} is a range; give one commit, branch or tag")
         repo = inputs.repo_path(repo, self.config.server.allowed_roots)
         top = await self._toplevel(repo)
         ref = base or "HEAD"

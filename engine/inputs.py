@@ -62,9 +62,9 @@ def number(name: str, value: object, *, low: float, high: float, low_open: bool 
 
 
 def task_id(value: object) -> str:
-    value = text("task_id", value, max_bytes=64)
-    if not TASK_ID.fullmatch(value):
-        raise NotFound(f"no task {value!r}: task ids are 12 hex digits; list_tasks (or `cli-council status`) "
+    if not isinstance(value, str) or not TASK_ID.fullmatch(value):
+        shown = repr(value[:40]) + ("..." if len(value) > 40 else "") if isinstance(value, str) else repr(value)[:40]
+        raise NotFound(f"no task {shown}: task ids are 12 hex digits; list_tasks (or `cli-council status`) "
                        "shows the known ones")
     return value
 

@@ -29,7 +29,7 @@ import anyio
 from engine.gitcmd import COUNCIL_IDENTITY, GitError, diff_stat, git, git_ok, resolve_commit
 from engine.models import MergeResult
 
-__all__ = ["MergeRefused", "STRATEGIES", "merge_branch", "changes_in"]
+__all__ = ["MergeRefused", "STRATEGIES", "check_target", "merge_branch", "changes_in"]
 
 STRATEGIES = ("squash", "merge", "rebase")
 _HELPER_MSG = "cli-council: throwaway commit for a three-way merge with an explicit base\n"
@@ -207,7 +207,7 @@ async def _check_checkout(worktree: str, into: str, old: str, new: str) -> None:
                            f"({', '.join(blocked[:5])}): move or delete them, then merge again")
 
 
-async def _target(repo: str | Path, into: str) -> str:
+async def check_target(repo: str | Path, into: str) -> str:
     """`into` as the name of an existing local branch the council may move, or MergeRefused.
 
     Only a plain branch name: no revision syntax (`main~1`, `@{-1}`, `a..b`), no option-like name,
@@ -223,7 +223,8 @@ async def _target(repo: str | Path, into: str) -> str:
         raise MergeRefused(f"into {into!r} is not a valid branch name (no ~ ^ : .. @{{ or spaces); "
                            "give a local branch such as main")
     if not await git_ok(repo, "show-ref", "--verify", "--quiet", f"refs/heads/{name}"):
-        raise MergeRefused(f"there is no local branch {name!r} in {repo}; create it first or pick another")
+        raise MergeRefused(f"into {name!r}: there is no local branch of that name in {repo}; "
+                           "create it first or pick another")
     points_to = await git(repo, "symbolic-ref", "--quiet", f"refs/heads/{name}", check=False)
     if points_to:  # moving it would move another branch, behind the back of any checkout of that one
         raise MergeRefused(f"{name} is a symbolic ref to {points_to}; merge into that branch instead")
@@ -275,7 +276,7 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     for name in (branch, base):
         if "\0" in name or len(name.encode()) > _MAX_NAME:
             raise MergeRefused(f"{name[:80]!r} is not a commit or branch name")
-    into = await _target(repo, into)
+    into = await check_target(repo, into)
     ref = f"refs/heads/{into}"
     branch_tip, base_c, old = [await resolve_commit(repo, rev) for rev in (branch, base, ref)]
     for name, value in ((branch, branch_tip), (base, base_c), (into, old)):

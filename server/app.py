@@ -49,6 +49,7 @@ MAX_WAIT_S = 50.0  # well inside the ~60 s request timeout of common MCP clients
 PROGRESS_SLICE_S = 2.0  # how often a waiting call tells the client it is still alive
 NOTIFY_MIN_INTERVAL_S = 0.25  # coalesce resource-updated notifications from chatty agents
 MAX_RESOURCE_BYTES = 4_000_000  # the log resource's size; stream_logs pages through the rest
+MAX_URI_CHARS = 256
 
 INSTRUCTIONS = """\
 cli-council runs a council of AI coding CLIs (Claude Code, Gemini CLI, Auto-Claude, a local Ollama
@@ -295,11 +296,12 @@ async def cancel_task(task_id: TaskId, ctx: Context) -> Task:
 
 
 def _strict(tool: Tool) -> None:
-    """Refuse unknown arguments (a misspelt `agnets` must not be silently dropped) and non-finite numbers
-    (`1e309`, "inf", NaN), instead of the SDK's default of ignoring extras and accepting infinities.
+    """Refuse unknown arguments (a misspelt `agnets` must not be silently dropped), non-finite numbers
+    (`1e309`, "inf", NaN) and coercions ("yes" as true, true as 1 second), instead of the SDK's default
+    of ignoring extras and coercing what it can.
     Watch on SDK upgrades: this replaces the argument model the SDK derived from the signature."""
     base = tool.fn_metadata.arg_model
-    config = ConfigDict(**base.model_config, extra="forbid", allow_inf_nan=False)
+    config = ConfigDict(**base.model_config, extra="forbid", allow_inf_nan=False, strict=True)
     tool.fn_metadata.arg_model = type(base.__name__, (base,), {"model_config": config, "__module__": base.__module__})
     tool.parameters = tool.fn_metadata.arg_model.model_json_schema(by_alias=True)
 
@@ -386,6 +388,15 @@ def _version() -> str:
         return "0+unknown"
 
 
+class CouncilServer(MCPServer):
+    async def read_resource(self, uri, context=None):
+        """An oversized URI is refused before the SDK echoes it whole into its error message."""
+        if len(str(uri)) > MAX_URI_CHARS:
+            raise ResourceNotFoundError(f"a {len(str(uri))}-character URI is no cli-council resource; "
+                                        f"use {task_uri('<task_id>')} or {logs_uri('<task_id>')}")
+        return await super().read_resource(uri, context)
+
+
 def build_server(config: Config | None = None, home: Path | None = None) -> MCPServer:
     """The server, not yet running. Config and state directory default to the environment's, read when the
     lifespan starts (never at import); tests pass their own."""
@@ -397,7 +408,7 @@ def build_server(config: Config | None = None, home: Path | None = None) -> MCPS
             yield Council(engine=engine, updates=Updates(engine=engine, bus=bus, tg=tg))
             tg.cancel_scope.cancel()  # stop following tasks before the engine stops them
 
-    server = MCPServer("cli-council", title="cli-council", version=_version(), instructions=INSTRUCTIONS,
+    server = CouncilServer("cli-council", title="cli-council", version=_version(), instructions=INSTRUCTIONS,
                        lifespan=lifespan, subscriptions=bus, log_level="WARNING")
     for fn, annotations in TOOLS:
         server.add_tool(fn, description=inspect.cleandoc(fn.__doc__), annotations=annotations)

@@ -22,8 +22,15 @@ from engine.engine import CouncilError, Engine
 from engine.models import ACTIVE_TASK, Task, TaskState
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes read like every other refusal: `error: ...` first, exit 2, and where to look."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cli-council", description="Run a council of AI coding CLIs on a repo.")
+    p = Parser(prog="cli-council", description="Run a council of AI coding CLIs on a repo.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="serve the MCP tools (stdio for Claude Desktop/Code, or streamable HTTP)")

@@ -43,7 +43,7 @@ async def test_worktree_deleted_while_the_agent_runs(make_engine, repo, council_
     assert good.state == TaskState.succeeded and again.state == TaskState.succeeded
 
 
-@pytest.mark.parametrize("check", ["x" * 300, "./runtests"], ids=["file-name-too-long", "script-without-shebang"])
+@pytest.mark.parametrize("check", ["./" + "a/" * 2100 + "x", "./runtests"], ids=["path-too-long", "script-without-shebang"])
 async def test_a_check_that_cannot_start_fails_that_attempt_only(make_engine, repo, check):
     agents = {"writer": fake("--write", "runtests=echo no shebang here"), "good": GOOD}
     async with make_engine(agents) as engine:
