@@ -40,7 +40,7 @@ from engine.config import Config, load_config
 from engine.engine import CouncilError, Engine, NotFound
 from engine.models import ACTIVE_TASK, LogChunk, MergeResult, Task, TaskList
 
-from . import auth
+from . import auth, stdio_transport
 
 logger = logging.getLogger("cli_council.server")
 
@@ -396,14 +396,17 @@ def build_server(config: Config | None = None, home: Path | None = None) -> MCPS
 
 async def _serve_stdio(server: MCPServer) -> None:
     """Serve until stdin closes. SIGINT/SIGTERM stop the server the same way (leaving the lifespan stops the
-    running attempts), then end the process by that signal: stdin may stay open, and the SDK's stdin reader
-    thread would keep the process waiting for it."""
+    running attempts), then end the process by that signal: stdin may stay open, and the stdin reader
+    thread would keep the process waiting for it. Malformed lines are answered by VettedStdin."""
     lowlevel = server._lowlevel_server  # run_stdio_async, with room to act before its stdin reader is joined
-    async with stdio_server() as (read, write):
-        signum = await _until_signal(lowlevel.run, read, write, lowlevel.create_initialization_options())
-        if signum is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+    with stdio_transport.claimed_stdin() as wire:
+        stdin = stdio_transport.VettedStdin(wire)
+        async with stdio_server(stdin=stdin) as (read, write):
+            stdin.reply_through(write)
+            signum = await _until_signal(lowlevel.run, read, write, lowlevel.create_initialization_options())
+            if signum is not None:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
 
 
 async def _until_signal(fn: Callable[..., Awaitable[Any]], *args: Any) -> int | None:
