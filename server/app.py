@@ -14,7 +14,6 @@ import inspect
 import logging
 import os
 import signal
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -26,7 +25,6 @@ from typing import Annotated, Any, Literal, TypeVar
 import anyio
 import anyio.abc
 import mcp_types as types
-import uvicorn
 from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
@@ -40,7 +38,7 @@ from engine.config import Config, load_config
 from engine.engine import CouncilError, Engine, NotFound
 from engine.models import ACTIVE_TASK, LogChunk, MergeResult, Task, TaskList
 
-from . import auth, stdio_transport
+from . import auth, http_transport, stdio_transport
 
 logger = logging.getLogger("cli_council.server")
 
@@ -427,21 +425,24 @@ async def _until_signal(fn: Callable[..., Awaitable[Any]], *args: Any) -> int | 
     return received
 
 
-def serve(transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -> None:
-    """Run the server in the foreground until it is stopped. Bad config or an unsafe bind raise ConfigError
-    before anything starts."""
+def serve(transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -> int:
+    """Run the server in the foreground until it is stopped; returns the exit status. Bad config, an unsafe
+    bind or a busy port raise ConfigError before anything starts."""
     config = load_config()
     if transport == "stdio":
         anyio.run(_serve_stdio, build_server(config))
-    elif transport == "http":
-        token = os.environ.get("CLI_COUNCIL_TOKEN") or None
-        auth.check_bind(host, token)
-        server = build_server(config)
-        app = server.streamable_http_app(host=host, transport_security=auth.security_settings(host))
-        shown = f"[{host}]" if ":" in host else host
-        print(f"cli-council: MCP on http://{shown}:{port}/mcp" + (" (bearer token required)" if token else ""),
-              file=sys.stderr, flush=True)
-        uvicorn.Server(uvicorn.Config(auth.protect(app, token), host=host, port=port, log_level="warning",
-                                      timeout_graceful_shutdown=5)).run()
-    else:
+        return 0
+    if transport != "http":
         raise ValueError(f"unknown transport {transport!r}; use stdio or http")
+    token = os.environ.get("CLI_COUNCIL_TOKEN") or None
+    auth.check_bind(host, token, config.server.allowed_roots)
+    header_timeout_s, body_timeout_s = http_transport.timeouts(os.environ)
+    sock = http_transport.bind(host, port)
+    server = build_server(config)
+    app = server.streamable_http_app(host=host, transport_security=auth.security_settings(host),
+                                     max_request_body_size=http_transport.MAX_BODY_BYTES)
+    shown = f"[{host}]" if ":" in host else host
+    banner = (f"cli-council: MCP on http://{shown}:{sock.getsockname()[1]}/mcp"
+              + (" (bearer token required)" if token else ""))
+    return http_transport.run(auth.protect(app, token), sock, header_timeout_s=header_timeout_s,
+                              body_timeout_s=body_timeout_s, banner=banner)

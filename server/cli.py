@@ -235,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "serve":
             from .app import serve
-            serve(args.transport, args.host, args.port)
-            return 0
+            return serve(args.transport, args.host, args.port)
         return anyio.run(amain, args)
     except (CouncilError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
