@@ -444,5 +444,6 @@ def serve(transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -
     shown = f"[{host}]" if ":" in host else host
     banner = (f"cli-council: MCP on http://{shown}:{sock.getsockname()[1]}/mcp"
               + (" (bearer token required)" if token else ""))
-    return http_transport.run(auth.protect(app, token), sock, header_timeout_s=header_timeout_s,
+    return http_transport.run(auth.protect(http_transport.VetMessages(app), token), sock,
+                              header_timeout_s=header_timeout_s,
                               body_timeout_s=body_timeout_s, banner=banner)

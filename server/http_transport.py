@@ -5,7 +5,8 @@ every few seconds holds its connection forever), starts the app before it knows 
 and when the app's lifespan dies (the Engine) it keeps answering 500 to every request. Here the
 port is bound first, each connection gets a deadline for its headers and one for its body, the
 "MCP on ..." line is printed once uvicorn listens, and a dead lifespan stops the process.
-The request body size is capped by the SDK (max_request_body_size, answered with 413).
+A POSTed message is read whole (at most MAX_BODY_BYTES, else 413) and vetted by jsonrpc.vet, so
+HTTP answers malformed messages exactly as stdio does.
 """
 
 from __future__ import annotations
@@ -17,18 +18,24 @@ import socket
 import sys
 from collections.abc import Callable, Mapping
 
+import anyio
 import h11
+import mcp_types as types
 import uvicorn
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.datastructures import Headers
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from engine.config import ConfigError
+
+from . import jsonrpc
 
 logger = logging.getLogger("cli_council.server")
 
 HEADER_TIMEOUT_S = 10.0  # from connect (or the previous response) to a request's last header line
 BODY_TIMEOUT_S = 30.0  # from the last header line to the last byte of the body
-MAX_BODY_BYTES = 4 * 1024 * 1024  # larger request bodies get 413
+MAX_BODY_BYTES = jsonrpc.MAX_MESSAGE_BYTES  # larger request bodies get 413
 HEADER_TIMEOUT_ENV = "CLI_COUNCIL_HTTP_HEADER_TIMEOUT_S"
 BODY_TIMEOUT_ENV = "CLI_COUNCIL_HTTP_BODY_TIMEOUT_S"
 REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
@@ -136,6 +143,60 @@ def timed_h11(header_timeout_s: float, body_timeout_s: float) -> type[TimedH11Pr
     """The protocol class to hand uvicorn (it builds one per connection from the class alone)."""
     return type("TimedH11Protocol", (TimedH11Protocol,), {"header_timeout_s": header_timeout_s,
                                                           "body_timeout_s": body_timeout_s})
+
+
+class VetMessages:
+    """ASGI middleware: a POSTed JSON body is read whole, at most `max_bytes` (413 beyond), and a malformed
+    message is answered 400 with its JSON-RPC error; a well-formed one is replayed to the app."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope) if scope["type"] == "http" else None
+        if headers is None or scope["method"] != "POST" or \
+                not headers.get("content-type", "").lower().startswith("application/json"):
+            return await self.app(scope, receive, send)
+        too_big = jsonrpc.error_reply(None, types.INVALID_REQUEST,
+                                      f"Invalid Request: a message is at most {self.max_bytes} bytes")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await _reply(too_big, 413, scope, receive, send)
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await _reply(too_big, 413, scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body = bytes(body)
+        # A big message takes a while to parse (0.4 s for 4 MB of numbers); not on the event loop.
+        vetted = jsonrpc.vet(body) if len(body) < 64 * 1024 else await anyio.to_thread.run_sync(jsonrpc.vet, body)
+        if vetted is None:
+            vetted = jsonrpc.error_reply(None, types.PARSE_ERROR, "Parse error: the request body is empty")
+        if not isinstance(vetted, str):
+            return await _reply(vetted, 400, scope, receive, send)
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _reply(error: types.JSONRPCError, status: int, scope: Scope, receive: Receive, send: Send) -> None:
+    response = Response(error.model_dump_json(by_alias=True, exclude_unset=True), status_code=status,
+                        media_type="application/json")
+    await response(scope, receive, send)
 
 
 class LifespanWatch:

@@ -18,9 +18,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from mcp import Client
+
+from server.jsonrpc import MAX_MESSAGE_BYTES
+from tests.test_transport_stdio import MALFORMED
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER_S, BODY_S = 1.5, 2.0
@@ -102,6 +106,23 @@ def read_all(sock: socket.socket) -> bytes:
     return out
 
 
+async def list_tasks(port: int) -> dict:
+    async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+        return (await client.call_tool("list_tasks", {})).structured_content
+
+
+def test_every_malformed_message_gets_a_json_rpc_error_and_the_server_keeps_serving(port):
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as http:
+        for body, code, request_id in [*MALFORMED, (b"", -32700, None), (b"  \n", -32700, None)]:
+            r = http.post("/mcp", content=body)
+            assert r.status_code == (413 if len(body) > MAX_MESSAGE_BYTES else 400), (body[:80], r.text)
+            reply = r.json()
+            assert reply["jsonrpc"] == "2.0" and reply["error"]["code"] == code, (body[:80], reply)
+            assert reply["id"] == request_id and reply["error"]["message"], (body[:80], reply)
+    assert anyio.run(list_tasks, port) == {"tasks": []}
+
+
 def test_connection_that_sends_nothing_is_closed(port):
     with connect(port) as s:
         t0 = time.monotonic()
@@ -116,11 +137,7 @@ def test_slowloris_headers_get_408_while_other_clients_are_served(port):
         slow = threading.Thread(target=lambda: cut.setdefault("after", drip(s, headers)))
         slow.start()
 
-        async def list_tasks() -> dict:
-            async with Client(f"http://127.0.0.1:{port}/mcp") as client:
-                return (await client.call_tool("list_tasks", {})).structured_content
-        import anyio
-        assert anyio.run(list_tasks) == {"tasks": []}  # served while the slow client holds its connection
+        assert anyio.run(list_tasks, port) == {"tasks": []}  # served while the slow client holds its connection
 
         slow.join(HEADER_S + SLACK_S)
         assert not slow.is_alive(), "the slow client was never cut off"
@@ -150,7 +167,8 @@ def test_slow_body_is_cut_off(port):
 def test_declared_huge_body_gets_413_without_being_read(port):
     with connect(port) as s:
         s.sendall(MCP_POST + b"Content-Length: %d\r\n\r\n" % (64 * 1024 * 1024))
-        assert read_all(s).startswith(b"HTTP/1.1 413 ")
+        response = read_all(s)
+        assert response.startswith(b"HTTP/1.1 413 ") and b'"code":-32600' in response
 
 
 def test_streamed_huge_body_gets_413(port):

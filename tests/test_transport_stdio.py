@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from server.stdio_transport import MAX_LINE_BYTES
+from server.jsonrpc import MAX_MESSAGE_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 PARSE_ERROR, INVALID_REQUEST = -32700, -32600
@@ -43,7 +43,7 @@ MALFORMED = [
     (b'{"jsonrpc": "2.0", "id": 12, "method": "ping", "params": {"x": NaN}}', PARSE_ERROR, 12),
     (b'{"jsonrpc": "2.0", "id": 13, "method": "ping", "params": {"x": -Infinity}}', PARSE_ERROR, 13),
     (b"[" * 100_000, PARSE_ERROR, None),
-    (b'{"jsonrpc": "2.0", "id": 14, "method": "ping", "params": {"x": "' + b"a" * MAX_LINE_BYTES + b'"}}',
+    (b'{"jsonrpc": "2.0", "id": 14, "method": "ping", "params": {"x": "' + b"a" * MAX_MESSAGE_BYTES + b'"}}',
      INVALID_REQUEST, None),
 ]
 
