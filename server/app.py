@@ -437,13 +437,13 @@ def serve(transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -
     token = os.environ.get("CLI_COUNCIL_TOKEN") or None
     auth.check_bind(host, token, config.server.allowed_roots)
     header_timeout_s, body_timeout_s = http_transport.timeouts(os.environ)
-    sock = http_transport.bind(host, port)
+    sockets = http_transport.bind(host, port)
     server = build_server(config)
     app = server.streamable_http_app(host=host, transport_security=auth.security_settings(host),
                                      max_request_body_size=http_transport.MAX_BODY_BYTES)
     shown = f"[{host}]" if ":" in host else host
-    banner = (f"cli-council: MCP on http://{shown}:{sock.getsockname()[1]}/mcp"
+    banner = (f"cli-council: MCP on http://{shown}:{sockets[0].getsockname()[1]}/mcp"
               + (" (bearer token required)" if token else ""))
-    return http_transport.run(auth.protect(http_transport.VetMessages(app), token), sock,
+    return http_transport.run(auth.protect(http_transport.VetMessages(app), token), sockets,
                               header_timeout_s=header_timeout_s,
                               body_timeout_s=body_timeout_s, banner=banner)

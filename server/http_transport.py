@@ -58,25 +58,31 @@ def timeouts(environ: Mapping[str, str]) -> tuple[float, float]:
     return seconds(HEADER_TIMEOUT_ENV, HEADER_TIMEOUT_S), seconds(BODY_TIMEOUT_ENV, BODY_TIMEOUT_S)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before anything starts, so a busy port is an error and not a half-started
-    server (uvicorn would start the Engine first, then fail)."""
+def bind(host: str, port: int) -> list[socket.socket]:
+    """The listening sockets (one per address the host has, as asyncio would make), bound before anything starts,
+    so that a busy port is an error and not a half-started server (uvicorn starts the Engine first)."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
         raise ConfigError(f"cannot listen on {host!r}: {e}") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sockets: list[socket.socket] = []
     try:
-        sock.bind(address)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio does, so that "" can take :: beside 0.0.0.0
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address[0], port, *address[2:]))
+            port = sock.getsockname()[1]  # --port 0: the rest on the port the first one got
     except OSError as e:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         if e.errno == errno.EADDRINUSE:
             raise ConfigError(f"port {port} is in use on {host}: stop what holds it (another cli-council serve?) "
                               "or pick another with --port") from None
         raise ConfigError(f"cannot listen on {host} port {port}: {e.strerror or e}") from None
-    return sock
+    return sockets
 
 
 class TimedH11Protocol(H11Protocol):
@@ -239,9 +245,9 @@ class _Server(uvicorn.Server):
             self.listening()
 
 
-def run(app: ASGIApp, sock: socket.socket, *, header_timeout_s: float = HEADER_TIMEOUT_S,
+def run(app: ASGIApp, sockets: list[socket.socket], *, header_timeout_s: float = HEADER_TIMEOUT_S,
         body_timeout_s: float = BODY_TIMEOUT_S, banner: str = "") -> int:
-    """Serve `app` on the bound `sock` until SIGINT/SIGTERM (0) or until its lifespan dies (1).
+    """Serve `app` on the bound `sockets` until SIGINT/SIGTERM (0) or until its lifespan dies (1).
     `banner` goes to stderr once the socket accepts connections."""
     died = False
 
@@ -260,5 +266,5 @@ def run(app: ASGIApp, sock: socket.socket, *, header_timeout_s: float = HEADER_T
     config = uvicorn.Config(LifespanWatch(app, on_end), http=timed_h11(header_timeout_s, body_timeout_s), ws="none",
                             lifespan="on", log_level="warning", timeout_graceful_shutdown=5)
     server = _Server(config, listening)
-    server.run(sockets=[sock])
+    server.run(sockets=sockets)
     return 1 if died else 0

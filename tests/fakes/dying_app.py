@@ -42,6 +42,6 @@ async def die(request: Request) -> PlainTextResponse:
 
 
 if __name__ == "__main__":
-    sock = http_transport.bind("127.0.0.1", 0)
+    sockets = http_transport.bind("127.0.0.1", 0)
     app = Starlette(routes=[Route("/ok", ok), Route("/die", die)], lifespan=lifespan)
-    sys.exit(http_transport.run(app, sock, banner=f"listening on {sock.getsockname()[1]}"))
+    sys.exit(http_transport.run(app, sockets, banner=f"listening on {sockets[0].getsockname()[1]}"))
