@@ -126,3 +126,9 @@ def test_a_reply_to_the_last_line_is_written_before_the_server_stops(server):
     server.proc.stdin.close()
     assert server.reply()["error"]["code"] == PARSE_ERROR
     assert server.proc.wait(15) == 0
+
+
+def test_stdin_is_diverted_while_serving_so_children_cannot_steal_messages(server):
+    server.request({"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert server.reply()["id"] == 1
+    assert Path(f"/proc/{server.proc.pid}/fd/0").resolve() == Path("/dev/null")
