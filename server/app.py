@@ -430,7 +430,11 @@ def serve(transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -
     bind or a busy port raise ConfigError before anything starts."""
     config = load_config()
     if transport == "stdio":
-        anyio.run(_serve_stdio, build_server(config))
+        try:
+            anyio.run(_serve_stdio, build_server(config))
+        except Exception:  # the lifespan (the Engine) died: exit, so the client sees it rather than silence
+            logger.exception("the server's engine stopped unexpectedly; exiting (start it again)")
+            return 1
         return 0
     if transport != "http":
         raise ValueError(f"unknown transport {transport!r}; use stdio or http")

@@ -11,11 +11,14 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import mcp_types as types
 from mcp.shared.message import SessionMessage
 
@@ -49,7 +52,7 @@ class VettedStdin:
 
     Replies go out through the SDK's write stream, handed over with `reply_through` once stdio_server
     has made it; a malformed line read before then waits for it. Sending a reply completes before
-    the next line is read, so a reply is never lost to the end of input that follows it.
+    the next line is taken, so a reply is never lost to the end of input that follows it.
     """
 
     def __init__(self, wire: BinaryIO):
@@ -62,20 +65,34 @@ class VettedStdin:
         self._ready.set()
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        while True:
-            # Reading and vetting both happen in a worker thread: parsing 4 MB of JSON takes a while.
-            vetted = await anyio.to_thread.run_sync(self._next, abandon_on_cancel=True)
-            if vetted is _END:
-                return
-            if isinstance(vetted, str):
-                yield vetted
-            elif vetted is not None:
-                logger.warning("stdin: answered a malformed message with %s", vetted.error.message)
-                await self._ready.wait()
-                try:
-                    await self._write.send(SessionMessage(vetted))
-                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                    return  # the server is stopping; nobody is left to answer
+        # A daemon thread reads and vets (parsing 4 MB of JSON takes a while). Unlike a worker thread it
+        # cannot keep the process alive after the server stopped with the client's stdin still open.
+        send, receive = anyio.create_memory_object_stream[Vetted | object](0)
+        threading.Thread(target=self._pump, args=(send, anyio.lowlevel.current_token()), daemon=True,
+                         name="cli-council stdin").start()
+        async with receive:
+            async for vetted in receive:
+                if vetted is _END:
+                    return
+                if isinstance(vetted, str):
+                    yield vetted
+                elif vetted is not None:
+                    logger.warning("stdin: answered a malformed message with %s", vetted.error.message)
+                    await self._ready.wait()
+                    try:
+                        await self._write.send(SessionMessage(vetted))
+                    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                        return  # the server is stopping; nobody is left to answer
+
+    def _pump(self, send: Any, token: Any) -> None:
+        try:
+            while True:
+                vetted = self._next()
+                anyio.from_thread.run(send.send, vetted, token=token)
+                if vetted is _END:
+                    return
+        except (OSError, ValueError, anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError):
+            return  # stdin broke, or the server stopped reading (its event loop may be gone)
 
     def _next(self) -> Vetted | object:
         """The next line, vetted; _END when input ends. An oversized line is read to its end and dropped."""

@@ -132,3 +132,19 @@ def test_stdin_is_diverted_while_serving_so_children_cannot_steal_messages(serve
     server.request({"jsonrpc": "2.0", "id": 1, "method": "ping"})
     assert server.reply()["id"] == 1
     assert Path(f"/proc/{server.proc.pid}/fd/0").resolve() == Path("/dev/null")
+
+
+def test_a_dead_lifespan_ends_the_process_even_with_stdin_open():
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fakes" / "dying_stdio.py")], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        for message in [INITIALIZE, {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "die", "arguments": {}}}]:
+            proc.stdin.write(json.dumps(message).encode() + b"\n")
+        proc.stdin.flush()
+        assert proc.wait(20) != 0  # stdin is still open: a reader thread must not keep the process waiting
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
