@@ -91,22 +91,30 @@ class VettedStdin:
                 anyio.from_thread.run(send.send, vetted, token=token)
                 if vetted is _END:
                     return
-        except (OSError, ValueError, anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError):
-            return  # stdin broke, or the server stopped reading (its event loop may be gone)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError):
+            return  # the server stopped reading (its event loop may be gone too)
 
     def _next(self) -> Vetted | object:
-        """The next line, vetted; _END when input ends. An oversized line is read to its end and dropped."""
-        raw = self.wire.readline(MAX_MESSAGE_BYTES + 1)
+        """The next line, vetted; _END when input ends (or breaks). An oversized line is read to its end and
+        dropped."""
+        try:
+            raw = self.wire.readline(MAX_MESSAGE_BYTES + 1)
+            oversized = len(raw) > MAX_MESSAGE_BYTES and not raw.endswith(b"\n")
+            while oversized and raw and not raw.endswith(b"\n"):
+                raw = self.wire.readline(DISCARD_CHUNK)
+        except (OSError, ValueError):
+            logger.exception("stdin: reading failed; taking it as the end of input")
+            return _END
         if not raw:
             return _END
-        if len(raw) <= MAX_MESSAGE_BYTES or raw.endswith(b"\n"):
+        if oversized:
+            return error_reply(None, types.INVALID_REQUEST,
+                               f"Invalid Request: a message is at most {MAX_MESSAGE_BYTES} bytes; this line was not read")
+        try:
             return vet(raw)
-        while not raw.endswith(b"\n"):
-            raw = self.wire.readline(DISCARD_CHUNK)
-            if not raw:
-                return _END
-        return error_reply(None, types.INVALID_REQUEST, f"Invalid Request: a message is at most {MAX_MESSAGE_BYTES} "
-                                                        "bytes; this line was not read")
+        except Exception:  # a bug in vetting must cost this message, not the connection
+            logger.exception("stdin: vetting a message failed")
+            return error_reply(None, types.INTERNAL_ERROR, "Internal error: the message could not be checked")
 
 
 _END = object()  # what _next returns at the end of input
