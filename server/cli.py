@@ -21,6 +21,12 @@ from engine.engine import CouncilError, Engine
 from engine.models import ACTIVE_TASK, Task, TaskState
 
 
+def port_number(value: str) -> int:
+    if not (value.isdigit() and int(value) <= 65535):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0-65535)")
+    return int(value)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cli-council", description="Run a council of AI coding CLIs on a repo.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -28,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the MCP tools (stdio for Claude Desktop/Code, or streamable HTTP)")
     s.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--port", type=port_number, default=8765, help="TCP port for http (0: any free port)")
 
     d = sub.add_parser("doctor", help="which agents are usable here, and what to do about the rest")
     d.add_argument("--json", action="store_true")

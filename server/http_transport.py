@@ -61,9 +61,11 @@ def timeouts(environ: Mapping[str, str]) -> tuple[float, float]:
 def bind(host: str, port: int) -> list[socket.socket]:
     """The listening sockets (one per address the host has, as asyncio would make), bound before anything starts,
     so that a busy port is an error and not a half-started server (uvicorn starts the Engine first)."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{port} is not a port number (0-65535)")
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as e:
+    except (socket.gaierror, UnicodeError, ValueError) as e:
         raise ConfigError(f"cannot listen on {host!r}: {e}") from None
     sockets: list[socket.socket] = []
     try:

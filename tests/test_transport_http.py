@@ -253,3 +253,19 @@ def test_a_dead_lifespan_stops_the_server_instead_of_answering_500():
         assert proc.wait(20) == 1
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/ok", timeout=10)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--port", "70000"], "not a port number"),
+    (["--port", "-1"], "not a port number"),
+    (["--port", "http"], "not a port number"),
+    (["--host", "no-such-host.invalid"], "cannot listen on 'no-such-host.invalid'"),
+    (["--host", "a\x01b"], "cannot listen on"),
+])
+def test_bad_host_or_port_is_refused_before_anything_starts(args, says):
+    write_config('[server]\nallowed_roots = ["~/code"]\n')  # so that a non-loopback host reaches the bind
+    out = subprocess.run([*serve_cmd(), *args], cwd=ROOT, env=base_env(CLI_COUNCIL_TOKEN="s3cret"),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "error:" in out.stderr and says in out.stderr, out.stderr
+    assert "MCP on" not in out.stderr and "Traceback" not in out.stderr
+    assert not Path(os.environ["CLI_COUNCIL_HOME"]).exists()
