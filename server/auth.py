@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from collections.abc import Sequence
+from pathlib import Path
 
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.responses import JSONResponse
@@ -45,6 +46,10 @@ def check_bind(host: str, token: str | None, allowed_roots: Sequence[str] = ()) 
     if missing:
         raise ConfigError(f"refusing to serve on {host!r}: anyone who reaches the port could run agents on your "
                           f"repositories. Set {' and '.join(missing)}, or serve on --host 127.0.0.1")
+    for root in allowed_roots:
+        if not Path(root).expanduser().is_absolute():  # "" or "code" would mean the server's working directory
+            raise ConfigError(f"refusing to serve on {host!r}: [server] allowed_roots entry {root!r} in "
+                              f"{config_path()} is not an absolute directory; write it like \"~/code\" or \"/srv/repos\"")
 
 
 def security_settings(host: str) -> TransportSecuritySettings:

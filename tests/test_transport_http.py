@@ -242,6 +242,14 @@ def test_non_loopback_bind_needs_a_token_and_allowed_roots(token, roots, missing
     assert "MCP on" not in out.stderr
 
 
+@pytest.mark.parametrize("root", ["", "code", "./repos"])
+def test_non_loopback_bind_refuses_a_relative_allowed_root(root):
+    write_config(f'[server]\nallowed_roots = ["/srv/repos", "{root}"]\n')
+    out = subprocess.run(serve_cmd("0.0.0.0"), cwd=ROOT, env=base_env(CLI_COUNCIL_TOKEN="s3cret"),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and f"allowed_roots entry {root!r}" in out.stderr, out.stderr
+
+
 def test_non_loopback_bind_with_a_token_and_allowed_roots_serves():
     write_config('[server]\nallowed_roots = ["~/code"]\n')
     with started(serve_cmd("0.0.0.0"), base_env(CLI_COUNCIL_TOKEN="s3cret"),
