@@ -38,8 +38,13 @@ BODY_TIMEOUT_S = 30.0  # from the last header line to the last byte of the body
 MAX_BODY_BYTES = jsonrpc.MAX_MESSAGE_BYTES  # larger request bodies get 413
 HEADER_TIMEOUT_ENV = "CLI_COUNCIL_HTTP_HEADER_TIMEOUT_S"
 BODY_TIMEOUT_ENV = "CLI_COUNCIL_HTTP_BODY_TIMEOUT_S"
-REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
-                   b"content-length: 46\r\n\r\nthe request's headers took too long to arrive\n")
+LINGER_S = 2.0  # after refusing a request, how long its unread bytes are still read (and dropped)
+
+
+def _plain_response(status: int, reason: str, text: str) -> bytes:
+    body = text.encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
 
 
 def timeouts(environ: Mapping[str, str]) -> tuple[float, float]:
@@ -94,8 +99,12 @@ class TimedH11Protocol(H11Protocol):
     headers" (the deadline is not reset by each byte, which is the point), SEND_BODY is "reading the
     body", anything else (the app is working or answering) has no deadline. Headers that run out of
     time get a 408; a body that does closes the connection (the app already has the request).
-    On uvicorn upgrades, check that H11Protocol still keeps its h11.Connection in `self.conn` and
-    calls `on_response_complete` when a response ends.
+    A refused request (408, or uvicorn's 400 for bad or oversized headers) is answered, then the
+    connection lingers, dropping what the client still sends: closing at once would make the kernel
+    answer those unread bytes with a reset, which can destroy the answer before the client reads it.
+    On uvicorn upgrades, check that H11Protocol still keeps its h11.Connection in `self.conn`, its
+    FlowControl in `self.flow`, calls `on_response_complete` when a response ends and
+    `send_400_response` (then expects the connection closed) for a request h11 cannot parse.
     """
 
     header_timeout_s = HEADER_TIMEOUT_S
@@ -104,12 +113,18 @@ class TimedH11Protocol(H11Protocol):
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self._phase: str | None = None
         self._deadline = None
+        self._lingering = False
         super().connection_made(transport)
         self._watch()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         super().data_received(data)
         self._watch()
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(_plain_response(400, "Bad Request", msg))
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -121,6 +136,8 @@ class TimedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def _watch(self) -> None:
+        if self._lingering:
+            return
         state = self.conn.their_state
         phase = "headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
         if self.transport.is_closing():
@@ -143,8 +160,20 @@ class TimedH11Protocol(H11Protocol):
             logger.warning("HTTP: closed a connection from %s whose request %s took too long", self.client,
                            self._phase)
         if self._phase == "headers" and started:
-            self.transport.write(REQUEST_TIMEOUT)
-        self.transport.close()
+            self._refuse(_plain_response(408, "Request Timeout", "the request's headers took too long to arrive\n"))
+        else:
+            self.transport.close()
+
+    def _refuse(self, response: bytes) -> None:
+        """Answer, stop sending, drop whatever still comes, and close after LINGER_S (or the client's EOF)."""
+        self.transport.write(response)
+        self._lingering = True
+        self._phase = None
+        self._rearm(None)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.flow.resume_reading()
+        self._deadline = self.loop.call_later(LINGER_S, self.transport.close)
 
 
 def timed_h11(header_timeout_s: float, body_timeout_s: float) -> type[TimedH11Protocol]:

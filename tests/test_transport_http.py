@@ -188,12 +188,10 @@ def test_server_still_answers_after_hostile_connections(port):
         with connect(port) as s:
             s.sendall(b"GARBAGE \x00\xff\r\n\r\n")
             read_all(s)
-    with connect(port) as s:  # headers are capped by h11 (16 KiB), not only timed
-        try:
-            s.sendall(MCP_POST + b"X-Big: " + b"a" * 200_000 + b"\r\n\r\n")
-        except OSError:
-            pass
-        assert s.recv(100).startswith(b"HTTP/1.1 400 ")
+    for _ in range(5):  # headers are capped by h11 (16 KiB); the 400 must reach a client still sending them
+        r = httpx.post(f"http://127.0.0.1:{port}/mcp", content=PING, timeout=30,
+                       headers={"Content-Type": "application/json", "X-Big": "a" * 1_000_000})
+        assert r.status_code == 400
     r = httpx.post(f"http://127.0.0.1:{port}/mcp", content=b"{not json", timeout=10,
                    headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream"})
     assert r.status_code == 400 and r.json()["error"]["code"] == -32700
