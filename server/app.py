@@ -14,7 +14,6 @@ import inspect
 import logging
 import os
 import signal
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -26,7 +25,6 @@ from typing import Annotated, Any, Literal, TypeVar
 import anyio
 import anyio.abc
 import mcp_types as types
-import uvicorn
 from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
@@ -41,7 +39,7 @@ from engine.config import Config, load_config
 from engine.engine import CouncilError, Engine, NotFound
 from engine.models import ACTIVE_TASK, LogChunk, MergeResult, Task, TaskList
 
-from . import auth
+from . import auth, http_transport, stdio_transport
 
 logger = logging.getLogger("cli_council.server")
 
@@ -427,14 +425,17 @@ def build_server(config: Config | None = None, home: Path | None = None) -> MCPS
 
 async def _serve_stdio(server: MCPServer) -> None:
     """Serve until stdin closes. SIGINT/SIGTERM stop the server the same way (leaving the lifespan stops the
-    running attempts), then end the process by that signal: stdin may stay open, and the SDK's stdin reader
-    thread would keep the process waiting for it."""
+    running attempts), then end the process by that signal: stdin may stay open, and the stdin reader
+    thread would keep the process waiting for it. Malformed lines are answered by VettedStdin."""
     lowlevel = server._lowlevel_server  # run_stdio_async, with room to act before its stdin reader is joined
-    async with stdio_server() as (read, write):
-        signum = await _until_signal(lowlevel.run, read, write, lowlevel.create_initialization_options())
-        if signum is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+    with stdio_transport.claimed_stdin() as wire:
+        stdin = stdio_transport.VettedStdin(wire)
+        async with stdio_server(stdin=stdin) as (read, write):
+            stdin.reply_through(write)
+            signum = await _until_signal(lowlevel.run, read, write, lowlevel.create_initialization_options())
+            if signum is not None:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
 
 
 async def _until_signal(fn: Callable[..., Awaitable[Any]], *args: Any) -> int | None:
@@ -455,21 +456,29 @@ async def _until_signal(fn: Callable[..., Awaitable[Any]], *args: Any) -> int | 
     return received
 
 
-def serve(transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -> None:
-    """Run the server in the foreground until it is stopped. Bad config or an unsafe bind raise ConfigError
-    before anything starts."""
-    config = load_config()
+def serve(transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -> int:
+    """Run the server in the foreground until it is stopped; returns the exit status. Bad config, an unsafe
+    bind or a busy port raise ConfigError before anything starts."""
+    config = load_config()  # fail now on a broken file; the engine then follows later edits itself
     if transport == "stdio":
-        anyio.run(_serve_stdio, build_server(config))
-    elif transport == "http":
-        token = os.environ.get("CLI_COUNCIL_TOKEN") or None
-        auth.check_bind(host, token)
-        server = build_server(config)
-        app = server.streamable_http_app(host=host, transport_security=auth.security_settings(host))
-        shown = f"[{host}]" if ":" in host else host
-        print(f"cli-council: MCP on http://{shown}:{port}/mcp" + (" (bearer token required)" if token else ""),
-              file=sys.stderr, flush=True)
-        uvicorn.Server(uvicorn.Config(auth.protect(app, token), host=host, port=port, log_level="warning",
-                                      timeout_graceful_shutdown=5)).run()
-    else:
+        try:
+            anyio.run(_serve_stdio, build_server())
+        except Exception:  # the lifespan (the Engine) died: exit, so the client sees it rather than silence
+            logger.exception("the server's engine stopped unexpectedly; exiting (start it again)")
+            return 1
+        return 0
+    if transport != "http":
         raise ValueError(f"unknown transport {transport!r}; use stdio or http")
+    token = os.environ.get("CLI_COUNCIL_TOKEN") or None
+    auth.check_bind(host, token, config.server.allowed_roots)
+    header_timeout_s, body_timeout_s = http_transport.timeouts(os.environ)
+    sockets = http_transport.bind(host, port)
+    server = build_server()
+    app = server.streamable_http_app(host=host, transport_security=auth.security_settings(host),
+                                     max_request_body_size=http_transport.MAX_BODY_BYTES)
+    shown = f"[{host}]" if ":" in host else host
+    banner = (f"cli-council: MCP on http://{shown}:{sockets[0].getsockname()[1]}/mcp"
+              + (" (bearer token required)" if token else ""))
+    return http_transport.run(auth.protect(http_transport.VetMessages(app), token), sockets,
+                              header_timeout_s=header_timeout_s,
+                              body_timeout_s=body_timeout_s, banner=banner)

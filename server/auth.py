@@ -1,20 +1,23 @@
 """Who may talk to `serve --transport http`: the bind rule, the Host/Origin allow-list, the bearer token.
 
 On loopback the SDK's DNS-rebinding check is enough on its own: only local processes reach the port,
-and a web page cannot pose as 127.0.0.1. Anywhere else a token from CLI_COUNCIL_TOKEN is required,
-because whoever reaches the port can make agents edit the user's repositories.
+and a web page cannot pose as 127.0.0.1. Anywhere else a token from CLI_COUNCIL_TOKEN and a non-empty
+`[server] allowed_roots` are required, because whoever reaches the port can make agents edit
+repositories (the engine refuses repos outside the roots).
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+from collections.abc import Sequence
+from pathlib import Path
 
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from engine.config import ConfigError
+from engine.config import ConfigError, config_path
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 WILDCARDS = ("0.0.0.0", "::", "")
@@ -29,13 +32,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_bind(host: str, token: str | None) -> None:
-    """Refuse to serve beyond this machine without a token."""
-    if not is_loopback(host) and not token:
-        raise ConfigError(
-            f"refusing to serve on {host!r} without a token: anyone who reaches the port could run agents "
-            "on your repositories. Set CLI_COUNCIL_TOKEN to a long random secret (clients then send "
-            "`Authorization: Bearer <token>`), or serve on --host 127.0.0.1")
+def check_bind(host: str, token: str | None, allowed_roots: Sequence[str] = ()) -> None:
+    """Refuse to serve beyond this machine without both a token (who may call) and `[server] allowed_roots`
+    (which repositories those callers may point agents at)."""
+    if is_loopback(host):
+        return
+    missing = []
+    if not token:
+        missing.append("CLI_COUNCIL_TOKEN to a long random secret (clients then send `Authorization: Bearer <token>`)")
+    if not allowed_roots:
+        missing.append(f'`allowed_roots = ["~/code"]` under [server] in {config_path()} (the directories whose '
+                       "repositories clients may use)")
+    if missing:
+        raise ConfigError(f"refusing to serve on {host!r}: anyone who reaches the port could run agents on your "
+                          f"repositories. Set {' and '.join(missing)}, or serve on --host 127.0.0.1")
+    for root in allowed_roots:
+        if not Path(root).expanduser().is_absolute():  # "" or "code" would mean the server's working directory
+            raise ConfigError(f"refusing to serve on {host!r}: [server] allowed_roots entry {root!r} in "
+                              f"{config_path()} is not an absolute directory; write it like \"~/code\" or \"/srv/repos\"")
 
 
 def security_settings(host: str) -> TransportSecuritySettings:

@@ -29,6 +29,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+def port_number(value: str) -> int:
+    if not (value.isdigit() and int(value) <= 65535):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0-65535)")
+    return int(value)
+
+
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="cli-council", description="Run a council of AI coding CLIs on a repo.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -36,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the MCP tools (stdio for Claude Desktop/Code, or streamable HTTP)")
     s.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--port", type=port_number, default=8765, help="TCP port for http (0: any free port)")
 
     d = sub.add_parser("doctor", help="which agents are usable here, and what to do about the rest")
     d.add_argument("--json", action="store_true")
@@ -247,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "serve":
             from .app import serve
-            serve(args.transport, args.host, args.port)
-            return 0
+            return serve(args.transport, args.host, args.port)
         return anyio.run(amain, args)
     except (CouncilError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
