@@ -160,7 +160,9 @@ class StdioProcess:
         self.proc.stdin.flush()
 
     def reply(self, msg_id, within: float = 20) -> dict:
-        """The next reply with this id (None: an error reply to a message that had no usable id)."""
+        """The next reply with this id, or with any of these ids when given a tuple (None: an error
+        reply to a message that had no usable id). Other replies are dropped."""
+        ids = msg_id if isinstance(msg_id, tuple) else (msg_id,)
         deadline = time.monotonic() + within
         while True:
             left = deadline - time.monotonic()
@@ -170,7 +172,7 @@ class StdioProcess:
                 msg = self.replies.get(timeout=left)
             except queue.Empty:
                 continue
-            if "method" not in msg and msg.get("id") == msg_id:
+            if "method" not in msg and msg.get("id") in ids:
                 return msg
 
     def request(self, method: str, params: dict | None = None, within: float = 30) -> dict:
