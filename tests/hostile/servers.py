@@ -129,7 +129,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class StdioProcess:
+class ServerProcess:
+    """A `cli-council serve` subprocess whose stderr goes to the file `self.err`."""
+
+    def ensure_alive(self) -> None:
+        if not self.alive():
+            self.stop()
+            self.start()
+
+    def stderr(self) -> str:
+        self.err.seek(0)
+        return self.err.read().decode(errors="replace")
+
+
+class StdioProcess(ServerProcess):
     """A stdio server fed raw bytes. Replies (one JSON document a line) arrive on a queue."""
 
     def __init__(self, env: dict[str, str]):
@@ -194,15 +207,6 @@ class StdioProcess:
         except (TimeoutError, OSError):
             return False
 
-    def ensure_alive(self) -> None:
-        if not self.alive():
-            self.stop()
-            self.start()
-
-    def stderr(self) -> str:
-        self.err.seek(0)
-        return self.err.read().decode(errors="replace")
-
     def stop(self) -> None:
         if self.proc.poll() is None:
             try:
@@ -217,7 +221,7 @@ class StdioProcess:
         self.err.close()
 
 
-class HttpProcess:
+class HttpProcess(ServerProcess):
     """`serve --transport http` on a free loopback port, with a bearer token."""
 
     def __init__(self, env: dict[str, str], token: str):
@@ -275,15 +279,6 @@ class HttpProcess:
             return self.call("list_tasks", {})["result"]["isError"] is False
         except Exception:
             return False
-
-    def ensure_alive(self) -> None:
-        if not self.alive():
-            self.stop()
-            self.start()
-
-    def stderr(self) -> str:
-        self.err.seek(0)
-        return self.err.read().decode(errors="replace")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
