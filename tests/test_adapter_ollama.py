@@ -241,8 +241,7 @@ def test_claude_mode_reuses_the_claude_adapter(tmp_path: Path, worktree: Path) -
     assert inv.argv[1:3] == ["-p", "do it"] and inv.argv[inv.argv.index("--model") + 1] == "qwen3-coder"
     assert "ollama" not in inv.secrets
     outcome, _, done = drive(adapter, job)
-    if (Path(__file__).resolve().parents[2] / "shared" / "fixtures").is_dir():
-        assert outcome.ok and outcome.cost_usd == 0.0 and outcome.tokens_in == 2400, outcome
+    assert outcome.ok and outcome.cost_usd == 0.0 and outcome.tokens_in == 2400, outcome
     env = json.loads(record.read_text())["env"]
     assert env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:11434" and env["ANTHROPIC_AUTH_TOKEN"] == "ollama"
     assert "ANTHROPIC_API_KEY" not in env and "FOO_SECRET_TOKEN" not in env  # no real key goes to the local server

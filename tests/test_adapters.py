@@ -1,6 +1,6 @@
 """The claude and gemini adapters against recorded runs of the real CLIs.
 
-Every recorded fixture in the shared fixtures directory (and every synthetic one in
+Every recorded fixture (tests/fakes/recorded) (and every synthetic one in
 tests/fakes/data) is replayed through the parser; the same runs are also replayed as real
 processes by tests/fakes/replay, spawned with the adapter's own invocation.
 """
@@ -20,7 +20,7 @@ from adapters import KINDS, make_adapter
 from adapters.base import COUNCIL_CONTEXT, AgentSpec, ErrorKind, Job, Outcome
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+RECORDED = REPO / "tests" / "fakes" / "recorded"
 SYNTHETIC = REPO / "tests" / "fakes" / "data"
 REPLAY = REPO / "tests" / "fakes" / "replay"
 ENVIRON = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent-home", "LANG": "C.UTF-8",
@@ -97,13 +97,12 @@ def adapter_for(name: str, **kw):
     return make_adapter(spec(kind, **kw), ENVIRON)
 
 
-@pytest.mark.parametrize("name", fixture_names(SHARED) or [pytest.param("-", marks=pytest.mark.skip(
-    reason=f"recorded fixtures not found at {SHARED}"))])
+@pytest.mark.parametrize("name", fixture_names(RECORDED))
 def test_recorded_fixture(name: str) -> None:
     assert name in EXPECTED, f"new recorded fixture {name!r}: add its expected outcome to EXPECTED"
     adapter = adapter_for(name)
     parser = adapter.parser(job_for(Path("/home/dev/project")))
-    check_expected(name, parser.finish(replay_lines(parser, SHARED, name)))
+    check_expected(name, parser.finish(replay_lines(parser, RECORDED, name)))
 
 
 @pytest.mark.parametrize("name", fixture_names(SYNTHETIC))
@@ -210,10 +209,8 @@ def test_env_allow_list_secrets_and_spec_env() -> None:
 ])
 def test_claude_cost_is_zero_on_a_local_model(env: dict, extra: dict, cost: float) -> None:
     adapter = make_adapter(spec("claude", env=env, **extra), ENVIRON)
-    if not SHARED.is_dir():
-        pytest.skip(f"recorded fixtures not found at {SHARED}")
     parser = adapter.parser(job_for(Path("/home/dev/project")))
-    outcome = parser.finish(replay_lines(parser, SHARED, "claude-success"))
+    outcome = parser.finish(replay_lines(parser, RECORDED, "claude-success"))
     assert outcome.ok and outcome.cost_usd == pytest.approx(cost)
     assert "ollama" not in adapter.invocation(job_for(Path("/w"))).secrets
 
