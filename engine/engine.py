@@ -387,6 +387,10 @@ class Engine:
             raise CouncilError(f"base {ref!r} does not resolve to a commit in {top}" if base else
                                f"{top} has no commits yet; commit something first")
         into = await git(top, "symbolic-ref", "--quiet", "--short", "HEAD", check=False) or None
+        warnings = []
+        if base is None and await git(top, "status", "--porcelain", "--untracked-files=no", check=False):
+            warnings.append(f"the checkout has uncommitted changes; the agents start from the last commit "
+                            f"({commit[:12]}) and do not see them: commit them first if they matter")
         why = "explicit agents" if agents else "given"
         if tier is None and not agents:
             tier, why = routing.classify(prompt)
@@ -400,7 +404,7 @@ class Engine:
             self._check_command_line(agent, prompt, check, timeout_s, budget_usd, tier)
         return Task(task_id=uuid.uuid4().hex[:12], repo=top, base=commit, into=into, prompt=prompt, tier=tier, tier_reason=why,
                     agents=[a for stage in plan for a in stage], check=check,
-                    timeout_s=timeout_s, budget_usd=budget_usd,
+                    timeout_s=timeout_s, budget_usd=budget_usd, warnings=warnings,
                     attempts=[Attempt(agent=a, stage=0) for a in plan[0]])
 
     def _check_command_line(self, agent: str, prompt: str, check, timeout_s: float, budget_usd, tier) -> None:
@@ -456,7 +460,8 @@ class Engine:
             await self._confirm_tier(task)
         plan = routing.stages(self.config, task.tier, explicit_agents)
         await self._save(task)
-        await self._note(task, f"task started: tier {task.tier} ({task.tier_reason}), stages {plan}")
+        shown = " -> then, if that fails: ".join(", ".join(stage) for stage in plan)
+        await self._note(task, f"task started: tier {task.tier or '-'} ({task.tier_reason}); agents: {shown}")
         if self.config_problem:
             await self._note(task, f"the config file has a broken edit, so the last good config is used: "
                                    f"{self.config_problem}")
@@ -526,7 +531,7 @@ class Engine:
             ok = best is not None and task.attempt(best).state == AttemptState.succeeded
             if all(a.state == AttemptState.skipped for a in task.attempts):
                 reason = "no agent could run here: " + "; ".join(
-                    f"{a.agent}: {a.error.message}" for a in task.attempts if a.error)
+                    f"{a.agent}: {a.error.message}" for a in task.attempts if a.error) + self._other_agents(task)
             state = TaskState.succeeded if ok and task.error is None else TaskState.failed
         return {"state": state, "best": best, "best_reason": reason, "finished_at": now()}
 
@@ -543,6 +548,16 @@ class Engine:
         if avail.ok:
             self._avail[agent] = (time.monotonic(), avail)
         return avail
+
+    def _other_agents(self, task: Task) -> str:
+        """When none of the task's agents could run: which configured ones could, and how to ask for them."""
+        tried = {a.agent for a in task.attempts}
+        others = [name for name, spec in self.config.agents.items() if spec.enabled and name not in tried]
+        if not others:
+            return ""
+        where = f"list them under [routing] {task.tier} in the config" if task.tier else "name them"
+        return (f". The {'tier ' + task.tier if task.tier else 'task'} named {', '.join(sorted(tried))}; other "
+                f"configured agents: {', '.join(others)}: pass agents=[...] (`--agents {others[0]}`) or {where}")
 
     def _limiter(self, agent: str) -> anyio.CapacityLimiter:
         """The agent's cap; both caps follow config edits (a lowered cap lets running attempts finish)."""

@@ -99,6 +99,7 @@ class Task(BaseModel):
     total_cost_usd: float = 0.0
     merge_commit: str | None = None
     error: ErrorInfo | None = Field(None, description="what broke the task itself (its attempts record their own)")
+    warnings: list[str] = Field(default_factory=list, description="what the caller should know, e.g. a dirty checkout")
     attempts: list[Attempt] = Field(default_factory=list)
 
     def attempt(self, agent: str) -> Attempt:

@@ -89,5 +89,15 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
+def leaf(error: BaseException) -> BaseException:
+    """The first real error inside the task groups' ExceptionGroups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 if __name__ == "__main__":
-    sys.exit(anyio.run(main, parse()))
+    try:
+        sys.exit(anyio.run(main, parse()))
+    except Exception as e:  # a wrong token, a server that is not there: one line, not a traceback
+        sys.exit(f"error: {leaf(e)}")

@@ -81,8 +81,11 @@ class BearerToken:
         if scope["type"] == "http":
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
+                # A JSON-RPC error body: MCP clients show its message instead of a bare "error response".
                 response = JSONResponse(
-                    {"error": "unauthorized", "error_description": "send Authorization: Bearer <CLI_COUNCIL_TOKEN>"},
+                    {"jsonrpc": "2.0", "id": None, "error": {
+                        "code": -32001, "message": "unauthorized (401): send Authorization: Bearer <CLI_COUNCIL_TOKEN> "
+                                                   "with the token the server was started with"}},
                     status_code=401, headers={"WWW-Authenticate": 'Bearer realm="cli-council"'})
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -29,6 +30,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+def local_path(value: str) -> str:
+    """A path as a person types it: relative to the current directory, ~ expanded."""
+    return os.path.abspath(os.path.expanduser(value)) if value and "\0" not in value else value
+
+
 def port_number(value: str) -> int:
     if not (value.isdigit() and int(value) <= 65535):
         raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0-65535)")
@@ -47,21 +53,24 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="which agents are usable here, and what to do about the rest")
     d.add_argument("--json", action="store_true")
 
-    r = sub.add_parser("run", help="run a task in the foreground until it ends")
-    r.add_argument("--repo", required=True)
-    r.add_argument("--agents", type=lambda v: [a.strip() for a in v.split(",") if a.strip()])
-    r.add_argument("--tier", choices=TIERS)
-    r.add_argument("--base")
-    r.add_argument("--check")
-    r.add_argument("--timeout", type=float)
-    r.add_argument("--budget", type=float, dest="budget_usd")
+    r = sub.add_parser("run", help="run a task in the foreground until it ends",
+                       description="Run one task on the council and stay until it ends: exit 0 when it "
+                                   "succeeded, 1 when it failed, 2 on bad input.")
+    r.add_argument("--repo", required=True, type=local_path, help="the git repository (relative to here is fine)")
+    r.add_argument("--agents", type=lambda v: [a.strip() for a in v.split(",") if a.strip()], metavar="A,B",
+                   help="agents to run in parallel (see `cli-council doctor`); default: route by tier")
+    r.add_argument("--tier", choices=TIERS, help="cheap tries the local model first; default: classify the prompt")
+    r.add_argument("--base", metavar="REF", help="branch, tag or commit to start from (default HEAD)")
+    r.add_argument("--check", metavar="CMD", help='run in each worktree after its agent, e.g. "pytest -q"')
+    r.add_argument("--timeout", type=float, metavar="S", help="per-attempt limit in seconds (default [engine])")
+    r.add_argument("--budget", type=float, dest="budget_usd", metavar="USD", help="stop escalating past this cost")
     r.add_argument("--wait", action="store_true", default=True, help="the default: stay until the task ends")
-    r.add_argument("--json", action="store_true")
-    r.add_argument("prompt")
+    r.add_argument("--json", action="store_true", help="print the finished task as JSON only")
+    r.add_argument("prompt", help="what the agents should do")
 
     st = sub.add_parser("status", help="one task, or the recent ones")
     st.add_argument("task_id", nargs="?")
-    st.add_argument("--repo")
+    st.add_argument("--repo", type=local_path, help="only tasks on this repository")
     st.add_argument("--limit", type=int, default=20)
     st.add_argument("--json", action="store_true")
 
@@ -103,8 +112,10 @@ def describe(task: Task) -> str:
         check = f" check {'passed' if a.check.passed else 'failed'}" if a.check else ""
         err = f"  [{a.error.kind}] {a.error.message}" if a.error else ""
         dur = f" {a.duration_s:.1f}s" if a.duration_s is not None else ""
-        lines.append(f"  {a.agent:<12} {a.state:<11} +{a.insertions}/-{a.deletions} in {a.files_changed} files"
+        files = f"{a.files_changed} file{'' if a.files_changed == 1 else 's'}"
+        lines.append(f"  {a.agent:<12} {a.state:<11} +{a.insertions}/-{a.deletions} in {files}"
                      f"{dur}{cost}{check}{err}")
+    lines += [f"  warning: {w}" for w in task.warnings]
     if task.best:
         lines.append(f"  best: {task.best} ({task.best_reason})")
     elif task.best_reason:
@@ -199,8 +210,14 @@ async def cmd_merge(args, engine: Engine) -> int:
 
 
 async def cmd_cancel(args, engine: Engine) -> int:
+    was = await engine.get(args.task_id)
     task = await engine.cancel(args.task_id)
-    emit(task) if args.json else print(describe(task))
+    if args.json:
+        emit(task)
+    else:
+        if was.state not in ACTIVE_TASK:
+            print(f"task {task.task_id} had already ended ({task.state}); nothing to cancel")
+        print(describe(task))
     return 0 if task.state not in ACTIVE_TASK else 1
 
 

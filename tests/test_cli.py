@@ -214,3 +214,28 @@ def test_a_signal_to_run_cancels_its_agents(repo, config, tmp_path, sig):
     assert run.returncode == 1 and json.loads(out)["state"] == "cancelled"
     for f in (child, pidfile):
         assert not pid_running(int(f.read_text())), f"{f.name} survived {sig.name}"
+
+
+def test_run_takes_a_relative_repo_warns_of_a_dirty_checkout_and_reads_plainly(repo, config):
+    write_config(config, {"writer": fake("--write", "w.txt=w")})
+    (repo / "README.md").write_text("# changed, not committed\n")
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "run", "--repo", ".", "--agents", "writer", "go"],
+                          cwd=repo, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert f"repo {repo}" in proc.stdout and "in 1 file " in proc.stdout
+    assert "warning: the checkout has uncommitted changes" in proc.stdout
+    task_id = proc.stderr.split()[1]
+    cancelled = cli("cancel", task_id)
+    assert f"task {task_id} had already ended (succeeded); nothing to cancel" in cancelled.stdout
+    notes = cli("logs", task_id).stdout
+    assert "task started: tier - (explicit agents); agents: writer" in notes and "[[" not in notes
+
+
+def test_when_no_routed_agent_can_run_the_configured_ones_are_named(repo, config):
+    write_config(config, {"mine": fake("--write", "m.txt=m"), "claude": {"command": ["/nonexistent/claude"]},
+                          "gemini": {"command": ["/nonexistent/gemini"]}})
+    proc = cli("run", "--repo", str(repo), "--tier", "standard", "--json", "go", check_code=1)
+    reason = json.loads(proc.stdout)["best_reason"]
+    assert reason.startswith("no agent could run here: claude:"), reason
+    assert "other configured agents: " in reason and "mine" in reason and "--agents" in reason, reason
+    assert "[routing] standard" in reason

@@ -524,7 +524,6 @@ CLI_CASES = [
     cli("status-limit-0", "status", "--limit", "0", says=("limit",)),
     cli("status-limit-negative", "status", "--limit=-1", says=("limit",)),
     cli("status-limit-word", "status", "--limit", "x", says=("limit",)),
-    cli("status-repo-relative", "status", "--repo", "relative/path", says=("repo",)),
     cli("logs-unknown-id", "logs", "no-such-task", says=("task",)),
     cli("logs-dotdot-id", "logs", "../x", says=("task",)),
     cli("merge-unknown-id", "merge", "no-such-task", says=("task",)),

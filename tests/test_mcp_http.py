@@ -150,7 +150,12 @@ def test_example_client_over_http_with_token(repo):
                               "--agents", "fake", "--dry-run", "say hi"],
                              cwd=ROOT, env={**os.environ, "CLI_COUNCIL_TOKEN": TOKEN}, capture_output=True, text=True,
                              timeout=60)
+        wrong = subprocess.run([sys.executable, str(ROOT / "examples" / "client.py"), "--url", url, "--repo",
+                                str(repo), "say hi"], cwd=ROOT, env={**os.environ, "CLI_COUNCIL_TOKEN": "wrong"},
+                               capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     merge = json.loads(out.stdout)
     assert merge["dry_run"] is True and merge["files"] == ["hello.txt"]
     assert not (repo / "hello.txt").exists()
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr, wrong.stderr
+    assert wrong.stderr.startswith("error: unauthorized (401): send Authorization: Bearer"), wrong.stderr
