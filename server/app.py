@@ -200,7 +200,7 @@ async def submit_task(
     base: Annotated[str | None, Field(description="Git ref to start from (branch, tag, commit); default HEAD.")] = None,
     check: Annotated[str | None, Field(description=(
         'Command run in each worktree after its agent, e.g. "pytest -q"; an attempt passes only if it exits 0. '
-        "Not run through a shell."))] = None,
+        "A shell command line, as in CI configs (`pytest -q && ruff check .`)."))] = None,
     timeout_s: Annotated[float | None, Field(gt=0, description=(
         "Per-attempt time limit in seconds; default from the config (30 min)."))] = None,
     budget_usd: Annotated[float | None, Field(ge=0, description=(

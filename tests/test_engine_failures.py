@@ -45,7 +45,7 @@ async def test_worktree_deleted_while_the_agent_runs(make_engine, repo, council_
 
 @pytest.mark.parametrize("check", ["./" + "a/" * 2100 + "x", "./runtests"], ids=["path-too-long", "script-without-shebang"])
 async def test_a_check_that_cannot_start_fails_that_attempt_only(make_engine, repo, check):
-    agents = {"writer": fake("--write", "runtests=echo no shebang here"), "good": GOOD}
+    agents = {"writer": fake("--write", "runtests=echo no shebang here; exit 3"), "good": GOOD}
     async with make_engine(agents) as engine:
         (repo / "runtests").write_text("")  # executable in the repo; the agent rewrites it without a #! line
         (repo / "runtests").chmod(0o755)
@@ -103,3 +103,18 @@ async def test_non_finite_or_absurd_timeouts_are_refused_and_stored_nowhere(make
         with pytest.raises(CouncilError, match="timeout_s"):
             await engine.submit(str(repo), "x", agents=["good"], timeout_s=timeout)
         assert (await engine.list()).tasks == []
+
+
+async def test_the_check_is_a_shell_command_line_and_says_why_it_failed(make_engine, repo):
+    agents = {"writer": fake("--write", "w.txt=w")}
+    async with make_engine(agents) as engine:
+        ok = await engine.wait((await engine.submit(str(repo), "w", agents=["writer"],
+                                                    check="test -f w.txt && grep -q w w.txt")).task_id, 60)
+        missing = await engine.wait((await engine.submit(str(repo), "w", agents=["writer"],
+                                                         check="no-such-tool-here --run")).task_id, 60)
+        with pytest.raises(CouncilError, match="not a valid shell command line"):
+            await engine.submit(str(repo), "w", agents=["writer"], check="pytest 'tests")
+    assert ok.attempt("writer").check.passed and ok.state == TaskState.succeeded
+    check = missing.attempt("writer").check
+    assert not check.passed and check.exit_code == 127 and "not found" in check.error
+    assert "exit 127: a command was not found" in missing.attempt("writer").error.message

@@ -237,7 +237,6 @@ TOOL_CASES = [
     submit("submit-prompt-missing", "prompt", prompt=DROP),
     # the check
     submit("submit-check-1mb", "check", check="x" * 1_000_000),
-    submit("submit-check-300-char-program", "check", check="x" * 300),
     submit("submit-check-empty", "check", check=""),
     submit("submit-check-unbalanced-quote", "check", check="pytest 'tests"),
     submit("submit-check-list", "check", check=["pytest", "-q"]),
@@ -506,7 +505,6 @@ CLI_CASES = [
     cli("run-repo-missing", "run", "--repo", "<missing>", "--agents", "fake", "hi", says=("repo",)),
     cli("run-repo-not-git", "run", "--repo", "<plain>", "--agents", "fake", "hi", says=("repo",)),
     cli("run-check-nul", *RUN, "--check", "pytest\x00-q", "hi", says=("check",)),
-    cli("run-check-300-char-program", *RUN, "--check", "x" * 300, "hi", says=("check",)),
     cli("run-base-dash-x", *RUN, "--base=-x", "hi", says=("base",)),
     cli("run-base-nul", *RUN, "--base", "main\x00", "hi", says=("base",)),
     cli("run-base-unknown", *RUN, "--base", "no-such-ref", "hi", says=("base",)),
@@ -823,7 +821,7 @@ BESIDE_AGENTS = {
     "good": fake("--sleep", "2", "--write", "good.txt=ok"),
     "quick": fake("--write", "quick.txt=ok"),
     "sleeper": fake("--sleep", "30", "--write", "late.txt=x"),
-    "writer": {"kind": "command", "argv": [PY, "-c", "import os; open('runtests', 'w').write('echo ran\\n'); "
+    "writer": {"kind": "command", "argv": [PY, "-c", "import os; open('runtests', 'w').write('echo ran; exit 3\\n'); "
                                                        "os.chmod('runtests', 0o755)"]},
     "gem": AGENTS["gem"],
 }
