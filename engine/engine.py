@@ -32,7 +32,7 @@ from .gitcmd import GitError, diff_stat, git, resolve_commit
 from .inputs import CouncilError, NotFound
 from .merge import STRATEGIES, MergeRefused, check_target, merge_branch
 from .models import (ACTIVE_TASK, Attempt, AttemptState, CheckResult, GcReport, LogChunk, MergeResult,
-                     Task, TaskList, TaskState, now)
+                     Task, TaskList, TaskState, TaskSummary, now)
 from .logbook import Logbook
 from .store import Store
 from .worktrees import Worktrees
@@ -206,7 +206,7 @@ class Engine:
             repo = str(inputs.repo_path(repo, []))
             repo = await self._toplevel(repo, must_exist=False) or repo
         tasks = await self.store.list_tasks(repo, max(1, min(limit, 1000)))
-        return TaskList(tasks=[self._hosted.get(t.task_id, t).model_copy(deep=True) for t in tasks])
+        return TaskList(tasks=[TaskSummary.of(self._hosted.get(t.task_id, t)) for t in tasks])
 
     async def logs(self, task_id: str, agent: str | None = None, cursor: int = 0, wait_s: float = 0,
                    limit: int = 500) -> LogChunk:

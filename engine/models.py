@@ -15,7 +15,7 @@ from adapters.base import ErrorInfo, ErrorKind
 
 __all__ = [
     "AttemptState", "TaskState", "ErrorInfo", "ErrorKind", "CheckResult", "Attempt", "Task",
-    "TaskList", "LogLine", "LogChunk", "MergeResult", "GcReport", "now", "ACTIVE_TASK", "FINISHED_ATTEMPT",
+    "TaskSummary", "AttemptSummary", "TaskList", "LogLine", "LogChunk", "MergeResult", "GcReport", "now", "ACTIVE_TASK", "FINISHED_ATTEMPT",
 ]
 
 
@@ -109,8 +109,35 @@ class Task(BaseModel):
         raise KeyError(agent)
 
 
+class AttemptSummary(BaseModel):
+    agent: str
+    state: AttemptState
+
+
+class TaskSummary(BaseModel):
+    """A task in a list: enough to pick one, small enough for a model's context (get_status has the rest)."""
+
+    task_id: str
+    repo: str
+    title: str = Field(description="the prompt's first line, at most 100 characters")
+    state: TaskState
+    tier: str | None = None
+    best: str | None = None
+    total_cost_usd: float = 0.0
+    created_at: datetime
+    finished_at: datetime | None = None
+    attempts: list[AttemptSummary] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, task: Task) -> "TaskSummary":
+        return cls(task_id=task.task_id, repo=task.repo, title=(task.prompt.strip().splitlines() or [""])[0][:100],
+                   state=task.state, tier=task.tier, best=task.best, total_cost_usd=task.total_cost_usd,
+                   created_at=task.created_at, finished_at=task.finished_at,
+                   attempts=[AttemptSummary(agent=a.agent, state=a.state) for a in task.attempts])
+
+
 class TaskList(BaseModel):
-    tasks: list[Task]
+    tasks: list[TaskSummary]
 
 
 class LogLine(BaseModel):

@@ -39,7 +39,7 @@ from engine.config import Config, load_config
 from engine.engine import CouncilError, Engine, NotFound
 from engine.models import ACTIVE_TASK, LogChunk, MergeResult, Task, TaskList
 
-from . import auth, http_transport, stdio_transport
+from . import auth, http_transport, stdio_transport, text
 
 logger = logging.getLogger("cli_council.server")
 
@@ -140,13 +140,17 @@ def _council(ctx: Context) -> Council:
 
 
 def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Bad input becomes a tool error with the engine's message; anything else becomes a tool error that
-    names what failed, so one broken call never takes the server (and the running tasks) down."""
+    """The result goes out as the model (structured) with a short readable summary as its text. Bad input
+    becomes a tool error with the engine's message; anything else becomes a tool error that names what
+    failed, so one broken call never takes the server (and the running tasks) down."""
 
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
-            return await fn(*args, **kwargs)
+            result = await fn(*args, **kwargs)
+            # Text for whoever reads the content (a person, a model): a summary, not the JSON twice.
+            return types.CallToolResult(content=[types.TextContent(type="text", text=text.summary(result))],
+                                        structured_content=result.model_dump(mode="json", by_alias=True))
         except CouncilError as e:
             raise ToolError(str(e)) from None
         except Exception as e:

@@ -7,6 +7,7 @@ exits 2 with the engine's message; `run` exits 0 when the task succeeded and 1 o
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import signal
@@ -21,6 +22,8 @@ from adapters.base import Availability
 from engine.config import TIERS, ConfigError, load_config
 from engine.engine import CouncilError, Engine
 from engine.models import ACTIVE_TASK, Task, TaskState
+
+from . import text
 
 
 class Parser(argparse.ArgumentParser):
@@ -104,25 +107,6 @@ def emit(model: BaseModel) -> None:
     print(model.model_dump_json(indent=2))
 
 
-def describe(task: Task) -> str:
-    lines = [f"task {task.task_id}  {task.state}  tier {task.tier or '-'}  repo {task.repo}",
-             f"  prompt: {task.prompt.splitlines()[0][:100]}"]
-    for a in task.attempts:
-        cost = f" ${a.cost_usd:.4f}" if a.cost_usd else ""
-        check = f" check {'passed' if a.check.passed else 'failed'}" if a.check else ""
-        err = f"  [{a.error.kind}] {a.error.message}" if a.error else ""
-        dur = f" {a.duration_s:.1f}s" if a.duration_s is not None else ""
-        files = f"{a.files_changed} file{'' if a.files_changed == 1 else 's'}"
-        lines.append(f"  {a.agent:<12} {a.state:<11} +{a.insertions}/-{a.deletions} in {files}"
-                     f"{dur}{cost}{check}{err}")
-    lines += [f"  warning: {w}" for w in task.warnings]
-    if task.best:
-        lines.append(f"  best: {task.best} ({task.best_reason})")
-    elif task.best_reason:
-        lines.append(f"  no best: {task.best_reason}")
-    return "\n".join(lines)
-
-
 async def live_progress(engine: Engine, task_id: str) -> None:
     """One line per agent, redrawn in place: state, elapsed time, last log line."""
     cursor, last, drawn = 0, {}, 0
@@ -161,22 +145,37 @@ async def cmd_run(args, engine: Engine) -> int:
             while task.state in ACTIVE_TASK:
                 task = await engine.wait(task.task_id, 3600)
             tg.cancel_scope.cancel()
-    emit(task) if args.json else print(describe(task))
+    emit(task) if args.json else print(text.describe(task))
     return 0 if task.state == TaskState.succeeded else 1
+
+
+async def check_tails(engine: Engine, task: Task, keep: int = 5) -> dict[str, list[str]]:
+    """The last lines each failed check printed (the log is read page by page, never held whole)."""
+    tails = {}
+    for a in task.attempts:
+        if a.check is None or a.check.passed:
+            continue
+        tail, cursor = collections.deque(maxlen=keep), 0
+        while True:
+            chunk = await engine.logs(task.task_id, agent=a.agent, cursor=cursor, limit=5000)
+            tail.extend(ln.text for ln in chunk.lines if ln.stream == "check")
+            cursor = chunk.next_cursor
+            if chunk.done or not chunk.lines:
+                break
+        tails[a.agent] = list(tail)
+    return tails
 
 
 async def cmd_status(args, engine: Engine) -> int:
     if args.task_id:
         task = await engine.get(args.task_id)
-        emit(task) if args.json else print(describe(task))
+        emit(task) if args.json else print(text.describe(task, await check_tails(engine, task)))
         return 0
     tasks = await engine.list(args.repo, args.limit)
     if args.json:
         emit(tasks)
     else:
-        for t in tasks.tasks:
-            print(f"{t.task_id}  {t.state:<11} {t.created_at:%Y-%m-%d %H:%M}  best={t.best or '-':<12} "
-                  f"{t.repo}  {t.prompt.splitlines()[0][:50]}")
+        print(text.task_list(tasks))
     return 0
 
 
@@ -201,11 +200,7 @@ async def cmd_merge(args, engine: Engine) -> int:
     if args.json:
         emit(result)
     else:
-        print(result.message)
-        if result.conflicts:
-            print("conflicts: " + ", ".join(result.conflicts))
-        for r in result.removed:
-            print(f"removed {r}")
+        print(text.merge_result(result))
     return 0 if result.merged or (args.dry_run and not result.conflicts) else 1
 
 
@@ -217,7 +212,7 @@ async def cmd_cancel(args, engine: Engine) -> int:
     else:
         if was.state not in ACTIVE_TASK:
             print(f"task {task.task_id} had already ended ({task.state}); nothing to cancel")
-        print(describe(task))
+        print(text.describe(task))
     return 0 if task.state not in ACTIVE_TASK else 1
 
 
@@ -226,10 +221,7 @@ async def cmd_gc(args, engine: Engine) -> int:
     if args.json:
         emit(report)
     else:
-        for r in report.removed:
-            print(f"removed {r}")
-        for k in report.kept:
-            print(f"kept {k}")
+        print(text.gc_report(report))
     return 0
 
 

@@ -239,3 +239,13 @@ def test_when_no_routed_agent_can_run_the_configured_ones_are_named(repo, config
     assert reason.startswith("no agent could run here: claude:"), reason
     assert "other configured agents: " in reason and "mine" in reason and "--agents" in reason, reason
     assert "[routing] standard" in reason
+
+
+def test_status_shows_where_each_attempt_is_and_the_tail_of_a_failed_check(repo, config):
+    write_config(config, {"writer": fake("--write", "w.txt=w")})
+    check = f"{sys.executable} -c \"[print('check line', i) for i in range(9)]; raise SystemExit(2)\""
+    task = json.loads(cli("run", "--repo", str(repo), "--agents", "writer", "--check", check, "--json", "go",
+                          check_code=1).stdout)
+    out = cli("status", task["task_id"]).stdout
+    assert f"branch council/{task['task_id']}/writer  worktree {task['attempts'][0]['worktree']}" in out
+    assert "| check line 8" in out and "| check line 4" in out and "check line 3" not in out

@@ -231,3 +231,18 @@ async def test_merge_result_brings_the_best_attempt_back(server, repo):
         assert (repo / "hello.txt").read_text() == "hi\n"
         bad = await client.call_tool("merge_result", {"task_id": task_id, "agent": "nobody"})
         assert bad.is_error
+
+
+async def test_results_read_as_summaries_and_lists_stay_light(server, repo):
+    async with Client(server) as client:
+        r = await client.call_tool("submit_task", {"repo": str(repo), "prompt": "say hi\nwith details", "agents": ["fake"]})
+        task_id = r.structured_content["task_id"]
+        done = await client.call_tool("get_status", {"task_id": task_id, "wait_s": 30})
+        listed = await client.call_tool("list_tasks", {})
+    text = done.content[0].text
+    assert text.startswith(f"task {task_id}  succeeded") and "best: fake" in text and not text.startswith("{")
+    assert f"branch council/{task_id}/fake" in text
+    summary = listed.structured_content["tasks"][0]
+    assert summary["title"] == "say hi" and summary["attempts"] == [{"agent": "fake", "state": "succeeded"}]
+    assert "prompt" not in summary and "best_reason" not in summary  # get_status has the whole task
+    assert listed.content[0].text.startswith(task_id)
