@@ -62,7 +62,14 @@ class ServerSettings(BaseModel):
         "repos must lie under one of these directories; empty allows any (required for a non-loopback bind)"))
 
 
-SECTIONS: dict[str, type[BaseModel]] = {"engine": EngineSettings, "server": ServerSettings, "routing": Routing}
+class MergeSettings(BaseModel):
+    run_hooks: bool = Field(False, description=(
+        "the merge in the user's checkout (git merge --ff-only) runs the repo's hooks, e.g. post-merge; "
+        "off by default, as an agent can write hooks into the repo it works on"))
+
+
+SECTIONS: dict[str, type[BaseModel]] = {"engine": EngineSettings, "server": ServerSettings, "routing": Routing,
+                                        "merge": MergeSettings}
 AGENT_KEYS = tuple(k for k in AgentSpec.model_fields if k != "name")  # every kind's keys; `name` is the table's
 
 
@@ -71,6 +78,7 @@ class Config(BaseModel):
     server: ServerSettings = Field(default_factory=ServerSettings)
     agents: dict[str, AgentSpec] = Field(default_factory=dict)
     routing: Routing = Field(default_factory=Routing)
+    merge: MergeSettings = Field(default_factory=MergeSettings)
 
     def agent(self, name: str) -> AgentSpec:
         try:
@@ -147,7 +155,7 @@ def _check_values(problems: Problems, value, loc: tuple) -> None:
 
 
 def _known_sections(problems: Problems, data: dict) -> dict[str, dict]:
-    """[engine], [server] and [routing] with only their own keys; the rest reported. ([agents] is apart.)"""
+    """[engine], [server], [routing] and [merge] with only their own keys; the rest reported. ([agents] is apart.)"""
     sections = {}
     for key, value in data.items():
         if key not in (*SECTIONS, "agents"):

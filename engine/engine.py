@@ -297,7 +297,8 @@ class Engine:
                    f"Picked: {task.best_reason or 'chosen by the caller'}\n\nPrompt:\n{task.prompt.strip()}")
         try:
             result = await merge_branch(task.repo, branch=attempt.branch, base=task.base, into=into, strategy=strategy,
-                                        message=message, task_id=task_id, dry_run=dry_run)
+                                        message=message, task_id=task_id, agent=agent,
+                                        run_hooks=self.config.merge.run_hooks, dry_run=dry_run)
         except MergeRefused as e:
             return refuse(str(e))
         except GitError as e:  # e.g. another process merged or cleaned this task at the same moment

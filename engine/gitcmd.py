@@ -7,12 +7,17 @@ or `core.fsmonitor` in the repo's config, and the server's next `worktree add`, 
 (which beats every config file), and git gets the same allow-listed environment as agents, never
 the server's API keys and tokens. Programs the user configures for content (clean/smudge filters
 such as git-lfs, merge drivers) still run, as they must for a correct checkout, with that same
-environment: nothing an agent could not already do itself.
+environment: nothing an agent could not already do itself. The one exception is opt-in: with
+`[merge] run_hooks = true` the merge in the user's own checkout runs the user's hooks (`hooks=True`).
+
+Commits the council makes for itself (attempt branches, throwaway merge helpers) carry the council's
+identity; commits that land on a branch of the user's carry the user's (`user_identity`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,10 +26,13 @@ import anyio
 from adapters.base import allowed_env
 
 # Said to every git the server runs; `-c` reaches the git processes git itself starts too.
-NO_HOOKS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
+NO_FSMONITOR = ("-c", "core.fsmonitor=false")
+NO_HOOKS = ("-c", "core.hooksPath=/dev/null", *NO_FSMONITOR)
 # A fixed identity for the commits the council makes itself.
 COUNCIL_IDENTITY = ("-c", "user.name=cli-council", "-c", "user.email=cli-council@localhost",
                     "-c", "commit.gpgsign=false")
+COUNCIL_ENV = {f"GIT_{role}_{part}": value for role in ("AUTHOR", "COMMITTER")
+               for part, value in (("NAME", "cli-council"), ("EMAIL", "cli-council@localhost"))}
 # Where git and its config files are (tests and relocated installs set these). Left out on purpose:
 # GIT_CONFIG_COUNT/KEY_n/VALUE_n and GIT_CONFIG_PARAMETERS (config injected through the environment
 # may carry credentials, e.g. http.extraHeader), GIT_DIR/GIT_WORK_TREE/GIT_INDEX_FILE (would point
@@ -33,6 +41,7 @@ COUNCIL_IDENTITY = ("-c", "user.name=cli-council", "-c", "user.email=cli-council
 _GIT_PASS = ("GIT_EXEC_PATH", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM", "GIT_CONFIG_NOSYSTEM",
              "GIT_CEILING_DIRECTORIES")
 _GIT_FIXED = {"GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+_IDENT = re.compile(r"(.+) <(.*)> \d+ [+-]\d{4}")
 
 
 def git_env(environ: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
@@ -51,15 +60,16 @@ class GitError(RuntimeError):
 
 
 async def _run(cwd: str | Path, args: tuple[str, ...], input: bytes | None = None,
-               env: dict[str, str] | None = None):
-    return await anyio.run_process(["git", *NO_HOOKS, *args], cwd=str(cwd), input=input, check=False,
-                                   env=git_env(**(env or {})))
+               env: dict[str, str] | None = None, hooks: bool = False):
+    return await anyio.run_process(["git", *(NO_FSMONITOR if hooks else NO_HOOKS), *args], cwd=str(cwd),
+                                   input=input, check=False, env=git_env(**(env or {})))
 
 
 async def git(cwd: str | Path, *args: str, check: bool = True, input: bytes | None = None,
-              env: dict[str, str] | None = None) -> str:
-    """Run git in `cwd` and return stdout (stripped of the final newline). `env` adds variables."""
-    result = await _run(cwd, args, input, env)
+              env: dict[str, str] | None = None, hooks: bool = False) -> str:
+    """Run git in `cwd` and return stdout (stripped of the final newline). `env` adds variables;
+    `hooks=True` lets this one command run the repo's hooks (only ever on the user's say-so)."""
+    result = await _run(cwd, args, input, env, hooks)
     if check and result.returncode != 0:
         raise GitError(list(args), result.returncode, result.stderr.decode(errors="replace"))
     return result.stdout.decode(errors="replace").rstrip("\n")
@@ -68,6 +78,21 @@ async def git(cwd: str | Path, *args: str, check: bool = True, input: bytes | No
 async def git_ok(cwd: str | Path, *args: str) -> bool:
     """True when git exits 0 (for questions like `rev-parse --verify`)."""
     return (await _run(cwd, args)).returncode == 0
+
+
+async def user_identity(cwd: str | Path) -> dict[str, str] | None:
+    """The author and committer the user's own `git commit` in `cwd` would record (user.*, author.*,
+    committer.* from the repo's, global and system config), as GIT_AUTHOR_* / GIT_COMMITTER_*
+    variables; None when none is configured. git's guess from the host (root@host.(none)) is never
+    taken, and the server's own GIT_AUTHOR_* variables never reach git (allow-listed environment)."""
+    env = {}
+    for role in ("AUTHOR", "COMMITTER"):
+        ident = _IDENT.fullmatch(await git(cwd, "-c", "user.useConfigOnly=true", "var", f"GIT_{role}_IDENT",
+                                           check=False))
+        if not ident:
+            return None
+        env[f"GIT_{role}_NAME"], env[f"GIT_{role}_EMAIL"] = ident.groups()
+    return env
 
 
 async def resolve_commit(cwd: str | Path, rev: str) -> str | None:

@@ -11,6 +11,13 @@ then `<task_id>-2`, `-3`... for later merges of the same task; never overwritten
   and git itself refuses if anything changed in between; the backup ref is written after it (the
   old tip is an ancestor of the new one whatever happens, so it is never lost).
 
+Commits that land on the target carry the user's identity (author and committer of squash and
+merge commits, committer of replayed ones, whose authors stay the agent's) as their own `git commit`
+would record it, or the council's when the repo has none configured (the result says so), and end
+with `Council-Task:` / `Council-Agent:` trailers. Hooks stay off unless `run_hooks`: then the
+`merge --ff-only` in the user's checkout runs the user's hooks (post-merge, reference-transaction);
+commit-tree, which builds the commits, runs none.
+
 Normal outcomes (no changes, conflicts, already merged, dry run) come back as a MergeResult with
 merged=False. A target that can't be moved safely right now (uncommitted changes, an operation in
 progress, untracked files in the way, unknown refs, a target that is not a branch of the user's)
@@ -26,7 +33,7 @@ from pathlib import Path
 
 import anyio
 
-from engine.gitcmd import COUNCIL_IDENTITY, GitError, diff_stat, git, git_ok, resolve_commit
+from engine.gitcmd import COUNCIL_ENV, COUNCIL_IDENTITY, GitError, diff_stat, git, git_ok, resolve_commit, user_identity
 from engine.models import MergeResult
 
 __all__ = ["MergeRefused", "STRATEGIES", "check_target", "merge_branch", "changes_in"]
@@ -38,6 +45,9 @@ _IN_PROGRESS = ("MERGE_HEAD", "CHERRY_PICK_HEAD", "REVERT_HEAD", "rebase-merge",
 BACKUP_PREFIX = "refs/council/backup/"
 _TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _MAX_NAME = 1024  # bytes; far above any real branch name, far below the argv limit
+_AGENT = re.compile(r"[A-Za-z0-9._-]{1,100}")
+_TRAILER = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*:.*")
+_CONTINUATION = re.compile(r"[ \t]+\S.*")
 
 
 class MergeRefused(ValueError):
@@ -62,6 +72,19 @@ async def _commit(repo: str | Path, tree: str, parents: list[str], message: str,
     parent_args = [arg for p in parents for arg in ("-p", p)]
     return await git(repo, *COUNCIL_IDENTITY, "commit-tree", tree, *parent_args, "-F", "-",
                      input=message.encode(), env=env)
+
+
+def with_trailers(message: str, trailers: list[tuple[str, str]]) -> str:
+    """`message` ending with `trailers`: added to its trailer block when its last paragraph (not the
+    subject) is one, else as a new paragraph after a blank line, so `git interpret-trailers --parse`
+    and `%(trailers)` find them. Done here rather than by interpret-trailers, which would run any
+    `trailer.<token>.cmd` a repo's config names."""
+    lines = (message.rstrip() or "(no message)").splitlines()
+    blanks = [i for i, line in enumerate(lines) if not line.strip()]
+    last = lines[blanks[-1] + 1:] if blanks else []
+    joined = bool(last) and bool(_TRAILER.fullmatch(last[0])) and all(
+        _TRAILER.fullmatch(line) or _CONTINUATION.fullmatch(line) for line in last)
+    return "\n".join(lines) + ("\n" if joined else "\n\n") + "".join(f"{k}: {v}\n" for k, v in trailers)
 
 
 async def _merge_trees(repo: str | Path, ours: str, theirs: str) -> tuple[str, list[str]]:
@@ -105,8 +128,10 @@ async def changes_in(repo: str | Path, branch: str, into: str, base: str | None 
     return not conflicts and tree == await _tree(repo, target)
 
 
-async def _rebase(repo: str | Path, base: str, branch_tip: str, onto: str) -> tuple[str, list[str], str]:
-    """Replay base..branch onto `onto` as new commits (objects only): (new tip, conflicts, note)."""
+async def _rebase(repo: str | Path, base: str, branch_tip: str, onto: str, who: dict[str, str],
+                  trailers: list[tuple[str, str]]) -> tuple[str, list[str], str]:
+    """Replay base..branch onto `onto` as new commits (objects only), each keeping its author and
+    date, committed by `who`, with `trailers` added: (new tip, conflicts, note)."""
     if not await git_ok(repo, "merge-base", "--is-ancestor", base, branch_tip):
         raise MergeRefused("the attempt's branch does not descend from the task's base; use strategy squash")
     out = await git(repo, "log", "-z", "--reverse", "--topo-order", "--date=raw",
@@ -122,8 +147,8 @@ async def _rebase(repo: str | Path, base: str, branch_tip: str, onto: str) -> tu
             return tip, conflicts, f"replaying {sha[:12]} conflicts"
         if tree == await _tree(repo, tip):
             continue  # already applied upstream: drop it, as git rebase does
-        author = {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email, "GIT_AUTHOR_DATE": date}
-        tip = await _commit(repo, tree, [tip], body.rstrip("\n") + "\n", env=author)
+        author = {**who, "GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email, "GIT_AUTHOR_DATE": date}
+        tip = await _commit(repo, tree, [tip], with_trailers(body, trailers), env=author)
     return tip, [], ""
 
 
@@ -260,12 +285,15 @@ async def _save_old_tip(repo: str | Path, task_id: str, old: str, reflog: str,
 
 
 async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, strategy: str = "squash",
-                       message: str, task_id: str, dry_run: bool = False) -> MergeResult:
+                       message: str, task_id: str, agent: str | None = None, run_hooks: bool = False,
+                       dry_run: bool = False) -> MergeResult:
     """Bring `branch` (an attempt that started at `base`) into the local branch `into`.
 
     squash: one council commit on into's tip with the attempt's own changes (base..branch);
     merge: a council merge commit with parents (into's tip, branch); rebase: the attempt's commits
     replayed on into's tip, authors kept. `message` is the commit message for squash and merge.
+    Every new commit is the user's (see above) and gets the trailers `Council-Task: <task_id>` and,
+    given `agent`, `Council-Agent: <agent>`. `run_hooks` lets the update of a checkout run its hooks.
     Returns merged=True with `commit` the new tip and `backup_ref` at the old one, or merged=False
     with the reason (and `conflicts`); raises MergeRefused when the target can't move safely now.
     """
@@ -273,6 +301,8 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
         raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
     if not _TASK_ID.fullmatch(task_id):
         raise ValueError(f"task id {task_id!r} can't name a backup ref")
+    if agent is not None and not _AGENT.fullmatch(agent):
+        raise ValueError(f"agent {agent!r} can't be a trailer value")
     for name in (branch, base):
         if "\0" in name or len(name.encode()) > _MAX_NAME:
             raise MergeRefused(f"{name[:80]!r} is not a commit or branch name")
@@ -290,16 +320,21 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     if await _tree(repo, base_c) == await _tree(repo, branch_tip):
         return result(False, f"{branch} has no changes relative to the task's base; nothing to merge")
 
-    message = (message.strip() or f"cli-council: {strategy} {branch} (task {task_id})") + "\n"
+    trailers = [("Council-Task", task_id)] + ([("Council-Agent", agent)] if agent else [])
+    message = with_trailers(message.strip() or f"cli-council: {strategy} {branch} (task {task_id})", trailers)
+    who = await user_identity(repo)
+    as_council = "" if who else (f"; committed as cli-council <cli-council@localhost>: {repo} has no "
+                                 "user.name/user.email configured (git config user.name/user.email sets them)")
+    who = who or COUNCIL_ENV
     note = ""
     if strategy == "squash":
         tree, conflicts = await _three_way(repo, base_c, old, branch_tip)
-        new = await _commit(repo, tree, [old], message) if not conflicts else old
+        new = await _commit(repo, tree, [old], message, env=who) if not conflicts else old
     elif strategy == "merge":
         tree, conflicts = await _merge_trees(repo, old, branch_tip)
-        new = await _commit(repo, tree, [old, branch_tip], message) if not conflicts else old
+        new = await _commit(repo, tree, [old, branch_tip], message, env=who) if not conflicts else old
     else:
-        new, conflicts, note = await _rebase(repo, base_c, branch_tip, old)
+        new, conflicts, note = await _rebase(repo, base_c, branch_tip, old, who, trailers)
 
     if conflicts:
         files, ins, dels = await diff_stat(repo, base_c, branch_tip)
@@ -321,13 +356,13 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
         return result(False, f"dry run: {strategy} would apply cleanly, but right now {e}", **counts)
     if dry_run:
         return result(False, f"dry run: {strategy} of {branch} into {into} would apply cleanly "
-                             f"({len(files)} file(s), +{ins} -{dels})", **counts)
+                             f"({len(files)} file(s), +{ins} -{dels}){as_council}", **counts)
 
     reflog = f"cli-council: {strategy} {branch} (task {task_id})"
     try:
         if checkout:
-            await git(checkout, *COUNCIL_IDENTITY, "merge", "--ff-only", "--no-stat", "-q", new,
-                      env={"GIT_REFLOG_ACTION": reflog})
+            await git(checkout, "merge", "--ff-only", "--no-stat", "-q", new,
+                      env={**who, "GIT_REFLOG_ACTION": reflog}, hooks=run_hooks)
         else:
             backup_ref = await _save_old_tip(repo, task_id, old, reflog, move=(ref, new))
     except GitError as e:
@@ -341,5 +376,5 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
         saved = f"old tip saved at {backup_ref}"
     where = f"and updated {checkout}" if checkout else "(not checked out; only the branch moved)"
     return result(True, f"{strategy} of {branch} into {into} {where}: {new[:12]}, "
-                        f"{len(files)} file(s), +{ins} -{dels}; {saved}",
+                        f"{len(files)} file(s), +{ins} -{dels}; {saved}{as_council}",
                   commit=new, backup_ref=backup_ref, **counts)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import anyio
 
-from .gitcmd import COUNCIL_IDENTITY, GitError, git
+from .gitcmd import COUNCIL_ENV, COUNCIL_IDENTITY, GitError, git
 
 def branch_name(task_id: str, agent: str) -> str:
     return f"council/{task_id}/{agent}"
@@ -47,7 +47,8 @@ class Worktrees:
         await git(path, "add", "-A", "--", ".", *(f":(exclude){d}" for d in scratch))
         if not await git(path, "diff", "--cached", "--name-only"):
             return False
-        await git(path, *COUNCIL_IDENTITY, "commit", "--quiet", "--no-verify", "-m", message)
+        # The variables beat a repo's author.name / committer.name, which beat user.name.
+        await git(path, *COUNCIL_IDENTITY, "commit", "--quiet", "--no-verify", "-m", message, env=COUNCIL_ENV)
         return True
 
     async def reset(self, path: Path, base: str) -> None:

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 
 from engine.cleanup import gc, remove_attempt
+from engine.config import ConfigError, parse_config
+from engine.engine import Engine
 from engine.merge import merge_branch
 from engine.models import Attempt, AttemptState, Task, TaskState, now
 from engine.worktrees import Worktrees
 
-from conftest import git
+from conftest import fake, git
 
 HOOKS = ("post-checkout", "post-merge", "reference-transaction", "pre-commit", "prepare-commit-msg",
          "commit-msg", "post-commit", "pre-merge-commit", "post-rewrite", "post-index-change", "pre-auto-gc")
@@ -145,3 +147,60 @@ async def test_git_location_variables_of_the_server_do_not_redirect_its_git(repo
     assert git(repo, "show", f"{branch}:app.py") == "fixed"
     assert git(repo, "diff", "--name-only", "main", branch) == "app.py"
     assert not (tmp_path / "stray-index").exists()
+
+
+@pytest.mark.parametrize("run_hooks", [False, True])
+async def test_run_hooks_lets_only_the_merge_in_the_users_checkout_run_the_users_hooks(repo, tmp_path, monkeypatch,
+                                                                                      run_hooks):
+    """Off by default; on, the user's post-merge hook runs (with the allow-listed environment) and
+    every other git of the same merge still runs none: the backup ref is written without hooks."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", SECRETS["ANTHROPIC_API_KEY"])
+    marker = tmp_path / "hooks.txt"
+    script(repo / ".git" / "hooks" / "post-merge", f'echo "post-merge $1" >> {marker}; env > {tmp_path}/env.txt')
+    script(repo / ".git" / "hooks" / "reference-transaction",
+           f'while read old new ref; do echo "$1 $ref" >> {marker}; done')
+    script(repo / ".git" / "hooks" / "post-checkout", f'echo "post-checkout" >> {marker}')
+    base = git(repo, "rev-parse", "main")
+    trees = Worktrees(tmp_path / "council" / "worktrees")
+    wt, branch = await trees.add(str(repo), "t1", "claude", base)
+    (wt / "app.py").write_text("def add(a, b):\n    return a + b\n")
+    assert await trees.commit_all(wt, "council t1: claude")
+
+    res = await merge_branch(repo, branch=branch, base=base, into="main", message="m", task_id="t1",
+                             agent="claude", run_hooks=run_hooks)
+
+    assert res.merged and res.backup_ref == "refs/council/backup/t1"
+    if not run_hooks:
+        assert not marker.exists(), marker.read_text()
+        return
+    ran = marker.read_text().splitlines()
+    assert "post-merge 0" in ran and "committed refs/heads/main" in ran, ran
+    assert not [line for line in ran if "refs/council/" in line or line == "post-checkout"], ran
+    env = (tmp_path / "env.txt").read_text()
+    assert "ANTHROPIC_API_KEY" not in env and f"HOME={os.environ['HOME']}" in env
+
+
+async def test_merge_run_hooks_from_the_config_reaches_the_merge(repo, tmp_path):
+    marker = tmp_path / "post-merge.txt"
+    script(repo / ".git" / "hooks" / "post-merge", f'echo "post-merge $1" >> {marker}')
+    agents = {"writer": fake("--write", "app.py=def add(a, b):\n    return a + b")}
+    for run_hooks in (False, True):
+        cfg = parse_config({"agents": agents, "engine": {"kill_grace_s": 1}, "merge": {"run_hooks": run_hooks}})
+        async with Engine(cfg, home=tmp_path / f"council-{run_hooks}", environ=dict(os.environ)) as engine:
+            task = await engine.submit(str(repo), f"Fix add {run_hooks}", agents=["writer"])
+            await engine.wait(task.task_id, 60)
+            assert (await engine.merge(task.task_id)).merged
+        assert marker.exists() == run_hooks
+        git(repo, "reset", "-q", "--hard", f"refs/council/backup/{task.task_id}")  # the same fix again next time
+    assert marker.read_text() == "post-merge 0\n"
+    assert git(repo, "log", "-1", "--format=%(trailers:key=Council-Agent,valueonly)", "HEAD@{1}") == "writer"
+
+
+def test_the_merge_section_is_checked_like_the_others():
+    assert parse_config({}).merge.run_hooks is False
+    for table, problem in (({"run_hook": True}, "[merge] run_hook is not a key of [merge]; did you mean run_hooks?"),
+                           ({"run_hooks": "yes"}, '[merge] run_hooks = "yes" should be a valid boolean'),
+                           ({"run_hooks": 1}, "[merge] run_hooks = 1 should be a valid boolean")):
+        with pytest.raises(ConfigError) as e:
+            parse_config({"merge": table})
+        assert problem in str(e.value)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.merge import MergeRefused, changes_in, merge_branch
+from engine.worktrees import Worktrees
 
 ID = ["-c", "user.name=Agent Smith", "-c", "user.email=agent@example.com", "-c", "commit.gpgsign=false"]
 LINES = [f"line {i}\n" for i in range(1, 11)]
@@ -90,8 +91,8 @@ def show(repo: Path, rev: str, path: str) -> str:
 
 
 async def merge(repo, branch, strategy="squash", into="main", tid="t1", base="main", **kw):
-    return await merge_branch(repo, branch=branch, base=base, into=into, strategy=strategy,
-                              message=f"council {tid}: agent's work\n\nPrompt: do it", task_id=tid, **kw)
+    kw.setdefault("message", f"council {tid}: agent's work\n\nPrompt: do it")
+    return await merge_branch(repo, branch=branch, base=base, into=into, strategy=strategy, task_id=tid, **kw)
 
 
 @pytest.mark.parametrize("strategy", ["squash", "merge", "rebase"])
@@ -112,7 +113,7 @@ async def test_checked_out_and_clean_updates_branch_and_worktree(repo, root, str
     parents = g(repo, "log", "-1", "--format=%P", "main").split()
     if strategy == "squash":
         assert parents == [base]
-        assert g(repo, "log", "-1", "--format=%an|%s", "main") == "cli-council|council t1: agent's work"
+        assert g(repo, "log", "-1", "--format=%an|%s", "main") == "Test User|council t1: agent's work"
     elif strategy == "merge":
         assert parents == [base, g(repo, "rev-parse", branch)]
     else:
@@ -480,3 +481,94 @@ async def test_when_the_target_cannot_move_no_backup_is_written(repo, root):
     assert snapshot(repo) == before and backups(repo) == {}
     lock.unlink()
     assert (await merge(repo, branch, into="feature", base="feature")).backup_ref == "refs/council/backup/t1"
+
+
+# Identity and trailers: what lands on the user's branch is the user's, and says where it came from.
+
+def landed(repo: Path, base: str, fmt: str) -> list[str]:
+    """One line per commit that landed on main since base (first parents: not the attempt's own)."""
+    sep = "\x1f"
+    out = g(repo, "log", "--first-parent", f"--format={fmt.replace('|', sep)}%x1e", f"{base}..main")
+    return [rec.strip("\n").replace(sep, "|") for rec in out.split("\x1e") if rec.strip("\n")]
+
+
+TRAILERS = "%(trailers:key=Council-Task,valueonly,separator=)|%(trailers:key=Council-Agent,valueonly,separator=)"
+
+
+@pytest.mark.parametrize("strategy", ["squash", "merge", "rebase"])
+async def test_commits_landing_on_the_users_branch_are_the_users_with_trailers(repo, root, strategy):
+    g(repo, "config", "user.name", "Ada Lovelace")  # the repo's own identity beats the global Test User
+    g(repo, "config", "user.email", "ada@example.com")
+    base = g(repo, "rev-parse", "main")
+    branch, _ = attempt(repo, root, "t1", "claude", {"a.txt": edited(1, "x"), "n.txt": "n\n"}, commits=2)
+
+    res = await merge_branch(repo, branch=branch, base=base, into="main", strategy=strategy,
+                             message="Fix it\n\nPrompt:\nfix it", task_id="t1", agent="claude")
+
+    assert res.merged and "committed as cli-council" not in res.message
+    rows = landed(repo, base, "%an <%ae>|%cn <%ce>|" + TRAILERS)
+    assert len(rows) == (2 if strategy == "rebase" else 1)
+    author = "Agent Smith <agent@example.com>" if strategy == "rebase" else "Ada Lovelace <ada@example.com>"
+    assert rows == [f"{author}|Ada Lovelace <ada@example.com>|t1|claude"] * len(rows)
+    if strategy == "rebase":  # the agent's dates are kept too
+        assert landed(repo, base, "%ad|%s") == g(repo, "log", "--format=%ad|%s", f"{base}..{branch}").splitlines()
+    else:
+        assert g(repo, "log", "-1", "--format=%B", "main") == "Fix it\n\nPrompt:\nfix it\n\nCouncil-Task: t1\nCouncil-Agent: claude"
+
+
+async def test_without_any_identity_the_council_commits_and_says_so(repo, root, tmp_path, monkeypatch):
+    empty = tmp_path / "empty.gitconfig"
+    empty.write_text("")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(empty))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for name in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):  # the server's environment is no identity
+        monkeypatch.setenv(name, "Server Env")
+    for name in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL", "EMAIL"):
+        monkeypatch.setenv(name, "server@env.example")
+    base = g(repo, "rev-parse", "main")
+    branch, _ = attempt(repo, root, "t1", "claude", {"a.txt": edited(1, "x")})
+
+    dry = await merge(repo, branch, base=base, agent="claude", dry_run=True)
+    res = await merge(repo, branch, base=base, agent="claude")
+
+    for r in (dry, res):
+        assert "committed as cli-council <cli-council@localhost>" in r.message and "user.name" in r.message
+    assert res.merged
+    assert landed(repo, base, "%an <%ae>|%cn <%ce>|" + TRAILERS) == [
+        "cli-council <cli-council@localhost>|cli-council <cli-council@localhost>|t1|claude"]
+
+
+async def test_attempt_commits_keep_the_council_identity(repo, root):
+    g(repo, "config", "user.name", "Ada Lovelace")
+    g(repo, "config", "user.email", "ada@example.com")
+    g(repo, "config", "author.name", "Ada Author")  # beats user.name for authors, as in the user's own commits
+    base = g(repo, "rev-parse", "main")
+    wt, branch = await Worktrees(root).add(str(repo), "t1", "claude", base)
+    (wt / "a.txt").write_text("agent\n")
+    assert await Worktrees(root).commit_all(wt, "council t1: claude")
+
+    assert (await merge(repo, branch, strategy="merge", base=base, agent="claude")).merged
+
+    assert g(repo, "log", "-1", "--format=%an <%ae>|%cn <%ce>", branch) == \
+        "cli-council <cli-council@localhost>|cli-council <cli-council@localhost>"
+    assert g(repo, "log", "-1", "--format=%an|%cn", "main") == "Ada Author|Ada Lovelace"
+
+
+@pytest.mark.parametrize("message, trailers", [
+    # the message's own trailer block gets ours added to it
+    ("Fix it\n\nbody\n\nSigned-off-by: A <a@example.com>\n", ["Signed-off-by: A <a@example.com>"]),
+    # a last paragraph that is prose stays prose: ours come after a blank line
+    ("Fix it\n\nbody with: a colon\nand more", []),
+    # a markdown rule in a prompt is no patch divider
+    ("Fix it\n\nPrompt:\nabove\n---\nbelow", []),
+    ("Only: a subject line", []),
+    ("", []),
+])
+async def test_trailers_are_what_git_parses_whatever_the_message(repo, root, message, trailers):
+    base = g(repo, "rev-parse", "main")
+    branch, _ = attempt(repo, root, "t1", "claude", {"a.txt": edited(1, "x")})
+    assert (await merge(repo, branch, base=base, agent="claude", message=message)).merged
+    parsed = g(repo, "log", "-1", "--format=%(trailers:unfold)", "main").splitlines()
+    assert parsed == [*trailers, "Council-Task: t1", "Council-Agent: claude"]
+    if message.strip():
+        assert g(repo, "log", "-1", "--format=%B", "main").startswith(message.strip())
