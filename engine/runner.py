@@ -12,6 +12,7 @@ import errno
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -23,7 +24,7 @@ from adapters.base import Invocation
 
 MAX_LINE = 256 * 1024  # longer lines are cut: one runaway line must not hold the whole output in memory
 MAX_ARG_STRLEN = 131072  # Linux: the most one argv or environment string may hold
-DRAIN_S = 2.0  # after the group is dead, how long pipes held by escaped grandchildren may stay open
+DRAIN_S = 2.0  # after the group is dead, how long pipes may stay open with nothing coming through them
 
 LineSink = Callable[[str, str], Awaitable[None]]
 
@@ -213,16 +214,19 @@ async def stop_recorded_group(pgid: int, start_time: int | None, grace_s: float)
     return True
 
 
-async def _pump(stream: ByteReceiveStream | None, name: str, sink: LineSink) -> None:
+async def _pump(stream: ByteReceiveStream | None, name: str, sink: LineSink, seen: list[float]) -> None:
+    """Lines to the sink; `seen[0]` is when output last moved, so the drain waits for a slow reader."""
     if stream is None:
         return
     buf = b""
     try:
         async for chunk in stream:
+            seen[0] = time.monotonic()
             buf += chunk
             while (nl := buf.find(b"\n")) >= 0:
                 line, buf = buf[:nl], buf[nl + 1:]
                 await sink(name, line[:MAX_LINE].decode(errors="replace").rstrip("\r"))
+                seen[0] = time.monotonic()
             if len(buf) > MAX_LINE:  # a line with no end in sight: flush what fits, drop the rest of it
                 await sink(name, buf[:MAX_LINE].decode(errors="replace"))
                 buf = b""
@@ -326,10 +330,11 @@ async def run(inv: Invocation, *, timeout_s: float, on_line: LineSink,
             await on_start(pgid)
         async with anyio.create_task_group() as tg:
             done = [anyio.Event(), anyio.Event()]
+            seen = [time.monotonic()]
 
             async def pump(stream, name, ev):
                 try:
-                    await _pump(stream, name, on_line)
+                    await _pump(stream, name, on_line, seen)
                 except Exception as e:  # the sink failed: stop the run, raise it once all is dead
                     sink_error.append(e)
                     tg.cancel_scope.cancel()
@@ -346,9 +351,13 @@ async def run(inv: Invocation, *, timeout_s: float, on_line: LineSink,
             # Reap whatever the agent left running, then let the pipes drain.
             await stop_group(pgid, kill_grace_s if timed_out else min(kill_grace_s, 1.0), proc, marker)
             stopped = True
-            with anyio.move_on_after(DRAIN_S):
-                for ev in done:
-                    await ev.wait()
+            # Read what is left in the pipes however slowly the sink takes it (a loaded machine must
+            # not lose the end of the output); give up only on a pipe an escaped process holds open
+            # with nothing coming through.
+            while not all(ev.is_set() for ev in done) and (idle := time.monotonic() - seen[0]) < DRAIN_S:
+                with anyio.move_on_after(DRAIN_S - idle):
+                    for ev in done:
+                        await ev.wait()
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):

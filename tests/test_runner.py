@@ -328,3 +328,17 @@ async def test_another_users_marked_process_is_left_alone(tmp_path, marker):
     finally:
         theirs.kill()
         theirs.wait()
+
+
+async def test_a_slow_reader_still_gets_every_line_after_the_process_exits(tmp_path):
+    """The process prints 300 lines and exits at once; the sink takes 3 s to read them (longer than
+    the drain grace), as a loaded machine would. Nothing may be lost."""
+    got = []
+
+    async def slow(stream: str, text: str) -> None:
+        await anyio.sleep(0.01)
+        got.append(text)
+
+    inv = Invocation(argv=[sys.executable, "-c", "for i in range(300): print(i)"], env=dict(os.environ), cwd=tmp_path)
+    result = await runner.run(inv, timeout_s=60, on_line=slow, kill_grace_s=1)
+    assert result.exit_code == 0 and got == [str(i) for i in range(300)]
