@@ -166,6 +166,9 @@ async def test_get_diff_refusals(server, repo):
         for bad in (0, 10_000_001, 1.5, "100", True):
             await refused(client, "get_diff", task_id=task.task_id, max_bytes=bad)
         assert "NUL" in await refused(client, "get_diff", task_id=task.task_id, agent="fa\0ke")
+        await refused(client, "get_diff", task_id=task.task_id, agnet="fake")  # strict: no misspelt argument dropped
+        await refused(client, "list_agents", verbose=True)
+        await refused(client, "discard_task", task_id=task.task_id, force=True)
         with pytest.raises(MCPError, match="no attempt by 'nobody'"):
             await client.read_resource(f"council://tasks/{task.task_id}/attempts/nobody/diff")
         with pytest.raises(MCPError, match="no task"):
