@@ -57,7 +57,7 @@ async def git_head(cwd: str | Path, *args: str, max_bytes: int) -> tuple[bytes, 
 
 async def files(repo: str | Path, base: str, tip: str) -> list[DiffFile]:
     """Every file changed between two commits, with its line counts (binary files count none)."""
-    out = await git(repo, "diff", "--numstat", "-z", "--no-renames", "--no-relative", base, tip)
+    out = await git(repo, "diff", "--numstat", "-z", "--no-renames", "--no-relative", "--no-textconv", base, tip)
     found = []
     for rec in out.split("\0"):
         if rec:

@@ -396,7 +396,8 @@ class Engine:
         else:
             prefix = f"council/{task_id}/"
             recorded = {a.branch for a in task.attempts if a.branch}
-            listed = await git(task.repo, "for-each-ref", "--format=%(refname:strip=2)", f"refs/heads/{prefix}")
+            listed = await git(task.repo, "for-each-ref", "--format=%(refname:strip=2)", f"refs/heads/{prefix}",
+                               check=False)  # no longer a repo: each removal below reports why it kept things
             paths = {str(Path(a.worktree)) for a in task.attempts if a.worktree}
             strays = [str(p) for p in await anyio.to_thread.run_sync(self._task_dirs, task_id) if str(p) not in paths]
             parts = ([(a.worktree, a.branch, cleanup_mod.check_output_until(a)) for a in task.attempts]

@@ -345,3 +345,18 @@ async def test_discard_never_deletes_a_branch_its_record_does_not_own(make_engin
         report = await engine.discard(task.task_id)
     assert "feature: not a council branch of task" in " ".join(report.kept)
     assert "feature" in branches(repo) and ours not in branches(repo), "its own branch is still found and removed"
+
+
+async def test_discard_when_the_repo_is_gone_reports_it_and_keeps_the_record(make_engine, repo):
+    import shutil
+
+    async with make_engine({"fake": AGENTS["fake"]}) as engine:
+        task = await engine.submit(str(repo), "change", agents=["fake"])
+        task = await engine.wait(task.task_id, 60)
+    shutil.rmtree(repo)
+    async with make_engine({"fake": AGENTS["fake"]}) as engine:
+        report = await engine.discard(task.task_id)
+        assert report.removed == [] and f"its repo {repo} is gone" in report.kept[0]
+        assert (await engine.get(task.task_id)).discarded_at is not None
+        with pytest.raises(ValueError, match="repo .* is gone"):
+            await engine.diff(task.task_id)
