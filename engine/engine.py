@@ -25,14 +25,15 @@ from adapters.ollama import classify_tier
 from adapters.base import (TIERS, TRANSIENT, Adapter, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome,
                            allowed_env, redact, secret_values)
 
+from . import agents as agents_mod
 from . import cleanup as cleanup_mod
-from . import inputs, judge, routing, runner
+from . import diffs, inputs, judge, routing, runner
 from .config import Config, ConfigError, LiveConfig, config_path, home_dir
 from .gitcmd import GitError, diff_stat, git, resolve_commit
 from .inputs import CouncilError, NotFound
 from .merge import STRATEGIES, MergeRefused, check_target, merge_branch
-from .models import (ACTIVE_TASK, Attempt, AttemptState, CheckResult, GcReport, LogChunk, MergeResult,
-                     Task, TaskList, TaskState, TaskSummary, now)
+from .models import (ACTIVE_TASK, AgentList, Attempt, AttemptState, CheckResult, Diff, GcReport, LogChunk,
+                     MergeResult, Task, TaskList, TaskState, TaskSummary, now)
 from .logbook import Logbook
 from .store import Store
 from .worktrees import Worktrees
@@ -261,6 +262,9 @@ class Engine:
             inputs.ref("into", into)
         if task.state in ACTIVE_TASK:
             raise CouncilError(f"task {task_id} is still {task.state}; wait for it (get_status with wait_s) or cancel it")
+        if task.discarded_at is not None:
+            raise CouncilError(f"task {task_id} was discarded at {task.discarded_at:%Y-%m-%d %H:%M:%S} UTC: "
+                               "its worktrees and branches are gone, so there is nothing to merge")
         if task.state == TaskState.merged:
             raise CouncilError(f"task {task_id} is already merged as {task.merge_commit}; "
                                f"`git show {(task.merge_commit or '')[:12]}` in {task.repo} shows it")
@@ -335,7 +339,8 @@ class Engine:
         cutoff = now().timestamp() - age
         for task in tasks:
             finished = task.finished_at or task.created_at
-            if task.state not in ACTIVE_TASK and finished.timestamp() <= cutoff and not await self._leftovers(task):
+            old = finished.timestamp() <= cutoff or task.discarded_at is not None  # discarded: no need to wait
+            if task.state not in ACTIVE_TASK and old and not await self._leftovers(task):
                 await self.store.delete_task(task.task_id)
                 report.removed.append(f"task {task.task_id}: record and logs (nothing of it is left in git or on disk)")
         report.kept += [f"task {tid}: its stored record cannot be read ({why})" for tid, why in
@@ -351,6 +356,101 @@ class Engine:
             return False
         return bool(await git(task.repo, "for-each-ref", "--format=%(refname)", f"refs/heads/council/{task.task_id}/",
                               check=False))
+
+    # agents, diffs, throwing a task away
+
+    async def agents(self) -> AgentList:
+        """Every configured agent and whether it can run here: what `cli-council doctor` shows."""
+        return await agents_mod.describe(self.config, self.environ)
+
+    async def diff(self, task_id: str, agent: str | None = None, max_bytes: int = 200_000) -> Diff:
+        """An attempt's changes (the best attempt's by default) as `git diff base..branch`, cut at max_bytes."""
+        task = await self.get(task_id)
+        max_bytes = int(inputs.number("max_bytes", max_bytes, low=1, high=diffs.MAX_BYTES))
+        if agent is None:
+            if task.best is None:
+                why = (f"it is still {task.state}" if task.state in ACTIVE_TASK
+                       else task.best_reason or "it picked no best attempt")
+                raise CouncilError(f"task {task_id} has no best attempt to show ({why}); name one: agent=NAME "
+                                   f"(`--agent NAME`) of {', '.join(a.agent for a in task.attempts) or 'none yet'}")
+            agent = task.best
+        inputs.text("agent", agent, max_bytes=64)
+        try:
+            attempt = task.attempt(agent)
+        except KeyError:
+            raise CouncilError(f"task {task_id} has no attempt by {agent!r}; "
+                               f"its attempts: {', '.join(a.agent for a in task.attempts) or 'none yet'}") from None
+        if attempt.state in (AttemptState.queued, AttemptState.running):
+            raise CouncilError(f"{agent}'s attempt is still {attempt.state}: its changes reach its branch when it "
+                               "ends; wait for the task (get_status with wait_s), then ask again")
+        if not attempt.branch or not attempt.files_changed:
+            raise CouncilError(f"{agent}'s attempt ({attempt.state}) left no changes: there is no diff to show")
+        if not await anyio.Path(task.repo).is_dir():
+            raise CouncilError(f"the task's repo {task.repo} is gone, and its branches with it")
+        tip = await resolve_commit(task.repo, f"refs/heads/{attempt.branch}")
+        if tip is None:
+            gone = (f"the task was merged as {task.merge_commit} and its branches removed; "
+                    f"`git show {task.merge_commit[:12]}` in {task.repo} shows what landed"
+                    if task.state == TaskState.merged and task.merge_commit else "it was removed (discarded or deleted)")
+            raise CouncilError(f"{agent}'s branch {attempt.branch} no longer exists: {gone}")
+        patch, truncated = await diffs.patch(task.repo, task.base, tip, max_bytes, self._own_secrets)
+        return Diff(task_id=task_id, agent=agent, base=task.base, branch=attempt.branch,
+                    files=await diffs.files(task.repo, task.base, tip), patch=patch, truncated=truncated)
+
+    async def discard(self, task_id: str) -> GcReport:
+        """Remove a finished task's worktrees and branches (only the council's own, never the user's).
+        Uncommitted work in a worktree is kept and reported, as gc does. With nothing left the record
+        and logs go too; otherwise the record stays, marked discarded, and gc drops it once nothing is."""
+        task = await self.get(task_id)
+        if task.state in ACTIVE_TASK:
+            raise CouncilError(f"task {task_id} is still {task.state}; cancel it first (cancel_task, or "
+                               f"`cli-council cancel {task_id}`), then discard it")
+        report, root = GcReport(), self.worktrees.root
+        if not await anyio.Path(task.repo).is_dir():
+            report.kept.append(f"task {task_id}: its repo {task.repo} is gone; `cli-council gc` reclaims its "
+                               "worktrees")
+        else:
+            prefix = f"council/{task_id}/"
+            recorded = {a.branch for a in task.attempts if a.branch}
+            listed = await git(task.repo, "for-each-ref", "--format=%(refname:strip=2)", f"refs/heads/{prefix}",
+                               check=False)  # no longer a repo: each removal below reports why it kept things
+            paths = {str(Path(a.worktree)) for a in task.attempts if a.worktree}
+            strays = [str(p) for p in await anyio.to_thread.run_sync(self._task_dirs, task_id) if str(p) not in paths]
+            parts = ([(a.worktree, a.branch, cleanup_mod.check_output_until(a)) for a in task.attempts]
+                     + [(p, None, None) for p in strays]
+                     + [(None, b, None) for b in listed.splitlines() if b not in recorded])
+            for worktree, branch, check_until in parts:
+                if branch and not branch.startswith(prefix):  # a record naming someone else's branch
+                    report.kept.append(f"{branch}: not a council branch of task {task_id}; not touched")
+                    branch = None
+                try:
+                    part = await cleanup_mod.remove_attempt(task.repo, root=root, worktree=worktree, branch=branch,
+                                                            into=task.into, base=task.base, discard=True,
+                                                            check_until=check_until)
+                except (GitError, OSError) as e:
+                    report.kept.append(f"{worktree or branch}: could not remove it: {getattr(e, 'stderr', '') or e}")
+                    continue
+                report.removed += part.removed
+                report.kept += part.kept
+        if await self._leftovers(task) or await anyio.to_thread.run_sync(self._task_dirs, task_id):
+            task.discarded_at = now()
+            await self._note(task, "discarded; kept: " + "; ".join(report.kept))
+            await self.logbook.flush(task_id)
+            await self._save(task)
+            report.kept.append(f"task {task_id}: its record stays, marked discarded, while any of it is left; "
+                               "once you have dealt with what was kept, discard it again, or `cli-council gc` "
+                               "drops the record when nothing of it is left")
+        else:
+            await self.store.delete_task(task_id)
+            report.removed.append(f"task {task_id}: record and logs")
+        return report
+
+    def _task_dirs(self, task_id: str) -> list[Path]:
+        """Directories under the task's worktree folder, recorded in its attempts or not."""
+        try:
+            return sorted(p for p in (self.worktrees.root / task_id).iterdir() if p.is_dir())
+        except OSError:
+            return []
 
     # building a task
 

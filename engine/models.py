@@ -9,13 +9,16 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from enum import StrEnum
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 from adapters.base import ErrorInfo, ErrorKind
 
 __all__ = [
     "AttemptState", "TaskState", "ErrorInfo", "ErrorKind", "CheckResult", "Attempt", "Task",
-    "TaskSummary", "AttemptSummary", "TaskList", "LogLine", "LogChunk", "MergeResult", "GcReport", "now", "ACTIVE_TASK", "FINISHED_ATTEMPT",
+    "TaskSummary", "AttemptSummary", "TaskList", "LogLine", "LogChunk", "MergeResult", "GcReport", "AgentInfo",
+    "AgentList", "DiffFile", "Diff", "now", "ACTIVE_TASK", "FINISHED_ATTEMPT",
 ]
 
 
@@ -98,6 +101,8 @@ class Task(BaseModel):
     best_reason: str | None = None
     total_cost_usd: float = 0.0
     merge_commit: str | None = None
+    discarded_at: datetime | None = Field(None, description="discard_task removed its worktrees and branches; "
+                                                            "what it kept is in its log")
     error: ErrorInfo | None = Field(None, description="what broke the task itself (its attempts record their own)")
     warnings: list[str] = Field(default_factory=list, description="what the caller should know, e.g. a dirty checkout")
     attempts: list[Attempt] = Field(default_factory=list)
@@ -175,3 +180,37 @@ class MergeResult(BaseModel):
 class GcReport(BaseModel):
     removed: list[str] = Field(default_factory=list)
     kept: list[str] = Field(default_factory=list, description="what was left, and why")
+
+
+class AgentInfo(BaseModel):
+    name: str = Field(description="what submit_task's `agents` takes")
+    kind: str = Field(description="the adapter: claude, gemini, auto-claude, ollama or command")
+    available: bool = Field(description="its probe found it installed and signed in on this machine")
+    enabled: bool = Field(description="the config lets tasks use it ([agents.NAME] enabled)")
+    message: str = Field(description="what the probe found, or what to do to make it usable")
+    version: str | None = None
+    model: str | None = Field(None, description="the model it is set to use; None: the CLI's own default")
+    tiers: list[str] = Field(default_factory=list, description="the tiers whose [routing] list runs it")
+    max_parallel: int = Field(description="how many of its attempts run at once (its cap, or the engine's)")
+    details: dict[str, Any] = Field(default_factory=dict, description="what the probe looked at (paths, models)")
+
+
+class AgentList(BaseModel):
+    agents: list[AgentInfo]
+
+
+class DiffFile(BaseModel):
+    path: str
+    insertions: int = 0
+    deletions: int = 0
+    binary: bool = False
+
+
+class Diff(BaseModel):
+    task_id: str
+    agent: str
+    base: str = Field(description="the commit the attempt started from")
+    branch: str = Field(description="the attempt's branch; the patch is `git diff base..branch`")
+    files: list[DiffFile] = Field(default_factory=list, description="every file the attempt changed")
+    patch: str = Field(description="the unified diff, cut at max_bytes")
+    truncated: bool = Field(False, description="the patch was cut at max_bytes; files still lists every file")

@@ -1,4 +1,4 @@
-"""The MCP server: six tools and two resources over one Engine, served on stdio or streamable HTTP.
+"""The MCP server: nine tools and three resources over one Engine, served on stdio or streamable HTTP.
 
 Each tool is a thin typed wrapper over an Engine method and returns the engine's pydantic model as
 its structured result, so the MCP surface and `cli-council ... --json` are the same documents.
@@ -37,7 +37,8 @@ from pydantic import ConfigDict, Field
 
 from engine.config import Config, load_config
 from engine.engine import CouncilError, Engine, NotFound
-from engine.models import ACTIVE_TASK, LogChunk, MergeResult, Task, TaskList
+from engine.diffs import MAX_BYTES as MAX_DIFF_BYTES
+from engine.models import ACTIVE_TASK, AgentList, Diff, GcReport, LogChunk, MergeResult, Task, TaskList
 
 from . import auth, http_transport, stdio_transport, text
 
@@ -55,8 +56,11 @@ model, or any configured command) on a git repository, each agent in its own wor
 in parallel. The user's checkout is not touched until merge_result.
 Workflow: submit_task returns a task_id at once -> follow it with stream_logs (pass next_cursor back
 as cursor, with wait_s to long-poll) until done is true, or get_status with wait_s -> read the
-attempts and `best` -> merge_result (dry_run first if unsure) -> or cancel_task.
-Resources: council://tasks/{task_id} (the task as JSON) and council://tasks/{task_id}/logs (its log)."""
+attempts and `best`, and each attempt's changes with get_diff -> merge_result (dry_run first if unsure)
+-> or cancel_task; discard_task throws a finished task's worktrees and branches away.
+list_agents tells which agents are configured and usable here (names for submit_task's `agents`).
+Resources: council://tasks/{task_id} (the task as JSON), council://tasks/{task_id}/logs (its log) and
+council://tasks/{task_id}/attempts/{agent}/diff (an attempt's patch)."""
 
 T = TypeVar("T")
 
@@ -67,6 +71,10 @@ def task_uri(task_id: str) -> str:
 
 def logs_uri(task_id: str) -> str:
     return f"council://tasks/{task_id}/logs"
+
+
+def diff_uri(task_id: str, agent: str) -> str:
+    return f"council://tasks/{task_id}/attempts/{agent}/diff"
 
 
 def _task_id_of(uri: str) -> str:
@@ -297,6 +305,39 @@ async def cancel_task(task_id: TaskId, ctx: Context) -> Task:
     return task
 
 
+@_errors
+async def list_agents(ctx: Context) -> AgentList:
+    """The configured agents and whether each can run on this machine (installed, signed in), with its model,
+    the tiers whose routing runs it and how many of its attempts run at once; `message` says what to do about
+    one that cannot run. Use the names in submit_task's `agents`. Probes each CLI, so it takes a moment."""
+    return await _council(ctx).engine.agents()
+
+
+@_errors
+async def get_diff(
+    task_id: TaskId,
+    ctx: Context,
+    agent: Annotated[str | None, Field(description="Whose attempt; omit for the task's best.")] = None,
+    max_bytes: Annotated[int, Field(ge=1, le=MAX_DIFF_BYTES, description=(
+        f"Cut the patch after this many bytes (at most {MAX_DIFF_BYTES:,}); `truncated` says when it was; "
+        "`files` always lists every changed file."))] = 200_000,
+) -> Diff:
+    """What an attempt changed: `git diff base..branch` of its branch as a unified patch, with the files and
+    their line counts. Look before merge_result. Refused for an attempt that left no changes or is still running."""
+    return await _council(ctx).engine.diff(task_id, agent=agent, max_bytes=max_bytes)
+
+
+@_errors
+async def discard_task(task_id: TaskId, ctx: Context) -> GcReport:
+    """Throw a finished task away: delete its worktrees and council branches (never the user's branches;
+    a worktree holding uncommitted work is kept and reported). Its record goes too once nothing of it is
+    left. Refused while the task runs: cancel_task first."""
+    council = _council(ctx)
+    report = await council.engine.discard(task_id)
+    await council.updates.announce(task_uri(task_id))
+    return report
+
+
 def _strict(tool: Tool) -> None:
     """Refuse unknown arguments (a misspelt `agnets` must not be silently dropped), non-finite numbers
     (`1e309`, "inf", NaN) and coercions ("yes" as true, true as 1 second), instead of the SDK's default
@@ -324,6 +365,11 @@ TOOLS = [
     (merge_result, _annotations("Merge a result", read_only=False, destructive=True)),
     # cancel_task kills running agents (their unfinished work cannot be resumed); cancelling twice is a no-op.
     (cancel_task, _annotations("Cancel a task", read_only=False, destructive=True, idempotent=True)),
+    # list_agents starts each CLI's `--version` and asks a local Ollama server: it changes nothing.
+    (list_agents, _annotations("List agents", read_only=True, idempotent=True)),
+    (get_diff, _annotations("Attempt diff", read_only=True, idempotent=True)),
+    # discard_task deletes branches that may hold the only copy of an attempt's work; a second call finds nothing.
+    (discard_task, _annotations("Discard a task", read_only=False, destructive=True, idempotent=True)),
 ]
 
 
@@ -362,6 +408,18 @@ async def _task_log(task_id: str, ctx: Context) -> str:
             out.append(text)
             cursor = ln.seq
     return "\n".join(out) + ("\n" if out else "")
+
+
+async def _attempt_diff(task_id: str, agent: str, ctx: Context) -> str:
+    """The attempt's patch up to MAX_RESOURCE_BYTES; get_diff says more (files, truncated)."""
+    council, _ = await _followed(task_id, ctx)
+    try:
+        diff = await council.engine.diff(task_id, agent=agent, max_bytes=MAX_RESOURCE_BYTES)
+    except CouncilError as e:
+        raise ResourceNotFoundError(str(e)) from None
+    if diff.truncated:
+        return diff.patch + f"# ... cut at {MAX_RESOURCE_BYTES} bytes; the whole branch: `git diff {diff.base} {diff.branch}`\n"
+    return diff.patch
 
 
 async def _subscribe(ctx: ServerRequestContext[Council], params: types.SubscribeRequestParams) -> types.EmptyResult:
@@ -419,6 +477,10 @@ def build_server(config: Config | None = None, home: Path | None = None) -> MCPS
                     description="The task with all its attempts, as get_status returns it.")(_task_json)
     server.resource("council://tasks/{task_id}/logs", name="task_logs", title="Task log", mime_type="text/plain",
                     description="Every log line of the task so far: seq, time, agent, [stream], text.")(_task_log)
+    server.resource("council://tasks/{task_id}/attempts/{agent}/diff", name="attempt_diff", title="Attempt diff",
+                    mime_type="text/x-diff",
+                    description="An attempt's changes: `git diff base..branch` of its branch, as get_diff returns "
+                                "its patch.")(_attempt_diff)
     lowlevel = server._lowlevel_server  # MCPServer has no public hook for resources/subscribe
     lowlevel.add_request_handler("resources/subscribe", types.SubscribeRequestParams, _subscribe)
     lowlevel.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, _unsubscribe)

@@ -17,8 +17,8 @@ import time
 import anyio
 from pydantic import BaseModel
 
-from adapters import make_adapter
-from adapters.base import Availability
+from engine import agents as agents_mod
+from engine import diffs
 from engine.config import TIERS, ConfigError, load_config
 from engine.engine import CouncilError, Engine
 from engine.models import ACTIVE_TASK, Task, TaskState
@@ -55,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor", help="which agents are usable here, and what to do about the rest")
     d.add_argument("--json", action="store_true")
+
+    ag = sub.add_parser("agents", help="the configured agents: usable here or not, model, tiers, parallel cap")
+    ag.add_argument("--json", action="store_true", help="print the AgentList the list_agents tool returns")
 
     r = sub.add_parser("run", help="run a task in the foreground until it ends",
                        description="Run one task on the council and stay until it ends: exit 0 when it "
@@ -95,6 +98,17 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cancel", help="stop every running attempt of a task")
     c.add_argument("task_id")
     c.add_argument("--json", action="store_true")
+
+    df = sub.add_parser("diff", help="an attempt's changes as a patch (the best attempt by default)")
+    df.add_argument("task_id")
+    df.add_argument("--agent", help="whose attempt; default: the task's best")
+    df.add_argument("--max-bytes", type=int, default=diffs.MAX_BYTES, metavar="N",
+                    help=f"cut the patch after N bytes (default and most: {diffs.MAX_BYTES:,})")
+    df.add_argument("--json", action="store_true", help="print the Diff the get_diff tool returns")
+
+    dc = sub.add_parser("discard", help="remove a finished task's worktrees and branches (cancel it first)")
+    dc.add_argument("task_id")
+    dc.add_argument("--json", action="store_true")
 
     g = sub.add_parser("gc", help="prune finished worktrees, orphaned branches and dead processes")
     g.add_argument("--older-than", type=float, dest="older_than_s", metavar="SECONDS",
@@ -218,24 +232,51 @@ async def cmd_cancel(args, engine: Engine) -> int:
 
 async def cmd_gc(args, engine: Engine) -> int:
     report = await engine.gc(older_than_s=args.older_than_s)
+    emit(report) if args.json else print(text.gc_report(report))
+    return 0
+
+
+async def cmd_discard(args, engine: Engine) -> int:
+    report = await engine.discard(args.task_id)
+    emit(report) if args.json else print(text.gc_report(report))
+    return 0
+
+
+async def cmd_diff(args, engine: Engine) -> int:
+    """The patch alone on stdout (so it pipes into `git apply`); what it is, on stderr."""
+    diff = await engine.diff(args.task_id, agent=args.agent, max_bytes=args.max_bytes)
     if args.json:
-        emit(report)
-    else:
-        print(text.gc_report(report))
+        emit(diff)
+        return 0
+    ins, dels = sum(f.insertions for f in diff.files), sum(f.deletions for f in diff.files)
+    print(f"task {diff.task_id}, {diff.agent}'s attempt: {diff.branch} against {diff.base[:12]}, "
+          f"{text.plural(len(diff.files), 'file')}, +{ins}/-{dels}", file=sys.stderr)
+    sys.stdout.write(diff.patch)
+    sys.stdout.flush()
+    if diff.truncated:
+        print(f"the patch was cut at {args.max_bytes:,} bytes; see the whole branch with "
+              f"`git diff {diff.base[:12]} {diff.branch}` in the repo", file=sys.stderr)
+    return 0
+
+
+async def cmd_agents(args) -> int:
+    agents = await agents_mod.describe(load_config(), os.environ)
+    if args.json:
+        emit(agents)
+        return 0
+    for a in agents.agents:
+        usable = "yes" if a.available and a.enabled else "no"
+        print(f"{a.name:<12} {a.kind:<12} {usable:<4} {a.version or '-':<12} model {a.model or '(default)'}, "
+              f"tiers {', '.join(a.tiers) or '-'}, {a.max_parallel} at once  "
+              f"{'' if a.enabled else '(disabled) '}{a.message}")
     return 0
 
 
 async def cmd_doctor(args) -> int:
     """A broken config is main's `error:` exit 2; an agent whose probe fails is that agent's row."""
-    config = load_config()
-    rows = []
-    for name, spec in config.agents.items():
-        try:
-            avail = await make_adapter(spec).available()
-        except Exception as e:  # one broken agent must not hide the others
-            avail = Availability(False, f"probing it failed: {e.__class__.__name__}: {e}")
-        rows.append({"agent": name, "kind": spec.kind, "enabled": spec.enabled, "ok": avail.ok,
-                     "version": avail.version, "message": avail.message, **avail.details})
+    agents = await agents_mod.describe(load_config(), os.environ)
+    rows = [{"agent": a.name, "kind": a.kind, "enabled": a.enabled, "ok": a.available, "version": a.version,
+             "message": a.message, **a.details} for a in agents.agents]
     if args.json:
         print(json.dumps({"agents": rows}, indent=2))
     else:
@@ -247,12 +288,13 @@ async def cmd_doctor(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "status": cmd_status, "logs": cmd_logs, "merge": cmd_merge,
-            "cancel": cmd_cancel, "gc": cmd_gc}
+            "cancel": cmd_cancel, "gc": cmd_gc, "diff": cmd_diff, "discard": cmd_discard}
+NO_ENGINE = {"doctor": cmd_doctor, "agents": cmd_agents}  # they read the config, not the store
 
 
 async def amain(args) -> int:
-    if args.cmd == "doctor":
-        return await cmd_doctor(args)
+    if args.cmd in NO_ENGINE:
+        return await NO_ENGINE[args.cmd](args)
     async with Engine() as engine:
         return await COMMANDS[args.cmd](args, engine)
 

@@ -28,6 +28,8 @@ def describe(task: Task, check_tails: dict[str, list[str]] | None = None) -> str
         for text in (check_tails or {}).get(a.agent, []):
             lines.append(f"  {'':<12} | {text}")
     lines += [f"  warning: {w}" for w in task.warnings]
+    if task.discarded_at:
+        lines.append(f"  discarded at {task.discarded_at:%Y-%m-%d %H:%M:%S} UTC (what was kept is in its log)")
     if task.error:
         lines.append(f"  error: {task.error.message}")
     if task.best:

@@ -19,7 +19,8 @@ from server import app
 from server.app import build_server
 from tests.conftest import fake, git
 
-TOOLS = {"submit_task", "get_status", "list_tasks", "stream_logs", "merge_result", "cancel_task"}
+TOOLS = {"submit_task", "get_status", "list_tasks", "stream_logs", "merge_result", "cancel_task", "list_agents",
+         "get_diff", "discard_task"}
 MODES = ["auto", "legacy"]  # 2026-07-28 direct dispatch, and the initialize handshake older clients use
 
 
@@ -68,6 +69,9 @@ async def test_tools_are_listed_with_schemas_and_true_annotations(server):
         "stream_logs": (True, False, True, False),
         "merge_result": (False, True, False, False),
         "cancel_task": (False, True, True, False),
+        "list_agents": (True, False, True, False),
+        "get_diff": (True, False, True, False),
+        "discard_task": (False, True, True, False),
     }
 
 
