@@ -18,7 +18,7 @@ import anyio
 
 from adapters.base import redact
 
-from .gitcmd import NO_HOOKS, GitError, git, git_env
+from .gitcmd import NO_HOOKS, GitError, git_env, numstat
 from .models import DiffFile
 
 MAX_BYTES = 10_000_000
@@ -57,15 +57,8 @@ async def git_head(cwd: str | Path, *args: str, max_bytes: int) -> tuple[bytes, 
 
 async def files(repo: str | Path, base: str, tip: str) -> list[DiffFile]:
     """Every file changed between two commits, with its line counts (binary files count none)."""
-    out = await git(repo, "diff", "--numstat", "-z", "--no-renames", "--no-relative", "--no-textconv", base, tip)
-    found = []
-    for rec in out.split("\0"):
-        if rec:
-            added, deleted, path = rec.split("\t", 2)
-            binary = not (added.isdigit() and deleted.isdigit())
-            found.append(DiffFile(path=path, insertions=0 if binary else int(added),
-                                  deletions=0 if binary else int(deleted), binary=binary))
-    return found
+    return [DiffFile(path=path, insertions=ins or 0, deletions=dels or 0, binary=ins is None or dels is None)
+            for path, ins, dels in await numstat(repo, base, tip)]
 
 
 async def patch(repo: str | Path, base: str, tip: str, max_bytes: int, secrets: list[str]) -> tuple[str, bool]:

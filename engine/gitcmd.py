@@ -101,15 +101,19 @@ async def resolve_commit(cwd: str | Path, rev: str) -> str | None:
     return sha or None
 
 
+async def numstat(cwd: str | Path, a: str, b: str) -> list[tuple[str, int | None, int | None]]:
+    """(path, insertions, deletions) of every file changed between two commits; a binary file's counts
+    are None. No textconv program runs (an agent can configure one) and paths are from the top."""
+    out = await git(cwd, "diff", "--numstat", "-z", "--no-renames", "--no-relative", "--no-textconv", a, b)
+    found = []
+    for rec in out.split("\0"):
+        if rec:
+            added, deleted, path = rec.split("\t", 2)
+            found.append((path, int(added) if added.isdigit() else None, int(deleted) if deleted.isdigit() else None))
+    return found
+
+
 async def diff_stat(cwd: str | Path, a: str, b: str) -> tuple[list[str], int, int]:
     """Files changed, insertions, deletions between two commits (binary files count as changed)."""
-    out = await git(cwd, "diff", "--numstat", "-z", "--no-renames", a, b)
-    files, ins, dels = [], 0, 0
-    for rec in out.split("\0"):
-        if not rec:
-            continue
-        added, deleted, path = rec.split("\t", 2)
-        files.append(path)
-        ins += int(added) if added.isdigit() else 0
-        dels += int(deleted) if deleted.isdigit() else 0
-    return files, ins, dels
+    stat = await numstat(cwd, a, b)
+    return [path for path, _, _ in stat], sum(i or 0 for _, i, _ in stat), sum(d or 0 for _, _, d in stat)
