@@ -73,7 +73,7 @@ async def _shell_syntax(check: str) -> None:
 def _what_failed(task: Task, attempt: Attempt) -> str | None:
     """Why merging this attempt deserves a second thought, or None when it and its task succeeded."""
     if attempt.check is not None and not attempt.check.passed:
-        return f"{attempt.agent}'s attempt failed its check `{attempt.check.command}` (exit {attempt.check.exit_code})"
+        return f"{attempt.agent}'s attempt failed its check `{attempt.check.command}` ({attempt.check.outcome()})"
     if attempt.state != AttemptState.succeeded:
         why = f": {attempt.error.message}" if attempt.error else ""
         return f"{attempt.agent}'s attempt {attempt.state}{why}"
@@ -216,7 +216,7 @@ class Engine:
         cursor = int(inputs.number("cursor", cursor, low=0, high=inputs.MAX_CURSOR))
         limit = int(max(1, min(inputs.number("limit", limit, low=-inputs.MAX_CURSOR, high=inputs.MAX_CURSOR), 5000)))
         if agent is not None:
-            inputs.text("agent", agent, max_bytes=64)
+            inputs.agent(agent)
         deadline = time.monotonic() + max(0.0, wait_s)
         while True:
             task = await self.get(task_id)
@@ -257,7 +257,7 @@ class Engine:
             if not isinstance(flag, bool):
                 raise CouncilError(f"{name} must be true or false, got {flag!r}")
         if agent is not None:
-            inputs.text("agent", agent, max_bytes=64)
+            inputs.agent(agent)
         if into is not None:
             inputs.ref("into", into)
         if task.state in ACTIVE_TASK:
@@ -374,7 +374,7 @@ class Engine:
                 raise CouncilError(f"task {task_id} has no best attempt to show ({why}); name one: agent=NAME "
                                    f"(`--agent NAME`) of {', '.join(a.agent for a in task.attempts) or 'none yet'}")
             agent = task.best
-        inputs.text("agent", agent, max_bytes=64)
+        inputs.agent(agent)
         try:
             attempt = task.attempt(agent)
         except KeyError:
@@ -455,6 +455,7 @@ class Engine:
     # building a task
 
     async def _new_task(self, repo, prompt, agents, tier, base, check, timeout_s, budget_usd) -> Task:
+        config = self.config  # one reading for the whole submission, however the file is edited meanwhile
         prompt = inputs.text("prompt", prompt, max_bytes=MAX_PROMPT_BYTES, hint=(
             "CLIs receive it as one argument: put the details in a file in the repo and refer to it"))
         if timeout_s is not None:
@@ -473,9 +474,9 @@ class Engine:
             if len(agents) > inputs.MAX_AGENTS:
                 raise CouncilError(f"{len(agents)} agents named; at most {inputs.MAX_AGENTS}")
             for name in agents:
-                inputs.text("agent name", name, max_bytes=64)
+                inputs.agent(name)
                 try:
-                    spec = self.config.agent(name)
+                    spec = config.agent(name)
                 except ConfigError as e:
                     raise CouncilError(str(e)) from None
                 if not spec.enabled:
@@ -484,7 +485,7 @@ class Engine:
             inputs.ref("base", base)
             if ".." in base:
                 raise CouncilError(f"base {base!r} is a range; give one commit, branch or tag")
-        repo = inputs.repo_path(repo, self.config.server.allowed_roots)
+        repo = inputs.repo_path(repo, config.server.allowed_roots)
         top = await self._toplevel(repo)
         ref = base or "HEAD"
         commit = await resolve_commit(top, ref)
@@ -500,22 +501,23 @@ class Engine:
         if tier is None and not agents:
             tier, why = routing.classify(prompt)
             why = f"classified: {why}"
-        plan = routing.stages(self.config, tier, agents)
-        unknown = [a for stage in plan for a in stage if a not in self.config.agents]
+        plan = routing.stages(config, tier, agents)
+        unknown = [a for stage in plan for a in stage if a not in config.agents]
         if unknown:
             raise CouncilError(f"routing for tier {tier!r} names unknown agents {unknown}; fix [routing] in the config")
-        timeout_s = timeout_s or self.config.engine.default_timeout_s
+        timeout_s = timeout_s or config.engine.default_timeout_s
         for agent in {a for stage in plan for a in stage}:
-            self._check_command_line(agent, prompt, check, timeout_s, budget_usd, tier)
+            self._check_command_line(config, agent, prompt, check, timeout_s, budget_usd, tier)
         return Task(task_id=uuid.uuid4().hex[:12], repo=top, base=commit, into=into, prompt=prompt, tier=tier, tier_reason=why,
                     agents=[a for stage in plan for a in stage], check=check,
                     timeout_s=timeout_s, budget_usd=budget_usd, warnings=warnings,
                     attempts=[Attempt(agent=a, stage=0) for a in plan[0]])
 
-    def _check_command_line(self, agent: str, prompt: str, check, timeout_s: float, budget_usd, tier) -> None:
+    def _check_command_line(self, config: Config, agent: str, prompt: str, check, timeout_s: float, budget_usd,
+                            tier) -> None:
         """Build the agent's command line now, to refuse what the kernel would refuse at exec."""
         try:
-            adapter = make_adapter(self.config.agent(agent), self.environ)
+            adapter = make_adapter(config.agent(agent), self.environ)
             job = Job(prompt=prompt, worktree=self.worktrees.path("0" * 12, agent), timeout_s=timeout_s, check=check,
                       budget_usd=budget_usd, tier=tier)
             inv = adapter.invocation(job)
@@ -745,8 +747,8 @@ class Engine:
         if task.check and attempt.files_changed and attempt.error is None:
             attempt.check = await self._run_check(task, attempt, path)
             if not attempt.check.passed:
-                why = attempt.check.error or f"exit {attempt.check.exit_code}"
-                attempt.error = ErrorInfo(kind=ErrorKind.check_failed, message=f"`{task.check}` failed ({why})")
+                attempt.error = ErrorInfo(kind=ErrorKind.check_failed,
+                                          message=f"`{task.check}` failed ({attempt.check.outcome()})")
         attempt.state = AttemptState.succeeded if outcome.ok and attempt.error is None else AttemptState.failed
 
     @staticmethod

@@ -19,6 +19,7 @@ MAX_CHECK_BYTES = 8192  # a check is a command line, not a script: put long ones
 MAX_REF_BYTES = 1024
 MAX_PATH_BYTES = 4096
 MAX_AGENTS = 64
+MAX_AGENT_BYTES = 64  # config.AGENT_NAME allows 64 characters
 MAX_TIMEOUT_S = 7 * 86400
 MAX_CURSOR = 2**62  # SQLite integers are 64-bit
 TASK_ID = re.compile(r"[0-9a-f]{12}")
@@ -47,6 +48,11 @@ def text(name: str, value: object, *, max_bytes: int, empty_ok: bool = False, hi
     if not empty_ok and not value.strip():
         raise CouncilError(f"{name} is empty")
     return value
+
+
+def agent(value: object) -> str:
+    """An agent name as callers send it; whether it is configured is the config's to say."""
+    return text("agent", value, max_bytes=MAX_AGENT_BYTES)
 
 
 def number(name: str, value: object, *, low: float, high: float, low_open: bool = False) -> float:

@@ -57,6 +57,10 @@ class CheckResult(BaseModel):
     exit_code: int | None = None
     error: str | None = Field(None, description="why the check gave no exit code (could not start, timed out)")
 
+    def outcome(self) -> str:
+        """How it ended, for messages: the reason it could not run, or its exit code."""
+        return self.error or f"exit {self.exit_code}"
+
 
 class Attempt(BaseModel):
     agent: str
