@@ -84,8 +84,11 @@ def _what_failed(task: Task, attempt: Attempt) -> str | None:
 
 class Engine:
     def __init__(self, config: Config | None = None, home: Path | None = None,
-                 environ: dict[str, str] | None = None):
+                 environ: dict[str, str] | None = None, require_roots: bool = False):
+        """require_roots: refuse every submission while [server] allowed_roots is empty (a server reachable
+        beyond this machine; the bind checked the roots at start, a later config edit must not drop them)."""
         self.environ = dict(os.environ if environ is None else environ)
+        self.require_roots = require_roots
         # A given Config stays as it is (tests, `run`); otherwise the file is followed while we run.
         self._static = config
         self._live = None if config is not None else LiveConfig(config_path(self.environ))
@@ -485,6 +488,10 @@ class Engine:
             inputs.ref("base", base)
             if ".." in base:
                 raise CouncilError(f"base {base!r} is a range; give one commit, branch or tag")
+        if self.require_roots and not config.server.allowed_roots:
+            raise CouncilError("this server is reachable beyond this machine, so [server] allowed_roots must say "
+                               "where repos may be, and the config no longer sets it: add it back, nothing runs "
+                               "until then")
         repo = inputs.repo_path(repo, config.server.allowed_roots)
         top = await self._toplevel(repo)
         ref = base or "HEAD"

@@ -457,14 +457,15 @@ class CouncilServer(MCPServer):
         return await super().read_resource(uri, context)
 
 
-def build_server(config: Config | None = None, home: Path | None = None) -> MCPServer:
+def build_server(config: Config | None = None, home: Path | None = None, require_roots: bool = False) -> MCPServer:
     """The server, not yet running. Config and state directory default to the environment's, read when the
-    lifespan starts (never at import); tests pass their own."""
+    lifespan starts (never at import); tests pass their own. require_roots: see Engine."""
     bus = InMemorySubscriptionBus()
 
     @asynccontextmanager
     async def lifespan(_server: MCPServer):
-        async with Engine(config=config, home=home) as engine, anyio.create_task_group() as tg:
+        async with Engine(config=config, home=home, require_roots=require_roots) as engine, \
+                anyio.create_task_group() as tg:
             yield Council(engine=engine, updates=Updates(engine=engine, bus=bus, tg=tg))
             tg.cancel_scope.cancel()  # stop following tasks before the engine stops them
 
@@ -539,7 +540,7 @@ def serve(transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -
     auth.check_bind(host, token, config.server.allowed_roots)
     header_timeout_s, body_timeout_s = http_transport.timeouts(os.environ)
     sockets = http_transport.bind(host, port)
-    server = build_server()
+    server = build_server(require_roots=not auth.is_loopback(host))
     app = server.streamable_http_app(host=host, transport_security=auth.security_settings(host),
                                      max_request_body_size=http_transport.MAX_BODY_BYTES)
     shown = f"[{host}]" if ":" in host else host

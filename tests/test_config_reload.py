@@ -113,3 +113,21 @@ async def test_a_running_engine_follows_config_edits_and_keeps_the_last_good_one
         assert "did you mean model" in engine.config_problem
         notes = [ln.text for ln in (await engine.logs(task.task_id, limit=100)).lines]
         assert any("broken edit" in n and "modle" in n for n in notes), notes
+
+
+async def test_a_server_beyond_loopback_refuses_work_when_an_edit_drops_allowed_roots(tmp_path, repo, council_home):
+    """The bind needed allowed_roots at start; a later edit that empties them must not open every repo."""
+    from engine.engine import CouncilError, Engine
+    from tests.conftest import fake
+
+    path = tmp_path / "config.toml"
+    table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in fake("--write", "n.txt=new").items())
+    path.write_text(f"[server]\nallowed_roots = [{json.dumps(str(repo.parent))}]\n\n[agents.w]\n{table}\n")
+    async with Engine(home=council_home, require_roots=True) as engine:
+        task = await engine.wait((await engine.submit(str(repo), "x", agents=["w"])).task_id, 30)
+        assert task.state == "succeeded"
+        path.write_text(f"[agents.w]\n{table}\n")  # a valid config, without the roots
+        await anyio.sleep(0.6)
+        with pytest.raises(CouncilError, match="allowed_roots"):
+            await engine.submit(str(repo), "y", agents=["w"])
+        assert len((await engine.list()).tasks) == 1
