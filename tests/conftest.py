@@ -4,6 +4,7 @@ and engines configured with fake `command` agents."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,17 @@ def git(cwd, *args: str) -> str:
 def fake(*args: str) -> dict:
     """A `command` agent table running tests/fakes/agent.py with these arguments (prompt last)."""
     return {"kind": "command", "argv": [sys.executable, FAKE_AGENT, *args, "{prompt}"]}
+
+
+def stop_server(proc: subprocess.Popen, grace_s: float = 15) -> None:
+    """SIGTERM a server subprocess (it stops its attempts and exits), KILL it if it does not within grace_s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def pid_running(pid: int) -> bool:

@@ -23,7 +23,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from engine.engine import Engine
-from tests.conftest import FAKE_AGENT, pid_running
+from tests.conftest import FAKE_AGENT, pid_running, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token-for-tests"
@@ -62,13 +62,7 @@ def http_server(token: str | None, host: str = "127.0.0.1"):
                 time.sleep(0.05)
         yield f"http://127.0.0.1:{port}/mcp", proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server(proc, 10)
         err.close()
 
 

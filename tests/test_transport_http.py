@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 from mcp import Client
 
 from server.jsonrpc import MAX_MESSAGE_BYTES
+from tests.conftest import stop_server
 from tests.test_transport_stdio import MALFORMED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,13 +58,7 @@ def started(cmd: list[str], env: dict[str, str], ready: str):
             time.sleep(0.05)
         yield proc, m
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server(proc, 15)
         err.close()
         os.unlink(err.name)
 

@@ -27,6 +27,7 @@ from mcp import Client
 
 from engine.config import Config
 from server.app import build_server
+from tests.conftest import stop_server
 
 ROOT = Path(__file__).resolve().parents[2]
 ACTIVE = ("queued", "running")
@@ -281,13 +282,7 @@ class HttpProcess(ServerProcess):
             return False
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_server(self.proc, 15)
         self.err.close()
 
 
