@@ -1,0 +1,334 @@
+"""Edits a chat model writes in its reply, read and vetted before anything touches the worktree.
+
+Two shapes, measured with small local models (Qwen2.5-Coder 0.5B/1.5B): a whole file for a new
+file, and aider-style SEARCH/REPLACE blocks for a file that exists (a small model quoting a few
+lines is far more reliable than one rewriting a whole file, which it shortens or elides). The path
+comes alone on the line before the block, in the fence's info string (`path=x`), or inside a line
+of prose ("File to write: x", "I changed `x` to:").
+
+Vetting, so that the local model never writes what the task did not ask for:
+- an existing file is matched case-insensitively (`Shapes.py` edits `shapes.py`);
+- a whole-file reply for an existing file that drops definitions, the `__main__` block, or most of
+  its lines, or leaves a "rest of the code" placeholder, is refused; so is a SEARCH text that is
+  not in the file. These refusals are fatal: nothing is written and the attempt fails;
+- a new file is written only when the task names it (its path or its file name); a file whose
+  content is one of the instructions' placeholders is refused. These files are dropped and listed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
+SEARCH = re.compile(r"^\s*<{5,9}\s*SEARCH\b.*$")
+DIVIDER = re.compile(r"^\s*={5,9}\s*$")
+REPLACE = re.compile(r"^\s*>{5,9}\s*REPLACE\b.*$")
+INFO_PATH = re.compile(r"""^(?:path|file|filename|title)=["']?([^"'\s]+)["']?$""")
+PATH = re.compile(r"^(?:~?/)?[\w.@+-]+(?:/[\w.@+-]+)*$")  # absolute ones too, to refuse them by name
+EXTENSION = re.compile(r"[^./]\.[A-Za-z][A-Za-z0-9]{0,7}$")
+NOT_PATHS = frozenset({"e.g", "i.e", "etc", "vs"})
+LABEL = re.compile(r"^(?:[\w -]{0,30}\b)?(?:file(?:name)?|path)(?:\s+to\s+\w+)?\s*:\s*(\S+)\s*$", re.I)
+DEFINITION = re.compile(r"^\s*(?:export\s+)?(?:async\s+)?(?:def|class|function|func|fn)\s+([A-Za-z_]\w*)", re.M)
+MAIN_GUARD = re.compile(r"""__name__\s*==\s*["']__main__["']""")
+ELIDED = re.compile(r"^\s*(?:#|//|/\*|<!--|\.\.\.)[^\n]*\b(?:existing|rest of|unchanged|remain\w*|same as|previous"
+                    r"|other (?:code|functions|methods))\b", re.I | re.M)
+SHRINK_OK = re.compile(r"\b(remove|delete|drop|shorten|simplif\w*|trim|clean\w*|strip|replace the (?:whole|entire))\b",
+                       re.I)
+REMOVAL = re.compile(r"\b(renam\w*|remov\w*|delet\w*|drop\w*|mov\w*|replac\w*|merg\w*|inlin\w*)\b", re.I)
+
+
+@dataclass
+class Edit:
+    path: str  # as the model wrote it
+    content: str | None = None  # a whole file
+    blocks: list[tuple[str, str]] = field(default_factory=list)  # SEARCH/REPLACE pairs, in order
+
+
+@dataclass
+class Reply:
+    edits: list[Edit]
+    broken: list[dict]  # {path, reason}: blocks that never close
+    prose: str
+
+
+def _clean(token: str) -> str:
+    return token.strip("*_`'\"()[]<>,;:!?").rstrip(".")
+
+
+def _pathlike(token: str, known: set[str]) -> bool:
+    if not token or token.lower() in NOT_PATHS or not PATH.match(token):
+        return False
+    return "/" in token or bool(EXTENSION.search(token)) or token.lower() in known
+
+
+def path_in_line(line: str, known: set[str] = frozenset()) -> str | None:
+    """The path a line of prose introduces: a path alone (maybe as a heading, bold, quoted or after
+    a label like "File to write:"), or a path inside a sentence that ends with a colon."""
+    known = {k.lower() for k in known}
+    text = re.sub(r"^(?:#+\s*|[-*+]\s+|\d+[.)]\s+)+", "", re.sub(r"\*\*|__", "", line.strip())).strip()
+    bare = _clean(text.strip("*_`'\" :"))
+    if _pathlike(bare, known) or (PATH.match(bare) and bare.lower() in known):
+        return bare
+    label = LABEL.match(text.strip("*_ "))
+    if label and _pathlike(_clean(label.group(1)), known):
+        return _clean(label.group(1))
+    if not text.rstrip("*_ ").endswith(":"):
+        return None
+    quoted = [_clean(q) for q in re.findall(r"`([^`\s]+)`", text)]
+    for token in quoted:
+        if _pathlike(token, known):
+            return token
+    words = [_clean(w) for w in text.split()]
+    candidates = [w for w in words if _pathlike(w, known)]
+    existing = [w for w in candidates if w.lower() in known]
+    return (existing or candidates or [None])[0]
+
+
+def _path_above(lines: list[str], i: int, known: set[str], skip_fence: bool = False) -> str | None:
+    """The path on the nearest non-blank line above line i (two lines at most)."""
+    seen = 0
+    for j in range(i - 1, -1, -1):
+        line = lines[j].strip()
+        if not line or (skip_fence and FENCE.match(lines[j])):
+            continue
+        seen += 1
+        if found := path_in_line(line, known):
+            return found
+        if seen >= 2:
+            return None
+    return None
+
+
+def _blocks(body: list[str]) -> tuple[list[tuple[str, str]], str | None]:
+    """SEARCH/REPLACE pairs in some lines, or why they are broken."""
+    pairs, i = [], 0
+    while i < len(body):
+        if not SEARCH.match(body[i]):
+            i += 1
+            continue
+        div = next((j for j in range(i + 1, len(body)) if DIVIDER.match(body[j])), None)
+        end = next((j for j in range(div + 1, len(body)) if REPLACE.match(body[j])), None) if div else None
+        if end is None:
+            return pairs, "a SEARCH/REPLACE block is not closed with >>>>>>> REPLACE"
+        pairs.append(("\n".join(body[i + 1:div]), "\n".join(body[div + 1:end])))
+        i = end + 1
+    return pairs, None
+
+
+def _fence_end(lines: list[str], i: int, fence: str) -> int | None:
+    return next((j for j in range(i + 1, len(lines)) if lines[j].strip() and set(lines[j].strip()) == {fence[0]}
+                 and len(lines[j].strip()) >= len(fence)), None)
+
+
+def parse_reply(reply: str, known: set[str] = frozenset()) -> Reply:
+    """The edits in a model's reply, the blocks it left open, and the prose around them."""
+    lines = reply.split("\n")
+    edits: list[Edit] = []
+    broken: list[dict] = []
+    prose: list[str] = []
+    last_path = None
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if SEARCH.match(line):  # a SEARCH/REPLACE block outside any fence
+            path = _path_above(lines, i, known) or last_path
+            end = next((j for j in range(i + 1, len(lines)) if REPLACE.match(lines[j])), None)
+            pairs, why = _blocks(lines[i:(end + 1 if end is not None else len(lines))])
+            if why or not path:
+                broken.append({"path": path or "?", "reason": why or "a SEARCH/REPLACE block names no file"})
+                if end is None:
+                    break
+            else:
+                edits.append(Edit(path, blocks=pairs))
+                last_path = path
+            _drop_path_line(prose, path)
+            i = (end if end is not None else len(lines)) + 1
+            continue
+        m = FENCE.match(line)
+        if not m or (m.group(1)[0] == "`" and "`" in m.group(2)):
+            prose.append(line)
+            i += 1
+            continue
+        fence, info = m.group(1), m.group(2).split()
+        end = _fence_end(lines, i, fence)
+        body = lines[i + 1:end if end is not None else len(lines)]
+        path = _info_path(info, known) or _path_above(lines, i, known)
+        has_blocks = any(SEARCH.match(b) for b in body)
+        if has_blocks and not path:
+            first = next((b for b in body if b.strip()), "")
+            path = path_in_line(first, known) if not SEARCH.match(first) else None
+            path = path or last_path
+        _drop_path_line(prose, path)
+        if end is None:
+            if path:
+                broken.append({"path": path, "reason": "its code block never closes (the reply was cut off?)"})
+            break
+        if path and has_blocks:
+            pairs, why = _blocks(body)
+            if why:
+                broken.append({"path": path, "reason": why})
+            else:
+                edits.append(Edit(path, blocks=pairs))
+        elif path:
+            edits.append(Edit(path, content="\n".join(body) + "\n" if body else ""))
+        if path:
+            last_path = path
+        i = end + 1
+    return Reply(edits, broken, "\n".join(prose).strip())
+
+
+def _info_path(info: list[str], known: set[str]) -> str | None:
+    for token in info:
+        if m := INFO_PATH.match(token):
+            return m.group(1)
+        candidate = token.split(":", 1)[1] if ":" in token else token
+        if ("/" in candidate or "." in candidate) and _pathlike(_clean(candidate), {k.lower() for k in known}):
+            return _clean(candidate)
+    return None
+
+
+def _drop_path_line(prose: list[str], path: str | None) -> None:
+    while prose and not prose[-1].strip():
+        prose.pop()
+    if path and prose and path in prose[-1] and len(prose[-1].strip()) <= len(path) + 40:
+        prose.pop()
+
+
+def resolve(rel: str, known: list[str], root: Path) -> str:
+    """The tracked file a model meant: exact, else the one differing only in case, else (for a bare
+    file name) the one tracked file of that name; otherwise the path as written (a new file)."""
+    rel = rel[2:] if rel.startswith("./") else rel
+    if rel in known or (root / rel).exists():
+        return rel
+    same = [k for k in known if k.lower() == rel.lower()]
+    if len(same) == 1:
+        return same[0]
+    if "/" not in rel:
+        named = [k for k in known if PurePosixPath(k).name.lower() == rel.lower()]
+        if len(named) == 1:
+            return named[0]
+    return rel
+
+
+def replace_once(text: str, search: str, replace: str) -> str | None:
+    """`text` with the one occurrence of `search` replaced: exactly, else line by line ignoring
+    trailing whitespace, else ignoring a uniform indentation difference. None when it is not there
+    exactly once."""
+    if text.count(search) == 1:
+        return text.replace(search, replace, 1)
+    lines, want = text.split("\n"), [s.rstrip() for s in search.strip("\n").split("\n")]
+    if not any(want):
+        return None
+    hits = [i for i in range(len(lines) - len(want) + 1)
+            if [x.rstrip() for x in lines[i:i + len(want)]] == want]
+    indent = ""
+    if not hits:  # the model dropped or added the same indentation on every line
+        stripped = [w.strip() for w in want]
+        hits = [i for i in range(len(lines) - len(want) + 1)
+                if [x.strip() for x in lines[i:i + len(want)]] == stripped]
+        if len(hits) == 1:
+            first = lines[hits[0]]
+            indent = first[:len(first) - len(first.lstrip())]
+            base = want[0][:len(want[0]) - len(want[0].lstrip())]
+            new = [indent + r[len(base):] if r.startswith(base) else indent + r.lstrip()
+                   for r in replace.strip("\n").split("\n")] if replace.strip("\n") else []
+            return "\n".join(lines[:hits[0]] + new + lines[hits[0] + len(want):])
+    if len(hits) != 1:
+        return None
+    new = replace.strip("\n").split("\n") if replace.strip("\n") else []
+    return "\n".join(lines[:hits[0]] + new + lines[hits[0] + len(want):])
+
+
+def dropped_code(old: str, new: str, prompt: str) -> str | None:
+    """Why a whole-file rewrite loses code the task did not ask to remove, or None."""
+    asked = {w.lower() for w in re.findall(r"\w+", prompt)} if REMOVAL.search(prompt) else set()
+    lost = sorted({n for n in DEFINITION.findall(old) if n.lower() not in asked} - set(DEFINITION.findall(new)),
+                  key=old.find)
+    if lost:
+        return f"drops {', '.join(lost[:8])}"
+    if MAIN_GUARD.search(old) and not MAIN_GUARD.search(new) and "main" not in asked:
+        return "drops the `if __name__ == \"__main__\"` block"
+    placeholder = next((m.group(0).strip() for m in ELIDED.finditer(new) if m.group(0).strip() not in old), None)
+    if placeholder:
+        return f"leaves a placeholder instead of code ({placeholder[:60]!r})"
+    before, after = (sum(1 for x in t.splitlines() if x.strip()) for t in (old, new))
+    if before >= 8 and after < before / 2 and not SHRINK_OK.search(prompt):
+        return f"shrinks it from {before} to {after} lines"
+    return None
+
+
+def named_in(prompt: str, rel: str) -> bool:
+    """Whether the task names a file: its path or its file name, as a word of the prompt."""
+    low = prompt.lower()
+    for name in {rel.lower(), PurePosixPath(rel).name.lower()}:
+        if re.search(rf"(?<![\w./-]){re.escape(name)}(?![\w/-])", low):
+            return True
+    return False
+
+
+@dataclass
+class Plan:
+    """What to write (path -> content), files dropped with a reason, and fatal problems: when
+    there is any, nothing is written and the attempt fails."""
+
+    writes: dict[str, str] = field(default_factory=dict)
+    dropped: list[dict] = field(default_factory=list)
+    fatal: list[dict] = field(default_factory=list)
+
+
+def plan(root: Path, edits: list[Edit], prompt: str, known: list[str], placeholders: set[str],
+         safe_target) -> Plan:
+    """Check every edit against the worktree as it is; `safe_target(root, rel)` -> (Path|None, why)."""
+    out = Plan()
+    for edit in edits:
+        rel = resolve(edit.path, known, root)
+        target, why = safe_target(root, rel)
+        if target is None:
+            out.dropped.append({"path": edit.path, "reason": why})
+            continue
+        exists = target.is_file()
+        if rel in out.writes:
+            current = out.writes[rel]
+        else:
+            try:
+                current = target.read_text(encoding="utf-8") if exists else None
+            except (OSError, UnicodeDecodeError) as e:
+                out.fatal.append({"path": rel, "reason": f"cannot read it: {e}"})
+                continue
+        texts = [edit.content] if edit.content is not None else [t for pair in edit.blocks for t in pair]
+        if any(t.strip() and t.strip() in placeholders for t in texts):
+            out.dropped.append({"path": edit.path, "reason": "its content is the instructions' placeholder"})
+            continue
+        if current is None and not named_in(prompt, rel):
+            out.dropped.append({"path": rel, "reason": "a new file the task does not name"})
+            continue
+        if edit.content is not None:
+            if current is not None and (why := dropped_code(current, edit.content, prompt)):
+                out.fatal.append({"path": rel, "reason": f"the rewrite {why}; nothing was written"})
+                continue
+            out.writes[rel] = edit.content
+            continue
+        text = current
+        for search, replace in edit.blocks:
+            if text is None or not search.strip():
+                if text is None and not search.strip():
+                    text = replace + ("\n" if replace and not replace.endswith("\n") else "")
+                    continue
+                if not search.strip():
+                    out.fatal.append({"path": rel, "reason": "an empty SEARCH for a file that exists"})
+                else:
+                    out.fatal.append({"path": rel, "reason": "a SEARCH/REPLACE for a file that does not exist"})
+                text = None
+                break
+            new = replace_once(text, search, replace)
+            if new is None:
+                found = "more than once" if search and text.count(search) > 1 else "not found"
+                out.fatal.append({"path": rel, "reason": f"SEARCH text {found}: {search.strip()[:80]!r}"})
+                text = None
+                break
+            text = new
+        if text is not None:
+            out.writes[rel] = text
+    return out
