@@ -17,6 +17,7 @@ Vetting, so that the local model never writes what the task did not ask for:
 
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -30,7 +31,9 @@ PATH = re.compile(r"^(?:~?/)?[\w.@+-]+(?:/[\w.@+-]+)*$")  # absolute ones too, t
 EXTENSION = re.compile(r"[^./]\.[A-Za-z][A-Za-z0-9]{0,7}$")
 NOT_PATHS = frozenset({"e.g", "i.e", "etc", "vs"})
 LABEL = re.compile(r"^(?:[\w -]{0,30}\b)?(?:file(?:name)?|path)(?:\s+to\s+\w+)?\s*:\s*(\S+)\s*$", re.I)
-DEFINITION = re.compile(r"^\s*(?:export\s+)?(?:async\s+)?(?:def|class|function|func|fn)\s+([A-Za-z_]\w*)", re.M)
+DEFINITION = re.compile(r"^\s*(?:export\s+)?(?:async\s+)?(?:def|class|function|func|fn)\s+([A-Za-z_]\w*)"
+                        r"|^([A-Z][A-Z0-9_]*)\s*=", re.M)  # definitions, and constants at the top level
+COMMENT = re.compile(r"^\s*(?:#|//|--|/\*|<!--)\s*(.*?)\s*(?:\*/|-->)?\s*$")
 MAIN_GUARD = re.compile(r"""__name__\s*==\s*["']__main__["']""")
 ELIDED = re.compile(r"^\s*(?:#|//|/\*|<!--|\.\.\.)[^\n]*\b(?:existing|rest of|unchanged|remain\w*|same as|previous"
                     r"|other (?:code|functions|methods))\b", re.I | re.M)
@@ -63,9 +66,9 @@ def _pathlike(token: str, known: set[str]) -> bool:
     return "/" in token or bool(EXTENSION.search(token)) or token.lower() in known
 
 
-def path_in_line(line: str, known: set[str] = frozenset()) -> str | None:
-    """The path a line of prose introduces: a path alone (maybe as a heading, bold, quoted or after
-    a label like "File to write:"), or a path inside a sentence that ends with a colon."""
+def path_in_line(line: str, known: set[str] = frozenset(), prose: bool = True) -> str | None:
+    """The path a line introduces: a path alone (maybe as a heading, bold, quoted or after a label
+    like "File to write:"), or, with `prose`, a path inside a sentence that ends with a colon."""
     known = {k.lower() for k in known}
     text = re.sub(r"^(?:#+\s*|[-*+]\s+|\d+[.)]\s+)+", "", re.sub(r"\*\*|__", "", line.strip())).strip()
     bare = _clean(text.strip("*_`'\" :"))
@@ -74,7 +77,7 @@ def path_in_line(line: str, known: set[str] = frozenset()) -> str | None:
     label = LABEL.match(text.strip("*_ "))
     if label and _pathlike(_clean(label.group(1)), known):
         return _clean(label.group(1))
-    if not text.rstrip("*_ ").endswith(":"):
+    if not prose or not text.rstrip("*_ ").endswith(":"):
         return None
     quoted = [_clean(q) for q in re.findall(r"`([^`\s]+)`", text)]
     for token in quoted:
@@ -84,6 +87,26 @@ def path_in_line(line: str, known: set[str] = frozenset()) -> str | None:
     candidates = [w for w in words if _pathlike(w, known)]
     existing = [w for w in candidates if w.lower() in known]
     return (existing or candidates or [None])[0]
+
+
+def _comment_path(line: str, known: set[str]) -> str | None:
+    """A path named by a comment on a block's first line (`# shapes.py`, `// New file: a.js`)."""
+    m = COMMENT.match(line)
+    return path_in_line(m.group(1), known, prose=False) if m else None
+
+
+def _guess_path(body: list[str], blocks: list[tuple[str, str]], shown: dict[str, str]) -> str | None:
+    """The file a block that names none is for, when the files the model was shown leave one
+    choice: the one holding the first SEARCH text, or the one whose every definition the whole
+    block repeats (a rewrite of it, not a usage example)."""
+    if blocks:
+        first = blocks[0][0].strip()
+        hits = [p for p, text in shown.items() if first and first in text] if first else []
+        return hits[0] if len(hits) == 1 else (next(iter(shown)) if len(shown) == 1 else None)
+    text = "\n".join(body)
+    hits = [p for p, old in shown.items() if (names := set(DEFINITION.findall(old)))
+            and names <= set(DEFINITION.findall(text))]
+    return hits[0] if len(hits) == 1 else None
 
 
 def _path_above(lines: list[str], i: int, known: set[str], skip_fence: bool = False) -> str | None:
@@ -122,8 +145,14 @@ def _fence_end(lines: list[str], i: int, fence: str) -> int | None:
                  and len(lines[j].strip()) >= len(fence)), None)
 
 
-def parse_reply(reply: str, known: set[str] = frozenset()) -> Reply:
-    """The edits in a model's reply, the blocks it left open, and the prose around them."""
+def parse_reply(reply: str, known: set[str] = frozenset(), shown: dict[str, str] | None = None,
+                new: list[str] = ()) -> Reply:
+    """The edits in a model's reply, the blocks it left open, and the prose around them. To place
+    a block that names no file: `shown` (path -> content) are the files the model saw, `new` the
+    files the task asks to create; the one block of a reply for a task that names one new file is
+    that file."""
+    shown = shown or {}
+    loose: list[str] = []
     lines = reply.split("\n")
     edits: list[Edit] = []
     broken: list[dict] = []
@@ -133,9 +162,9 @@ def parse_reply(reply: str, known: set[str] = frozenset()) -> Reply:
     while i < len(lines):
         line = lines[i]
         if SEARCH.match(line):  # a SEARCH/REPLACE block outside any fence
-            path = _path_above(lines, i, known) or last_path
             end = next((j for j in range(i + 1, len(lines)) if REPLACE.match(lines[j])), None)
             pairs, why = _blocks(lines[i:(end + 1 if end is not None else len(lines))])
+            path = _path_above(lines, i, known) or last_path or _guess_path([], pairs, shown)
             if why or not path:
                 broken.append({"path": path or "?", "reason": why or "a SEARCH/REPLACE block names no file"})
                 if end is None:
@@ -156,10 +185,15 @@ def parse_reply(reply: str, known: set[str] = frozenset()) -> Reply:
         body = lines[i + 1:end if end is not None else len(lines)]
         path = _info_path(info, known) or _path_above(lines, i, known)
         has_blocks = any(SEARCH.match(b) for b in body)
+        first = next((k for k, b in enumerate(body) if b.strip()), None)
+        if first is not None and (named := _comment_path(body[first], known)):
+            path, body = path or named, body[first + 1:]
         if has_blocks and not path:
-            first = next((b for b in body if b.strip()), "")
-            path = path_in_line(first, known) if not SEARCH.match(first) else None
-            path = path or last_path
+            path = last_path or _guess_path(body, _blocks(body)[0], shown)
+        elif not path and end is not None:
+            path = _guess_path(body, [], shown)
+            if not path and body:
+                loose.append("\n".join(body) + "\n")
         _drop_path_line(prose, path)
         if end is None:
             if path:
@@ -176,6 +210,8 @@ def parse_reply(reply: str, known: set[str] = frozenset()) -> Reply:
         if path:
             last_path = path
         i = end + 1
+    if len(new) == 1 and len(loose) == 1 and not edits and not broken:
+        edits.append(Edit(new[0], content=loose[0]))
     return Reply(edits, broken, "\n".join(prose).strip())
 
 
@@ -241,10 +277,59 @@ def replace_once(text: str, search: str, replace: str) -> str | None:
     return "\n".join(lines[:hits[0]] + new + lines[hits[0] + len(want):])
 
 
+def names(text: str) -> set[str]:
+    return {a or b for a, b in DEFINITION.findall(text)}
+
+
+DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def merge_definitions(old: str, snippet: str) -> str | None:
+    """A Python file with the functions and classes of `snippet` put in: each replaces the one of
+    the same name, a new one goes before the `__main__` block (or at the end), new imports at the
+    top. None unless both parse and the snippet holds only definitions and imports. Small models
+    asked for a whole file often answer with just the function they changed; this keeps the rest."""
+    try:
+        before, after = ast.parse(old), ast.parse(snippet)
+    except (SyntaxError, ValueError):
+        return None
+    if not after.body or any(not isinstance(n, (*DEFS, ast.Import, ast.ImportFrom)) for n in after.body):
+        return None
+    if not any(isinstance(n, DEFS) for n in after.body):
+        return None
+    lines, piece = old.splitlines(keepends=True), snippet.splitlines(keepends=True)
+
+    def span(n) -> tuple[int, int]:
+        return min([n.lineno, *(d.lineno for d in getattr(n, "decorator_list", []))]) - 1, n.end_lineno
+
+    def text(n) -> str:
+        start, end = span(n)
+        return "".join(piece[start:end]).rstrip("\n") + "\n"
+
+    where = {n.name: span(n) for n in before.body if isinstance(n, DEFS)}
+    main = next((span(n)[0] for n in before.body if isinstance(n, ast.If) and MAIN_GUARD.search(ast.unparse(n.test))),
+                len(lines))
+    changes = [(where[n.name], [text(n)]) for n in after.body if isinstance(n, DEFS) and n.name in where]
+    added = [text(n) for n in after.body if isinstance(n, DEFS) and n.name not in where]
+    if added:
+        changes.append(((main, main), ["\n\n".join(added) + ("\n\n" if main < len(lines) else "")]))
+        if main == len(lines) and lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        if main == len(lines) and lines:
+            changes[-1][1].insert(0, "\n\n")
+    have = {line.strip() for line in lines}
+    imports = [text(n) for n in after.body if isinstance(n, (ast.Import, ast.ImportFrom)) and text(n).strip() not in have]
+    if imports:
+        changes.append(((0, 0), imports))
+    for (start, end), new in sorted(changes, key=lambda c: c[0], reverse=True):
+        lines[start:end] = new
+    return "".join(lines)
+
+
 def dropped_code(old: str, new: str, prompt: str) -> str | None:
     """Why a whole-file rewrite loses code the task did not ask to remove, or None."""
     asked = {w.lower() for w in re.findall(r"\w+", prompt)} if REMOVAL.search(prompt) else set()
-    lost = sorted({n for n in DEFINITION.findall(old) if n.lower() not in asked} - set(DEFINITION.findall(new)),
+    lost = sorted({n for n in names(old) if n.lower() not in asked} - names(new),
                   key=old.find)
     if lost:
         return f"drops {', '.join(lost[:8])}"
@@ -257,6 +342,14 @@ def dropped_code(old: str, new: str, prompt: str) -> str | None:
     if before >= 8 and after < before / 2 and not SHRINK_OK.search(prompt):
         return f"shrinks it from {before} to {after} lines"
     return None
+
+
+def new_files(prompt: str, known: list[str]) -> list[str]:
+    """The files a task names that do not exist yet."""
+    have = {k.lower() for k in known} | {PurePosixPath(k).name.lower() for k in known}
+    found = [_clean(w) for w in prompt.split()]
+    return list(dict.fromkeys(w for w in found if _pathlike(w, set()) and EXTENSION.search(w)
+                              and w.lower() not in have and not w.startswith(("/", "~"))))
 
 
 def named_in(prompt: str, rel: str) -> bool:
@@ -278,9 +371,9 @@ class Plan:
     fatal: list[dict] = field(default_factory=list)
 
 
-def plan(root: Path, edits: list[Edit], prompt: str, known: list[str], placeholders: set[str],
-         safe_target) -> Plan:
-    """Check every edit against the worktree as it is; `safe_target(root, rel)` -> (Path|None, why)."""
+def plan(root: Path, edits: list[Edit], prompt: str, known: list[str], placeholder, safe_target) -> Plan:
+    """Check every edit against the worktree as it is. `placeholder(text)` says whether a text is
+    an instruction's placeholder; `safe_target(root, rel)` -> (Path | None, why not)."""
     out = Plan()
     for edit in edits:
         rel = resolve(edit.path, known, root)
@@ -298,13 +391,15 @@ def plan(root: Path, edits: list[Edit], prompt: str, known: list[str], placehold
                 out.fatal.append({"path": rel, "reason": f"cannot read it: {e}"})
                 continue
         texts = [edit.content] if edit.content is not None else [t for pair in edit.blocks for t in pair]
-        if any(t.strip() and t.strip() in placeholders for t in texts):
+        if any(placeholder(t) for t in texts):
             out.dropped.append({"path": edit.path, "reason": "its content is the instructions' placeholder"})
             continue
         if current is None and not named_in(prompt, rel):
             out.dropped.append({"path": rel, "reason": "a new file the task does not name"})
             continue
         if edit.content is not None:
+            if current is not None and rel.endswith(".py") and not REMOVAL.search(prompt):
+                edit.content = merge_definitions(current, edit.content) or edit.content
             if current is not None and (why := dropped_code(current, edit.content, prompt)):
                 out.fatal.append({"path": rel, "reason": f"the rewrite {why}; nothing was written"})
                 continue

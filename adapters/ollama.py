@@ -40,12 +40,16 @@ DEFAULT_CONTEXT_CHARS = 24_000
 DEFAULT_NUM_PREDICT = 2048  # tokens of reply: edits are short; a small model stuck in a loop stops here
 DEFAULT_TEMPERATURE = 0.0  # Ollama's default 0.8 makes a small model's edits differ run to run
 DEFAULT_SEED = 1
+DEFAULT_EDIT_FORMAT = "diff"
 RESULT = "__OLLAMA_RESULT__:"
 ERROR = "__OLLAMA_ERROR__:"
 NOTE = "ollama: "  # progress lines; the model's reply is echoed with REPLY so it can never fake the above
 REPLY = "> "
 
-SYSTEM = """You edit a software repository by writing edit blocks in your reply. Only edit blocks change
+RULES = """Edit only the files the task needs; write no example, demo or extra test files it does not ask
+for. Start with one sentence saying what you change."""
+SYSTEM = {
+    "diff": """You edit a software repository by writing edit blocks in your reply. Only edit blocks change
 files; everything else you write is read as your explanation.
 
 To change a file whose content you were shown, write its path alone on a line, then a fenced block
@@ -64,9 +68,21 @@ indentation included; REPLACE holds the lines that take their place:
 To create a new file the task asks for, write its path alone on a line, then a fenced block with
 the complete content of the new file.
 
-Edit only the files the task needs; write no example, demo or extra test files it does not ask
-for. Start with one sentence saying what you change."""
-PLACEHOLDERS = {"<lines copied exactly from the file>", "<the new lines>", "<path of the file>"}
+""" + RULES,
+    "whole": """You edit a software repository by writing files in your reply. To change or create a file,
+write its path alone on a line, then a fenced block with the COMPLETE new content of that file:
+every line of it, also the lines you do not change. Only these blocks change files; everything
+else you write is read as your explanation.
+
+""" + RULES,
+}
+
+
+def placeholder(text: str) -> bool:
+    """Whether a block's text is an instruction's placeholder (`<the new lines>`), not code."""
+    text = text.strip()
+    return bool(text) and "\n" not in text and text.startswith("<") and text.endswith(">")
+
 
 def normalize_url(url: str) -> str:
     """Accept OLLAMA_HOST's forms (`0.0.0.0`, `host:port`, a full URL) and return a URL to call."""
@@ -165,7 +181,8 @@ class OllamaAdapter(Adapter):
     kind = "ollama"
     config_keys = {"base_url": str, "mode": Literal["chat", "claude"], "context_chars": PositiveInt,
                    "num_ctx": PositiveInt, "num_predict": PositiveInt,
-                   "temperature": Annotated[float, Field(ge=0, le=2)], "seed": int}
+                   "temperature": Annotated[float, Field(ge=0, le=2)], "seed": int,
+                   "edit_format": Literal["diff", "whole"]}
 
     @property
     def base_url(self) -> str:
@@ -194,7 +211,7 @@ class OllamaAdapter(Adapter):
             return self.claude.invocation(job)
         argv = [*self.command, "--base-url", self.base_url, "--model", self.model,
                 "--context-budget", str(int(self.spec.extra("context_chars", DEFAULT_CONTEXT_CHARS)))]
-        for key in ("num_ctx", "num_predict", "temperature", "seed"):
+        for key in ("num_ctx", "num_predict", "temperature", "seed", "edit_format"):
             if self.spec.extra(key) is not None:
                 argv += [f"--{key.replace('_', '-')}", str(self.spec.extra(key))]
         # Not job.context(): that frames a CLI that runs commands as a council member; a chat model
@@ -375,12 +392,12 @@ def fenced(text: str) -> str:
     return f"{fence}\n{body}{fence}"
 
 
-def user_message(task: dict, files: list[tuple[str, str]], skipped: list[str], tracked: list[str]) -> str:
-    """The task, what passing means, and the files; worded for a model that only answers (it runs
-    nothing, so it is never told to run the check)."""
-    parts = [f"Task:\n{task['prompt'].strip()}"]
-    if task.get("check"):
-        parts.append(f"After your reply, `{task['check']}` runs in the repository and must pass.")
+def user_message(task: dict, files: list[tuple[str, str]], skipped: list[str], tracked: list[str],
+                 edit_format: str) -> str:
+    """The files, then the task and what passing means, then the reply's shape on the task's own
+    first file (small models follow a shape shown on a real path; an invented example path was
+    copied as a file). Worded for a model that only answers: it is never told to run anything."""
+    parts = []
     if tracked:
         more = f" (and {len(tracked) - 200} more)" if len(tracked) > 200 else ""
         parts.append("Files in the repository: " + ", ".join(tracked[:200]) + more)
@@ -389,8 +406,22 @@ def user_message(task: dict, files: list[tuple[str, str]], skipped: list[str], t
         parts += [f"{rel}\n{fenced(text)}" for rel, text in files]
     if skipped:
         parts.append(f"Too large to show here (do not rewrite these): {', '.join(skipped[:50])}")
-    parts.append("Answer with one sentence, then the edit blocks: SEARCH/REPLACE blocks for files shown above, "
-                 "a whole fenced file for a new file the task asks for.")
+    parts.append(f"Task:\n{task['prompt'].strip()}")
+    if task.get("check"):
+        parts.append(f"After your reply, `{task['check']}` runs in the repository and must pass.")
+    path = files[0][0] if files else None
+    if path and edit_format == "diff":
+        parts.append(f"Answer with one sentence, then SEARCH/REPLACE blocks for the files shown above (a whole "
+                     f"fenced file only for a new file the task asks for), for example:\n\n{path}\n```\n"
+                     f"<<<<<<< SEARCH\n<lines copied exactly from {path}>\n=======\n<the new lines>\n"
+                     f">>>>>>> REPLACE\n```")
+    elif path:
+        parts.append(f"Answer with one sentence, then each file you change or create: its path alone on a line "
+                     f"and its complete new content in a fenced block, for example:\n\n{path}\n```\n"
+                     f"<the complete new content of {path}>\n```")
+    else:
+        parts.append("Answer with one sentence, then each file the task asks for: its path alone on a line and "
+                     "its complete content in a fenced block.")
     return "\n\n".join(parts)
 
 
@@ -467,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-predict", type=int, default=DEFAULT_NUM_PREDICT, help="most tokens of reply")
     ap.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    ap.add_argument("--edit-format", choices=sorted(SYSTEM), default=DEFAULT_EDIT_FORMAT)
+    ap.add_argument("--repairs", type=int, default=1, help="follow-ups for a reply that was refused or changed nothing")
     a = ap.parse_args(argv)
     sys.stdout.reconfigure(encoding="utf-8", errors="replace")
     root = Path.cwd()
@@ -474,34 +507,55 @@ def main(argv: list[str] | None = None) -> int:
     task = json_object(raw) or {"prompt": raw}
     tracked = tracked_files(root)
     files, skipped = gather_context(root, task["prompt"], a.context_budget, tracked)
-    messages = [{"role": "system", "content": SYSTEM},
-                {"role": "user", "content": user_message(task, files, skipped, tracked)}]
+    messages = [{"role": "system", "content": SYSTEM[a.edit_format]},
+                {"role": "user", "content": user_message(task, files, skipped, tracked, a.edit_format)}]
     chars = sum(len(m["content"]) for m in messages)
     # Ollama's default window (a few thousand tokens) silently drops the start of a long prompt;
-    # leave room for the prompt (about 3 characters a token) and the longest reply allowed.
-    num_ctx = a.num_ctx or min(65536, max(8192, -(-(chars // 3 + a.num_predict + 512) // 2048) * 2048))
+    # leave room for the prompt (about 3 characters a token), a reply and a repair round's reply.
+    num_ctx = a.num_ctx or min(65536, max(8192, -(-(chars // 3 + 2 * a.num_predict + 512) // 2048) * 2048))
     options = {"num_ctx": num_ctx, "num_predict": a.num_predict, "temperature": a.temperature, "seed": a.seed}
     note(f"asking {a.model} at {a.base_url} with {len(files)} file(s), {chars} chars, num_ctx {num_ctx}")
-    try:
-        reply, final = stream_chat(a.base_url, a.model, messages, options)
-    except OllamaError as e:
-        return fail(e.kind, e.message)
-    if why := cut_off(final, options):
-        return fail(ErrorKind.invalid_output, f"{why}; nothing was written")
-    parsed = edits.parse_reply(reply, set(tracked))
-    todo = edits.plan(root, parsed.edits, task["prompt"], tracked, PLACEHOLDERS, safe_target)
-    fatal = parsed.broken + todo.fatal
-    if fatal:
+    wanted = edits.new_files(task["prompt"], tracked)
+    first = messages[1]["content"]
+    counts = {"prompt_eval_count": 0, "eval_count": 0}
+    for round_ in range(1 + a.repairs):
+        try:
+            reply, final = stream_chat(a.base_url, a.model, messages, options)
+        except OllamaError as e:
+            return fail(e.kind, e.message)
+        for key in counts:
+            counts[key] += final.get(key) or 0
+        if why := cut_off(final, options):
+            return fail(ErrorKind.invalid_output, f"{why}; nothing was written")
+        parsed = edits.parse_reply(reply, set(tracked), dict(files), wanted)
+        todo = edits.plan(root, parsed.edits, task["prompt"], tracked, placeholder, safe_target)
+        problems = parsed.broken + todo.fatal
+        if round_ == a.repairs or (todo.writes and not problems):
+            break
+        note("the reply " + ("changed no file" if not problems else "was refused") + "; asking once more")
+        # Asked afresh rather than after its own reply: a small model at temperature 0 shown its
+        # reply repeats it word for word.
+        messages = [messages[0], {"role": "user", "content": f"{first}\n\n{repair(reply, problems)}"}]
+    if problems:
         return fail(ErrorKind.invalid_output, "refused the reply, nothing was written: "
-                    + "; ".join(f"{x['path']}: {x['reason']}" for x in fatal))
+                    + "; ".join(f"{x['path']}: {x['reason']}" for x in problems))
     written, refused = apply(root, todo.writes)
     for item in todo.dropped:
         note(f"refused {item['path']}: {item['reason']}")
-    print(RESULT + json.dumps({"prompt_eval_count": final.get("prompt_eval_count"),
-                               "eval_count": final.get("eval_count"), "files": written,
-                               "refused": todo.dropped + refused,
+    print(RESULT + json.dumps({**counts, "files": written, "refused": todo.dropped + refused,
                                "summary": short(parsed.prose, 600) if parsed.prose else None}), flush=True)
     return 0
+
+
+def repair(reply: str, problems: list[dict]) -> str:
+    """The note a second try gets after a reply that changed nothing or was refused (what aider
+    calls reflection): small models often get it right once told exactly what was wrong."""
+    if not problems:
+        return ("Your last answer changed no file: it had no edit block with the file's path alone on the line "
+                "before it. Answer again, with the edit blocks.")
+    return ("Your last answer was refused and nothing was written: "
+            + "; ".join(f"{x['path']}: {x['reason']}" for x in problems)
+            + ". Answer again with corrected edit blocks; keep all the other code of every file you change.")
 
 
 def apply(root: Path, writes: dict[str, str]) -> tuple[list[str], list[dict]]:

@@ -369,8 +369,8 @@ def test_search_replace_edits_an_existing_file_matched_case_insensitively(server
 
 
 @pytest.mark.parametrize("rewrite, why", [
-    (SHAPES.split("\n\ndef square_area")[0] + "\n", "drops square_area"),
-    (SHAPES.split("\n\nif __name__")[0] + "\n", "drops the `if __name__"),
+    (SHAPES.replace("def square_area(side):\n    return side * side\n", ""), "drops square_area"),
+    (SHAPES.split("\n\nif __name__")[0] + "\nUNIT = 1\n", "drops the `if __name__"),
     (SHAPES.replace("    return side * side\n", "    # ... rest of the code unchanged ...\n"),
      "leaves a placeholder"),
 ])
@@ -387,6 +387,19 @@ def test_a_rewrite_that_loses_code_writes_nothing_and_fails(server, shapes: Path
     assert (shapes / "shapes.py").read_text() == SHAPES and 'return "old"' in (shapes / "src" / "app.py").read_text()
 
 
+def test_a_reply_with_only_the_changed_function_keeps_the_rest(server, shapes: Path) -> None:
+    """Finding 3, measured: asked for whole files, the 1.5B model often answers with just the
+    function it changed. Python definitions replace their namesakes; the rest of the file stays."""
+    model = scripted(server, "shapes.py\n```python\nimport functools\n\n\ndef square_area(side):\n    return side ** 2\n"
+                             "\n\ndef cube_volume(side):\n    return side ** 3\n```\n")
+    outcome, _, _ = drive(ollama(server.url, model), Job(prompt="square_area: use **, add cube_volume in shapes.py",
+                                                         worktree=shapes, timeout_s=60))
+    assert outcome.ok, outcome
+    want = ("import functools\n" + SHAPES.replace("side * side", "side ** 2")
+            .replace("\n\nif __name__", "\n\ndef cube_volume(side):\n    return side ** 3\n\n\nif __name__"))
+    assert (shapes / "shapes.py").read_text() == want
+
+
 def test_a_search_that_is_not_in_the_file_writes_nothing(server, shapes: Path) -> None:
     model = scripted(server, "shapes.py\n```\n<<<<<<< SEARCH\n    return 42\n=======\n    return 1\n>>>>>>> REPLACE\n```\n")
     outcome, _, _ = drive(ollama(server.url, model), Job(prompt="fix shapes.py", worktree=shapes, timeout_s=60))
@@ -398,7 +411,8 @@ def test_no_example_in_the_instructions_and_no_file_the_task_did_not_ask_for(ser
     """Finding 2: the 0.5B model copied the system prompt's example (src/app.py, print("hello"))
     and it was written. The instructions hold no path a model could copy; a copied placeholder, an
     unnamed new file and the old example are refused, while the file the task names is written."""
-    assert not [line for line in SYSTEM.splitlines() if path_in_line(line)] and "hello" not in SYSTEM
+    for system in SYSTEM.values():
+        assert not [line for line in system.splitlines() if path_in_line(line)] and "hello" not in system
     model = scripted(server, "Done.\n\n<path of the file>\n```\n<the new lines>\n```\n\nsrc/app2.py\n```python\n"
                              "print(\"hello\")\n```\n\nexample.py\n```python\nimport shapes\n```\n\n"
                              "File to write: geometry/area.py\n```python\ndef area(): ...\n```\n")
