@@ -375,55 +375,57 @@ def plan(root: Path, edits: list[Edit], prompt: str, known: list[str], placehold
     """Check every edit against the worktree as it is. `placeholder(text)` says whether a text is
     an instruction's placeholder; `safe_target(root, rel)` -> (Path | None, why not)."""
     out = Plan()
+    originals: dict[str, str | None] = {}
     for edit in edits:
         rel = resolve(edit.path, known, root)
         target, why = safe_target(root, rel)
         if target is None:
             out.dropped.append({"path": edit.path, "reason": why})
             continue
-        exists = target.is_file()
-        if rel in out.writes:
-            current = out.writes[rel]
-        else:
+        if rel not in originals:
             try:
-                current = target.read_text(encoding="utf-8") if exists else None
+                originals[rel] = target.read_text(encoding="utf-8") if target.is_file() else None
             except (OSError, UnicodeDecodeError) as e:
                 out.fatal.append({"path": rel, "reason": f"cannot read it: {e}"})
                 continue
+        original = originals[rel]
+        current = out.writes.get(rel, original)
         texts = [edit.content] if edit.content is not None else [t for pair in edit.blocks for t in pair]
         if any(placeholder(t) for t in texts):
             out.dropped.append({"path": edit.path, "reason": "its content is the instructions' placeholder"})
             continue
-        if current is None and not named_in(prompt, rel):
+        if original is None and not named_in(prompt, rel):
             out.dropped.append({"path": rel, "reason": "a new file the task does not name"})
             continue
         if edit.content is not None:
+            text = edit.content
             if current is not None and rel.endswith(".py") and not REMOVAL.search(prompt):
-                edit.content = merge_definitions(current, edit.content) or edit.content
-            if current is not None and (why := dropped_code(current, edit.content, prompt)):
-                out.fatal.append({"path": rel, "reason": f"the rewrite {why}; nothing was written"})
+                text = merge_definitions(current, text) or text
+        else:
+            text, why = apply_blocks(current, edit.blocks)
+            if text is None:
+                out.fatal.append({"path": rel, "reason": why})
                 continue
-            out.writes[rel] = edit.content
+        if original is not None and (why := dropped_code(original, text, prompt)):
+            out.fatal.append({"path": rel, "reason": f"the edit {why}"})
             continue
-        text = current
-        for search, replace in edit.blocks:
-            if text is None or not search.strip():
-                if text is None and not search.strip():
-                    text = replace + ("\n" if replace and not replace.endswith("\n") else "")
-                    continue
-                if not search.strip():
-                    out.fatal.append({"path": rel, "reason": "an empty SEARCH for a file that exists"})
-                else:
-                    out.fatal.append({"path": rel, "reason": "a SEARCH/REPLACE for a file that does not exist"})
-                text = None
-                break
-            new = replace_once(text, search, replace)
-            if new is None:
-                found = "more than once" if search and text.count(search) > 1 else "not found"
-                out.fatal.append({"path": rel, "reason": f"SEARCH text {found}: {search.strip()[:80]!r}"})
-                text = None
-                break
-            text = new
-        if text is not None:
-            out.writes[rel] = text
+        out.writes[rel] = text
     return out
+
+
+def apply_blocks(text: str | None, blocks: list[tuple[str, str]]) -> tuple[str | None, str]:
+    """A file's text with SEARCH/REPLACE blocks applied in order (an empty SEARCH creates a new
+    file), or None and why not."""
+    for search, replace in blocks:
+        if not search.strip():
+            if text is not None:
+                return None, "an empty SEARCH for a file that exists"
+            text = replace + ("\n" if replace and not replace.endswith("\n") else "")
+            continue
+        if text is None:
+            return None, "a SEARCH/REPLACE for a file that does not exist"
+        new = replace_once(text, search, replace)
+        if new is None:
+            return None, f"SEARCH text {'more than once' if text.count(search) > 1 else 'not found'}: {search.strip()[:80]!r}"
+        text = new
+    return text, ""

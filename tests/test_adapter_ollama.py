@@ -25,6 +25,10 @@ from adapters.edits import parse_reply, path_in_line
 from adapters.ollama import SYSTEM, classify_tier, gather_context, normalize_url
 from engine import routing
 from engine.config import ConfigError, parse_config
+from engine.engine import Engine
+from engine.models import TaskState
+
+from conftest import fake
 
 REPO = Path(__file__).resolve().parents[1]
 REPLAY = REPO / "tests" / "fakes" / "replay"
@@ -99,7 +103,8 @@ class Ollama(BaseHTTPRequestHandler):
         self.server.requests.append(body)
         model = body["model"]
         if not body.get("stream", True):  # classify_tier
-            content = {"garbage": "not json", "fenced": '```json\n{"tier": "cheap"}\n```'}.get(
+            content = {"garbage": "not json", "fenced": '```json\n{"tier": "cheap"}\n```',
+                       "standard": '{"tier": "standard"}'}.get(
                 model, json.dumps({"tier": "complex"}))
             return self.send(200, {"model": model, "message": {"role": "assistant", "content": content}, "done": True})
         if model == "missing:1b":
@@ -400,10 +405,17 @@ def test_a_reply_with_only_the_changed_function_keeps_the_rest(server, shapes: P
     assert (shapes / "shapes.py").read_text() == want
 
 
-def test_a_search_that_is_not_in_the_file_writes_nothing(server, shapes: Path) -> None:
-    model = scripted(server, "shapes.py\n```\n<<<<<<< SEARCH\n    return 42\n=======\n    return 1\n>>>>>>> REPLACE\n```\n")
-    outcome, _, _ = drive(ollama(server.url, model), Job(prompt="fix shapes.py", worktree=shapes, timeout_s=60))
-    assert not outcome.ok and "SEARCH text not found: 'return 42'" in outcome.error.message
+@pytest.mark.parametrize("blocks, why", [
+    ("<<<<<<< SEARCH\n    return 42\n=======\n    return 1\n>>>>>>> REPLACE\n", "SEARCH text not found: 'return 42'"),
+    # measured: asked to add a function, the 1.5B model replaced the two it was shown with the new one
+    ("<<<<<<< SEARCH\ndef square_area(side):\n    return side * side\n=======\ndef cube(side):\n    return side ** 3\n"
+     ">>>>>>> REPLACE\n", "the edit drops square_area"),
+])
+def test_a_search_replace_that_fails_or_loses_code_writes_nothing(server, shapes: Path, blocks: str, why: str) -> None:
+    model = scripted(server, f"shapes.py\n```\n{blocks}```\n")
+    outcome, _, _ = drive(ollama(server.url, model, edit_format="diff"), Job(prompt="add cube() to shapes.py",
+                                                                             worktree=shapes, timeout_s=60))
+    assert not outcome.ok and why in outcome.error.message, outcome.error
     assert (shapes / "shapes.py").read_text() == SHAPES
 
 
@@ -413,15 +425,18 @@ def test_no_example_in_the_instructions_and_no_file_the_task_did_not_ask_for(ser
     unnamed new file and the old example are refused, while the file the task names is written."""
     for system in SYSTEM.values():
         assert not [line for line in system.splitlines() if path_in_line(line)] and "hello" not in system
-    model = scripted(server, "Done.\n\n<path of the file>\n```\n<the new lines>\n```\n\nsrc/app2.py\n```python\n"
+    model = scripted(server, "Done.\n\ngeometry/util.py\n```\n<the complete new content of geometry/util.py>\n```\n\n"
+                             "src/app2.py\n```python\n"
                              "print(\"hello\")\n```\n\nexample.py\n```python\nimport shapes\n```\n\n"
                              "File to write: geometry/area.py\n```python\ndef area(): ...\n```\n")
-    outcome, _, _ = drive(ollama(server.url, model), Job(prompt="Create geometry/area.py with area()", worktree=shapes,
+    outcome, _, _ = drive(ollama(server.url, model), Job(prompt="Create geometry/area.py with area() (and "
+                                                                "geometry/util.py if it helps)", worktree=shapes,
                                                          timeout_s=60))
     assert outcome.ok, outcome
     assert untracked(shapes) == ["geometry/area.py"], untracked(shapes)
     assert "src/app2.py (a new file the task does not name)" in outcome.summary
     assert "example.py (a new file the task does not name)" in outcome.summary
+    assert "geometry/util.py (its content is the instructions' placeholder)" in outcome.summary
 
 
 @pytest.mark.parametrize("final, hint", [
@@ -455,6 +470,7 @@ def test_one_instruction_that_never_asks_a_chat_model_to_run_anything(server, wo
 def test_low_temperature_fixed_seed_and_bounded_reply_by_default(server, worktree: Path) -> None:
     """Finding 7: the chat ran at Ollama's default temperature 0.8."""
     drive(ollama(server.url), Job(prompt="x", worktree=worktree, timeout_s=60))
+    assert "COMPLETE new content" in server.requests[-1]["messages"][0]["content"]  # whole files by default
     options = server.requests[-1]["options"]
     assert options["temperature"] == 0 and options["seed"] == 1 and options["num_predict"] == 2048
     drive(ollama(server.url, temperature=0.3, seed=7, num_predict=512), Job(prompt="x", worktree=worktree, timeout_s=60))
@@ -478,3 +494,16 @@ def test_the_model_may_only_raise_a_task_to_complex() -> None:
     assert routing.confirm("cheap", "standard") == "cheap"
     assert routing.confirm("standard", "cheap") == "standard"
     assert routing.confirm("cheap", "complex") == "complex" and routing.confirm("standard", None) == "standard"
+
+
+async def test_a_model_that_says_standard_leaves_a_cheap_task_to_the_local_model(server, repo: Path, tmp_path: Path):
+    """The engine's call site: with classify_with_model, "standard" from the model no longer
+    reroutes a task the heuristic calls cheap."""
+    cfg = parse_config({"agents": {"ollama": {"base_url": server.url, "model": "standard"},
+                                   "local": fake("--write", "l.txt=1"), "paid": fake("--write", "p.txt=1")},
+                        "routing": {"classify_with_model": True, "cheap": ["local"], "standard": ["paid"]}})
+    async with Engine(cfg, home=tmp_path / "h") as engine:
+        task = await engine.wait((await engine.submit(str(repo), "fix the typo in README.md")).task_id, 60)
+    assert server.requests and task.state == TaskState.succeeded
+    assert task.tier == "cheap" and "said standard" in task.tier_reason, task.tier_reason
+    assert [a.agent for a in task.attempts] == ["local"]
