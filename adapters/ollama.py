@@ -37,7 +37,6 @@ from .claude import LOCAL_TOKEN, ClaudeAdapter
 DEFAULT_URL = "http://127.0.0.1:11434"
 DEFAULT_MODEL = "qwen2.5-coder:7b"
 DEFAULT_CONTEXT_CHARS = 24_000
-DEFAULT_NUM_PREDICT = 2048  # tokens of reply: edits are short; a small model stuck in a loop stops here
 DEFAULT_TEMPERATURE = 0.0  # Ollama's default 0.8 makes a small model's edits differ run to run
 DEFAULT_SEED = 1
 DEFAULT_EDIT_FORMAT = "whole"  # measured with Qwen2.5-Coder 1.5B: whole 10/10 tasks, SEARCH/REPLACE 4/10
@@ -495,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--context-budget", type=int, default=DEFAULT_CONTEXT_CHARS, help="characters of files to send")
     ap.add_argument("--num-ctx", type=int, help="the model's context window (default: sized to the prompt)")
-    ap.add_argument("--num-predict", type=int, default=DEFAULT_NUM_PREDICT, help="most tokens of reply")
+    ap.add_argument("--num-predict", type=int, help="most tokens of reply (default: sized to the files shown)")
     ap.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--edit-format", choices=sorted(SYSTEM), default=DEFAULT_EDIT_FORMAT)
@@ -510,10 +509,13 @@ def main(argv: list[str] | None = None) -> int:
     messages = [{"role": "system", "content": SYSTEM[a.edit_format]},
                 {"role": "user", "content": user_message(task, files, skipped, tracked, a.edit_format)}]
     chars = sum(len(m["content"]) for m in messages)
+    # A reply rewrites at most the files shown (about 3 characters a token) plus a sentence; a
+    # small model stuck in a loop stops there instead of running into the attempt's timeout.
+    num_predict = a.num_predict or min(8192, max(1024, sum(len(t) for _, t in files) // 3 + 512))
     # Ollama's default window (a few thousand tokens) silently drops the start of a long prompt;
     # leave room for the prompt (about 3 characters a token), a reply and a repair round's reply.
-    num_ctx = a.num_ctx or min(65536, max(8192, -(-(chars // 3 + 2 * a.num_predict + 512) // 2048) * 2048))
-    options = {"num_ctx": num_ctx, "num_predict": a.num_predict, "temperature": a.temperature, "seed": a.seed}
+    num_ctx = a.num_ctx or min(65536, max(8192, -(-(chars // 3 + 2 * num_predict + 512) // 2048) * 2048))
+    options = {"num_ctx": num_ctx, "num_predict": num_predict, "temperature": a.temperature, "seed": a.seed}
     note(f"asking {a.model} at {a.base_url} with {len(files)} file(s), {chars} chars, num_ctx {num_ctx}")
     wanted = edits.new_files(task["prompt"], tracked)
     first = messages[1]["content"]

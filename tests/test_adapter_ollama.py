@@ -472,7 +472,7 @@ def test_low_temperature_fixed_seed_and_bounded_reply_by_default(server, worktre
     drive(ollama(server.url), Job(prompt="x", worktree=worktree, timeout_s=60))
     assert "COMPLETE new content" in server.requests[-1]["messages"][0]["content"]  # whole files by default
     options = server.requests[-1]["options"]
-    assert options["temperature"] == 0 and options["seed"] == 1 and options["num_predict"] == 2048
+    assert options["temperature"] == 0 and options["seed"] == 1 and options["num_predict"] == 1024  # small files
     drive(ollama(server.url, temperature=0.3, seed=7, num_predict=512), Job(prompt="x", worktree=worktree, timeout_s=60))
     options = server.requests[-1]["options"]
     assert (options["temperature"], options["seed"], options["num_predict"]) == (0.3, 7, 512)
