@@ -310,10 +310,26 @@ def merge_definitions(old: str, snippet: str) -> str | None:
         start, end = span(n)
         return "".join(piece[start:end]).rstrip("\n") + "\n"
 
-    where = {n.name: span(n) for n in before.body if isinstance(n, DEFS)}
+    olds = {n.name: n for n in before.body if isinstance(n, DEFS)}
+    where = {name: span(n) for name, n in olds.items()}
     main = next((span(n)[0] for n in before.body if isinstance(n, ast.If) and MAIN_GUARD.search(ast.unparse(n.test))),
                 len(lines))
-    changes = [(where[n.name], [text(n)]) for n in after.body if isinstance(n, DEFS) and n.name in where]
+    changes = []
+    for n in after.body:
+        if not isinstance(n, DEFS) or n.name not in where:
+            continue
+        old_node = olds[n.name]
+        methods = {m.name: span(m) for m in old_node.body if isinstance(m, DEFS)}
+        given = [m for m in n.body if isinstance(m, DEFS)] if isinstance(n, ast.ClassDef) else []
+        if isinstance(n, ast.ClassDef) and isinstance(old_node, ast.ClassDef) and set(methods) - {m.name for m in given}:
+            # a class with only the methods that changed or are new: merge them into the class
+            changes += [(methods[m.name], [text(m)]) for m in given if m.name in methods]
+            new_methods = [text(m) for m in given if m.name not in methods]
+            if new_methods:
+                end = old_node.end_lineno
+                changes.append(((end, end), ["\n" + "\n".join(new_methods)]))
+        else:
+            changes.append((where[n.name], [text(n)]))
     added = [text(n) for n in after.body if isinstance(n, DEFS) and n.name not in where]
     if added:
         changes.append(((main, main), ["\n\n".join(added) + ("\n\n" if main < len(lines) else "")]))

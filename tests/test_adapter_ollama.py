@@ -394,13 +394,16 @@ def test_a_rewrite_that_loses_code_writes_nothing_and_fails(server, shapes: Path
 
 def test_a_reply_with_only_the_changed_function_keeps_the_rest(server, shapes: Path) -> None:
     """Finding 3, measured: asked for whole files, the 1.5B model often answers with just the
-    function it changed. Python definitions replace their namesakes; the rest of the file stays."""
+    function it changed. Python definitions replace their namesakes (methods within a class the
+    reply shows only in part); the rest of the file stays."""
     model = scripted(server, "shapes.py\n```python\nimport functools\n\n\ndef square_area(side):\n    return side ** 2\n"
-                             "\n\ndef cube_volume(side):\n    return side ** 3\n```\n")
+                             "\n\ndef cube_volume(side):\n    return side ** 3\n\n\nclass Circle:\n    def area(self):\n"
+                             "        return 3\n\n    def diameter(self):\n        return 2 * self.r\n```\n")
     outcome, _, _ = drive(ollama(server.url, model), Job(prompt="square_area: use **, add cube_volume in shapes.py",
                                                          worktree=shapes, timeout_s=60))
     assert outcome.ok, outcome
-    want = ("import functools\n" + SHAPES.replace("side * side", "side ** 2")
+    want = ("import functools\n" + SHAPES.replace("side * side", "side ** 2").replace("return 0", "return 3\n\n"
+            "    def diameter(self):\n        return 2 * self.r")
             .replace("\n\nif __name__", "\n\ndef cube_volume(side):\n    return side ** 3\n\n\nif __name__"))
     assert (shapes / "shapes.py").read_text() == want
 
