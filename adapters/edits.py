@@ -321,7 +321,8 @@ def merge_definitions(old: str, snippet: str) -> str | None:
         old_node = olds[n.name]
         methods = {m.name: span(m) for m in old_node.body if isinstance(m, DEFS)}
         given = [m for m in n.body if isinstance(m, DEFS)] if isinstance(n, ast.ClassDef) else []
-        if isinstance(n, ast.ClassDef) and isinstance(old_node, ast.ClassDef) and set(methods) - {m.name for m in given}:
+        partial = set(methods) - {m.name for m in given}
+        if isinstance(n, ast.ClassDef) and isinstance(old_node, ast.ClassDef) and partial:
             # a class with only the methods that changed or are new: merge them into the class
             changes += [(methods[m.name], [text(m)]) for m in given if m.name in methods]
             new_methods = [text(m) for m in given if m.name not in methods]
@@ -338,7 +339,8 @@ def merge_definitions(old: str, snippet: str) -> str | None:
         if main == len(lines) and lines:
             changes[-1][1].insert(0, "\n\n")
     have = {line.strip() for line in lines}
-    imports = [text(n) for n in after.body if isinstance(n, (ast.Import, ast.ImportFrom)) and text(n).strip() not in have]
+    imports = [text(n) for n in after.body
+               if isinstance(n, (ast.Import, ast.ImportFrom)) and text(n).strip() not in have]
     if imports:
         changes.append(((0, 0), imports))
     for (start, end), new in sorted(changes, key=lambda c: c[0], reverse=True):
@@ -446,6 +448,7 @@ def apply_blocks(text: str | None, blocks: list[tuple[str, str]]) -> tuple[str |
             return None, "a SEARCH/REPLACE for a file that does not exist"
         new = replace_once(text, search, replace)
         if new is None:
-            return None, f"SEARCH text {'more than once' if text.count(search) > 1 else 'not found'}: {search.strip()[:80]!r}"
+            found = "more than once" if text.count(search) > 1 else "not found"
+            return None, f"SEARCH text {found}: {search.strip()[:80]!r}"
         text = new
     return text, ""
