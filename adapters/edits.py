@@ -288,20 +288,39 @@ def names(text: str) -> set[str]:
 DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
+def _unit(n: ast.stmt, first: bool) -> tuple | None:
+    """What a top-level statement defines, for merging; None for any other statement."""
+    if isinstance(n, DEFS):
+        return ("def", n.name)
+    if isinstance(n, (ast.Import, ast.ImportFrom)):
+        return ("import", ast.unparse(n))
+    if isinstance(n, ast.Assign) and all(isinstance(t, ast.Name) for t in n.targets):
+        return ("assign", tuple(t.id for t in n.targets))
+    if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name):
+        return ("assign", (n.target.id,))
+    if isinstance(n, ast.If) and MAIN_GUARD.search(ast.unparse(n.test)):
+        return ("main",)
+    if first and isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str):
+        return ("doc",)
+    return None
+
+
 def merge_definitions(old: str, snippet: str) -> str | None:
-    """A Python file with the functions and classes of `snippet` put in: each replaces the one of
-    the same name, a new one goes before the `__main__` block (or at the end), new imports at the
-    top. None unless both parse and the snippet holds only definitions and imports. Small models
-    asked for a whole file often answer with just the function they changed; this keeps the rest."""
+    """A Python file with what `snippet` defines put in: each function, class, constant, the
+    docstring and the `__main__` block replace their namesakes (methods one by one in a class the
+    snippet shows only in part), new ones go where they belong, new imports with the imports.
+    None unless both parse and the snippet holds nothing else. Small models asked for a whole file
+    often answer with just what they changed, or a whole file minus a function; this keeps the rest."""
     try:
         before, after = ast.parse(old), ast.parse(snippet)
     except (SyntaxError, ValueError):
         return None
-    if not after.body or any(not isinstance(n, (*DEFS, ast.Import, ast.ImportFrom)) for n in after.body):
-        return None
-    if not any(isinstance(n, DEFS) for n in after.body):
+    units = [(_unit(n, i == 0), n) for i, n in enumerate(after.body)]
+    if not units or any(k is None for k, _ in units) or all(k[0] == "import" for k, _ in units):
         return None
     lines, piece = old.splitlines(keepends=True), snippet.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
 
     def span(n) -> tuple[int, int]:
         return min([n.lineno, *(d.lineno for d in getattr(n, "decorator_list", []))]) - 1, n.end_lineno
@@ -310,41 +329,41 @@ def merge_definitions(old: str, snippet: str) -> str | None:
         start, end = span(n)
         return "".join(piece[start:end]).rstrip("\n") + "\n"
 
-    olds = {n.name: n for n in before.body if isinstance(n, DEFS)}
-    where = {name: span(n) for name, n in olds.items()}
-    main = next((span(n)[0] for n in before.body if isinstance(n, ast.If) and MAIN_GUARD.search(ast.unparse(n.test))),
+    olds = {}
+    for i, n in enumerate(before.body):
+        olds.setdefault(_unit(n, i == 0), n)
+    code = next((span(n)[0] for n in before.body if _unit(n, False) and _unit(n, False)[0] in ("def", "main")),
                 len(lines))
-    changes = []
-    for n in after.body:
-        if not isinstance(n, DEFS) or n.name not in where:
-            continue
-        old_node = olds[n.name]
-        methods = {m.name: span(m) for m in old_node.body if isinstance(m, DEFS)}
-        given = [m for m in n.body if isinstance(m, DEFS)] if isinstance(n, ast.ClassDef) else []
-        partial = set(methods) - {m.name for m in given}
-        if isinstance(n, ast.ClassDef) and isinstance(old_node, ast.ClassDef) and partial:
+    main = span(olds[("main",)])[0] if ("main",) in olds else len(lines)
+    first_import = next((span(n)[0] for n in before.body if isinstance(n, (ast.Import, ast.ImportFrom))),
+                        span(olds[("doc",)])[1] if ("doc",) in olds else 0)
+    replace: list[tuple[tuple[int, int], str]] = []
+    insert: dict[int, list[str]] = {}
+    for key, n in units:
+        old_node = olds.get(key)
+        if key[0] == "import":
+            if old_node is None:
+                insert.setdefault(first_import, []).append(text(n))
+        elif old_node is None:
+            at, gap = {"def": (main, "\n\n"), "assign": (code, "\n"), "main": (len(lines), "\n\n"),
+                       "doc": (0, "\n")}[key[0]]
+            before_gap, after_gap = ("\n\n", "") if at == len(lines) else ("", gap)
+            insert.setdefault(at, []).append(before_gap + text(n) + after_gap)
+        elif isinstance(n, ast.ClassDef) and isinstance(old_node, ast.ClassDef) and (
+                {m.name for m in old_node.body if isinstance(m, DEFS)} - {m.name for m in n.body if isinstance(m, DEFS)}):
             # a class with only the methods that changed or are new: merge them into the class
-            changes += [(methods[m.name], [text(m)]) for m in given if m.name in methods]
-            new_methods = [text(m) for m in given if m.name not in methods]
-            if new_methods:
-                end = old_node.end_lineno
-                changes.append(((end, end), ["\n" + "\n".join(new_methods)]))
+            methods = {m.name: span(m) for m in old_node.body if isinstance(m, DEFS)}
+            for m in (m for m in n.body if isinstance(m, DEFS)):
+                if m.name in methods:
+                    replace.append((methods[m.name], text(m)))
+                else:
+                    insert.setdefault(old_node.end_lineno, []).append("\n" + text(m))
         else:
-            changes.append((where[n.name], [text(n)]))
-    added = [text(n) for n in after.body if isinstance(n, DEFS) and n.name not in where]
-    if added:
-        changes.append(((main, main), ["\n\n".join(added) + ("\n\n" if main < len(lines) else "")]))
-        if main == len(lines) and lines and not lines[-1].endswith("\n"):
-            lines[-1] += "\n"
-        if main == len(lines) and lines:
-            changes[-1][1].insert(0, "\n\n")
-    have = {line.strip() for line in lines}
-    imports = [text(n) for n in after.body
-               if isinstance(n, (ast.Import, ast.ImportFrom)) and text(n).strip() not in have]
-    if imports:
-        changes.append(((0, 0), imports))
-    for (start, end), new in sorted(changes, key=lambda c: c[0], reverse=True):
-        lines[start:end] = new
+            replace.append((span(old_node), text(n)))
+    edits = [((start, 1), end, new) for (start, end), new in replace]
+    edits += [((at, 0), at, "".join(texts)) for at, texts in insert.items()]
+    for (start, _), end, new in sorted(edits, key=lambda e: e[0], reverse=True):
+        lines[start:end] = [new]
     return "".join(lines)
 
 

@@ -392,10 +392,12 @@ def fenced(text: str) -> str:
 
 
 def user_message(task: dict, files: list[tuple[str, str]], skipped: list[str], tracked: list[str],
-                 edit_format: str) -> str:
+                 edit_format: str, retry: str = "") -> str:
     """The files, then the task and what passing means, then the reply's shape on the task's own
     first file (small models follow a shape shown on a real path; an invented example path was
-    copied as a file). Worded for a model that only answers: it is never told to run anything."""
+    copied as a file). Worded for a model that only answers: it is never told to run anything.
+    `retry` (why the last answer failed) goes before the task, not last: a small model echoes the
+    last thing it reads."""
     parts = []
     if tracked:
         more = f" (and {len(tracked) - 200} more)" if len(tracked) > 200 else ""
@@ -405,6 +407,8 @@ def user_message(task: dict, files: list[tuple[str, str]], skipped: list[str], t
         parts += [f"{rel}\n{fenced(text)}" for rel, text in files]
     if skipped:
         parts.append(f"Too large to show here (do not rewrite these): {', '.join(skipped[:50])}")
+    if retry:
+        parts.append(retry)
     parts.append(f"Task:\n{task['prompt'].strip()}")
     if task.get("check"):
         parts.append(f"After your reply, `{task['check']}` runs in the repository and must pass.")
@@ -518,7 +522,6 @@ def main(argv: list[str] | None = None) -> int:
     options = {"num_ctx": num_ctx, "num_predict": num_predict, "temperature": a.temperature, "seed": a.seed}
     note(f"asking {a.model} at {a.base_url} with {len(files)} file(s), {chars} chars, num_ctx {num_ctx}")
     wanted = edits.new_files(task["prompt"], tracked)
-    first = messages[1]["content"]
     counts = {"prompt_eval_count": 0, "eval_count": 0}
     for round_ in range(1 + a.repairs):
         try:
@@ -537,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         note("the reply " + ("changed no file" if not problems else "was refused") + "; asking once more")
         # Asked afresh rather than after its own reply: a small model at temperature 0 shown its
         # reply repeats it word for word.
-        messages = [messages[0], {"role": "user", "content": f"{first}\n\n{repair(reply, problems)}"}]
+        retry = user_message(task, files, skipped, tracked, a.edit_format, repair(problems))
+        messages = [messages[0], {"role": "user", "content": retry}]
     if problems:
         return fail(ErrorKind.invalid_output, "refused the reply, nothing was written: "
                     + "; ".join(f"{x['path']}: {x['reason']}" for x in problems))
@@ -549,15 +553,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def repair(reply: str, problems: list[dict]) -> str:
+def repair(problems: list[dict]) -> str:
     """The note a second try gets after a reply that changed nothing or was refused (what aider
     calls reflection): small models often get it right once told exactly what was wrong."""
     if not problems:
-        return ("Your last answer changed no file: it had no edit block with the file's path alone on the line "
-                "before it. Answer again, with the edit blocks.")
-    return ("Your last answer was refused and nothing was written: "
+        return ("An earlier answer to this task changed no file: it had no fenced block with the file's path "
+                "alone on the line before it.")
+    return ("An earlier answer to this task was refused, and nothing was written: "
             + "; ".join(f"{x['path']}: {x['reason']}" for x in problems)
-            + ". Answer again with corrected edit blocks; keep all the other code of every file you change.")
+            + ". Keep all the other code of every file you change.")
 
 
 def apply(root: Path, writes: dict[str, str]) -> tuple[list[str], list[dict]]:

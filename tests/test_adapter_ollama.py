@@ -113,6 +113,8 @@ class Ollama(BaseHTTPRequestHandler):
             return self.send(429, {"error": "server busy, please try again. maximum pending requests exceeded"})
         scripted = self.server.replies.get(model, {})
         text = scripted.get("text") or reply_text(self.server.outside)
+        if isinstance(text, list):  # one reply per request, the last one repeated
+            text = text[min(len(text), sum(r["model"] == model for r in self.server.requests)) - 1]
         chunks = [{"model": model, "message": {"role": "assistant", "content": text[i:i + 17]}, "done": False}
                   for i in range(0, len(text), 17)]
         if model == "broken:1b":
@@ -349,7 +351,7 @@ def shapes(worktree: Path) -> Path:
     return worktree
 
 
-def scripted(server, text: str, model: str = "scripted:1b", **final) -> str:
+def scripted(server, text: str | list[str], model: str = "scripted:1b", **final) -> str:
     server.replies[model] = {"text": text, "final": final}
     return model
 
@@ -374,8 +376,9 @@ def test_search_replace_edits_an_existing_file_matched_case_insensitively(server
 
 
 @pytest.mark.parametrize("rewrite, why", [
-    (SHAPES.replace("def square_area(side):\n    return side * side\n", ""), "drops square_area"),
-    (SHAPES.split("\n\nif __name__")[0] + "\nUNIT = 1\n", "drops the `if __name__"),
+    # (a top-level call makes the reply more than definitions, so it is not merged but replaces the file)
+    (SHAPES.replace("def square_area(side):\n    return side * side\n", "print('loaded')\n"), "drops square_area"),
+    (SHAPES.split("\n\nif __name__")[0] + "\nprint(Circle(1).area())\n", "drops the `if __name__"),
     (SHAPES.replace("    return side * side\n", "    # ... rest of the code unchanged ...\n"),
      "leaves a placeholder"),
 ])
@@ -406,6 +409,32 @@ def test_a_reply_with_only_the_changed_function_keeps_the_rest(server, shapes: P
             "    def diameter(self):\n        return 2 * self.r")
             .replace("\n\nif __name__", "\n\ndef cube_volume(side):\n    return side ** 3\n\n\nif __name__"))
     assert (shapes / "shapes.py").read_text() == want
+
+
+def test_a_reply_that_changes_nothing_is_asked_once_more(server, shapes: Path) -> None:
+    """Measured: the 1.5B model sometimes only describes the change, or refuses; one more ask with
+    what went wrong (placed before the task: a small model echoes the last thing it reads) often
+    gets the edit."""
+    model = scripted(server, ["I am a coding assistant, not a member of the council.",
+                              "shapes.py\n```python\ndef square_area(side):\n    return side ** 2\n```\n"])
+    outcome, notes, _ = drive(ollama(server.url, model), Job(prompt="square_area in shapes.py: use **",
+                                                             worktree=shapes, timeout_s=60))
+    assert outcome.ok and "side ** 2" in (shapes / "shapes.py").read_text(), outcome
+    assert "the reply changed no file; asking once more" in notes
+    first, second = (r["messages"][-1]["content"] for r in server.requests)
+    assert "earlier answer" not in first
+    assert second.index("An earlier answer to this task changed no file") < second.index("Task:")
+    assert second.rstrip().endswith("```")  # the reply's shape stays the last thing it reads
+
+
+def test_a_whole_file_minus_a_function_keeps_that_function(server, shapes: Path) -> None:
+    """Measured (h/llm's task 09): the 1.5B model rewrote a module with its header and the changed
+    function but without another function; merged, the missing one stays."""
+    reply = SHAPES.replace("def square_area(side):\n    return side * side\n\n\n", "").replace("return 0", "return 1")
+    model = scripted(server, f"shapes.py\n```python\n{reply}```\n")
+    outcome, _, _ = drive(ollama(server.url, model), Job(prompt="Circle.area in shapes.py: return 1", worktree=shapes,
+                                                         timeout_s=60))
+    assert outcome.ok and (shapes / "shapes.py").read_text() == SHAPES.replace("return 0", "return 1"), outcome
 
 
 @pytest.mark.parametrize("blocks, why", [
