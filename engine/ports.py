@@ -39,8 +39,9 @@ def _bindable(port: int) -> bool:
 
 
 class Ports:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, low: int = LOW, high: int = HIGH):
         self.root = root
+        self.low, self.high = low, high
         self._me = f"{os.getpid()} {proc_start_time(os.getpid())}"
 
     def lease(self, n: int) -> list[int]:
@@ -51,7 +52,7 @@ class Ports:
             for _ in range(TRIES):
                 if len(got) == n:
                     return got
-                port = random.randint(LOW, HIGH)
+                port = random.randint(self.low, self.high)
                 if port not in got and self._claim(port):
                     if _bindable(port):
                         got.append(port)
@@ -61,7 +62,7 @@ class Ports:
             self.release(got)
             raise
         self.release(got)
-        raise OSError(errno.EADDRNOTAVAIL, f"no {n} free ports found in {LOW}-{HIGH}")
+        raise OSError(errno.EADDRNOTAVAIL, f"no {n} free ports found in {self.low}-{self.high}")
 
     def release(self, ports: list[int]) -> None:
         for port in ports:
