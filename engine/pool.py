@@ -90,8 +90,8 @@ class Pool:
                        ws: WorktreeSetup) -> Workspace:
         """The attempt's worktree at `base` on its branch: a verified pool entry when one fits, else
         a fresh `Worktrees.add`. Either way the pool is refilled in the background."""
-        self.want(config, repo)
         taken = await self._take(repo, task_id, agent, base, ws)
+        self.want(config, repo)
         if taken is not None:
             return taken
         path, branch = await self.worktrees.add(repo, task_id, agent, base)
@@ -104,11 +104,11 @@ class Pool:
         for w in warnings:
             await note(w)
         if work.pooled is not None:
-            if ws.setup:
-                when = time.strftime("%H:%M:%S", time.localtime(work.pooled.made_at))
-                await note(f"setup `{ws.setup}` ran ahead in the warm pool at {when}; its output:")
-                for stream, text in work.pooled.lines:
-                    await log(stream, text)
+            when = time.strftime("%H:%M:%S", time.localtime(work.pooled.made_at))
+            await note(f"worktree ready from the warm pool (made at {when} at {work.pooled.base[:12]})"
+                       + (f"; its setup `{ws.setup}` ran then, its output:" if ws.setup else ""))
+            for stream, text in work.pooled.lines:
+                await log(stream, text)
         elif ws.setup:
             await note(f"setup: {ws.setup}")
         try:
@@ -136,7 +136,12 @@ class Pool:
         self._tg.start_soon(self._fill, repo)
 
     def ready(self, repo: str) -> int:
+        """How many entries of the repo are ready to take."""
         return len(self._entries.get(repo, []))
+
+    def filling(self, repo: str) -> bool:
+        """Whether a refill of the repo's pool is under way."""
+        return repo in self._filling
 
     async def _fill(self, repo: str) -> None:
         try:
@@ -210,6 +215,10 @@ class Pool:
     async def _take(self, repo: str, task_id: str, agent: str, base: str, ws: WorktreeSetup) -> Workspace | None:
         entries = self._entries.get(repo, [])
         fits = [e for e in entries if e.setup == ws.setup]
+        for old in [e for e in entries if e.setup != ws.setup]:  # made with another setup: never used
+            entries.remove(old)
+            if self._tg is not None:
+                self._tg.start_soon(self._discard, old.repo, old.path)
         if not fits:
             return None
         entry = next((e for e in fits if e.base == base), fits[0])  # same base: nothing to rewrite

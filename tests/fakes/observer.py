@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A fake agent that records what it finds in its worktree: every file (but .git) with its inode
+"""A fake agent that records what it finds in its worktree: every file (but .git) with its mtime
 and content (when short), and the port variables, in seen.json (committed on its branch)."""
 
 import json
@@ -15,7 +15,7 @@ for top, dirs, files in os.walk("."):
         st = os.lstat(path)
         with open(path, "rb") as f:
             head = f.read(200)
-        seen["files"][path] = {"inode": st.st_ino, "text": head.decode(errors="replace")}
+        seen["files"][path] = {"mtime_ns": st.st_mtime_ns, "text": head.decode(errors="replace")}
 time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0)
 with open("seen.json", "w") as f:
     json.dump(seen, f)
