@@ -80,33 +80,39 @@ def _inside(path: Path, top: Path) -> bool:
     return path == top or top in path.parents
 
 
+def _readable(real: Path, src_top: Path) -> bool:
+    """A resolved source path the copy may read: in the user's checkout, not in its .git."""
+    return _inside(real, src_top) and (src_top / ".git") not in (real, *real.parents)
+
+
 def _copy_one(src_top: Path, dst_top: Path, rel: str, tracked: set[str]) -> tuple[list[str], list[str]]:
     """(copied paths, warnings). Nothing is followed out of the user's checkout or written out of the
     worktree (a symlink in the way counts as out), nothing in .git is read, and no file the worktree
-    tracks is overwritten (that would become part of the result)."""
+    tracks is overwritten (that would become part of the result). Runs before the setup and the
+    agent, so nothing else writes to the worktree meanwhile."""
     src_top, dst_top = src_top.resolve(), dst_top.resolve()
     src = src_top / rel
     if not os.path.lexists(src):
         return [], [f"copy: {rel} is not in {src_top}; skipped"]
     real = src.resolve()
-    if not _inside(real, src_top) or (src_top / ".git") in (real, *real.parents):
-        return [], [f"copy: {rel} leads out of the repo (to {real}); refused"]
+    if not _readable(real, src_top):
+        return [], [f"copy: {rel} leads out of the repo or into .git (to {real}); refused"]
     copied, warnings = [], []
     files = [real] if real.is_file() else sorted(p for p in real.rglob("*") if not p.is_dir() or p.is_symlink())
     for item in files:
         item_real = item.resolve()
         sub = (Path(rel) / item.relative_to(real)).as_posix() if item != real else Path(rel).as_posix()
-        if not _inside(item_real, src_top) or not item_real.is_file():
-            warnings.append(f"copy: {sub} leads out of the repo or is not a file; refused")
+        if not _readable(item_real, src_top) or not item_real.is_file():
+            warnings.append(f"copy: {sub} leads out of the repo, into .git, or is not a file; refused")
             continue
         dst = dst_top / sub
-        if not _inside(dst.parent.resolve(), dst_top) or dst.is_symlink() or sub in tracked:
-            warnings.append(f"copy: {sub} would overwrite a tracked file or write out of the worktree; refused")
+        if sub in tracked:
+            warnings.append(f"copy: {sub} would overwrite a tracked file; refused")
+            continue
+        if not _inside(dst.parent.resolve(), dst_top) or dst.is_symlink():
+            warnings.append(f"copy: {sub} would write out of the worktree (a symlink is in the way); refused")
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if not _inside(dst.parent.resolve(), dst_top):  # a symlink raced into the way
-            warnings.append(f"copy: {sub} would write out of the worktree; refused")
-            continue
         shutil.copyfile(item_real, dst)
         shutil.copymode(item_real, dst)
         copied.append(sub)

@@ -129,12 +129,13 @@ async def test_copy_brings_untracked_files_and_refuses_what_leaves_the_repo(coun
     (repo / "linkdir").symlink_to(outside)  # tracked: a worktree has it too, pointing out
     git(repo, "add", "linkdir")
     commit_repo_file(repo, '[worktree]\ncopy = [".env", "config/local.json", "leak", "escape", "linkdir/x",'
-                           ' "app.py", "missing.txt", "conf"]\n', gitignore="node_modules/\n.env\n")
+                           ' "app.py", "missing.txt", "conf", "gitcfg"]\n', gitignore="node_modules/\n.env\n")
     (repo / ".env").write_text("TOKEN=dev\n")
     (repo / "config").mkdir()
     (repo / "config" / "local.json").write_text('{"db": "local"}\n')
     (repo / "leak").symlink_to("/etc/hostname")
     (repo / "escape").symlink_to(outside / "secret")
+    (repo / "gitcfg").symlink_to(repo / ".git" / "config")
     (repo / "linkdir").unlink()  # in the checkout a real directory now; at the base still the symlink
     (repo / "linkdir").mkdir()
     (repo / "linkdir" / "x").write_text("would land outside\n")
@@ -149,12 +150,12 @@ async def test_copy_brings_untracked_files_and_refuses_what_leaves_the_repo(coun
         files = seen(repo, a.branch)["files"]
         assert files[".env"]["text"] == "TOKEN=dev\n" and files["config/local.json"]["text"] == '{"db": "local"}\n'
         assert files["conf/a.ini"]["text"] == "a\n"
-        assert "leak" not in files and "escape" not in files and "conf/out" not in files
+        assert not {"leak", "escape", "conf/out", "gitcfg"} & set(files)
         assert files["app.py"]["text"].startswith("def add"), "a tracked file is never overwritten"
         assert not (outside / "x").exists(), "nothing was written through the tracked symlink"
         notes = [text for _, stream, text in await log_text(engine, task.task_id) if stream == "council"]
         for path, why in (("leak", "leads out of the repo"), ("escape", "leads out of the repo"),
-                          ("conf/out", "leads out"), ("linkdir/x", "out of the worktree"),
+                          ("gitcfg", "into .git"), ("conf/out", "leads out"), ("linkdir/x", "out of the worktree"),
                           ("app.py", "tracked file"), ("missing.txt", "skipped")):
             assert any(f"copy: {path}" in n and why in n for n in notes), (path, notes)
         # copies are not part of the result, ignored (.env) or not (config/local.json)
