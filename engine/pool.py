@@ -100,7 +100,7 @@ class Pool:
     async def prepare(self, repo: str, ws: WorktreeSetup, work: Workspace, spawn: setup.Spawn,
                       log: runner.LineSink, note) -> None:
         """Copy the repo's untracked files in and, for a fresh worktree, run the setup (SetupFailed)."""
-        _, warnings = await setup.copy_files(repo, work.path, ws.copy)
+        copied, warnings = await setup.copy_files(repo, work.path, ws.copy)
         for w in warnings:
             await note(w)
         if work.pooled is not None:
@@ -116,7 +116,10 @@ class Pool:
                 await setup.run_setup(work.path, ws, setup.setup_env(self.environ, self.home), spawn, log)
         finally:  # also after a failed setup: what it left is no work for cleanup to keep
             with anyio.CancelScope(shield=True):
-                work.keep_out = await setup.untracked_and_changed(work.path)
+                if work.pooled is not None and not copied:
+                    work.keep_out = work.pooled.output  # what the take just verified
+                else:
+                    work.keep_out = await setup.untracked_and_changed(work.path)
                 if work.keep_out:
                     await setup.record_output(work.path, work.keep_out)
 
@@ -229,9 +232,16 @@ class Pool:
             await anyio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
             await _retried(repo, "worktree", "move", str(entry.path), str(dest))
             where = dest
-            await git(dest, "checkout", "--quiet", "--no-recurse-submodules", "-b", branch, base)
-            made_branch = True
-            head = await resolve_commit(dest, "HEAD")
+            if entry.base == base:  # only the branch is new: no file to touch, no index to refresh
+                await git(dest, "update-ref", f"refs/heads/{branch}", base, "")  # "": it must not exist yet
+                made_branch = True
+                await git(dest, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
+                head = base
+            else:
+                await git(dest, "checkout", "--quiet", "--no-recurse-submodules", "-b", branch, base)
+                made_branch = True
+                head = await resolve_commit(dest, "HEAD")
+            # HEAD's tree vs the index vs the files: anything but what the setup left means not clean
             status = await setup.untracked_and_changed(dest)
             if head != base or status != entry.output:
                 logger.warning("warm pool entry %s for %s is not clean (HEAD %s, status %s); a fresh worktree "

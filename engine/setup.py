@@ -146,7 +146,11 @@ async def untracked_and_changed(path: Path) -> list[str]:
 
 
 async def _own_git_dir(path: Path) -> Path:
-    return Path(await git(path, "rev-parse", "--absolute-git-dir"))
+    """The worktree's private git dir, from its `.git` file (`gitdir: PATH`), as git itself reads it."""
+    text = await anyio.Path(path / ".git").read_text()
+    if not text.startswith("gitdir: "):
+        raise OSError(f"{path}/.git is not a worktree's .git file")
+    return path / text[len("gitdir: "):].strip()  # absolute as git writes it; relative joins the worktree
 
 
 async def record_output(path: Path, paths: list[str]) -> None:
