@@ -789,7 +789,7 @@ class Engine:
                 retries_left -= 1
                 await self._note(task, f"{outcome.error.kind}: {outcome.error.message}; retry {attempt.retries} in {delay:.1f}s", attempt.agent)
                 await anyio.sleep(delay)
-                await self.worktrees.reset(path, task.base)
+                await self.worktrees.reset(path, task.base, tuple(work.keep_out))
         finally:
             with anyio.CancelScope(shield=True):  # whatever the agent did is kept, even when cancelled
                 await self.worktrees.commit_all(path, f"council {task.task_id}: {attempt.agent}\n\n{task.prompt.splitlines()[0][:200]}",

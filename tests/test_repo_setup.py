@@ -234,3 +234,18 @@ def test_port_claims_hold_across_processes_and_die_with_their_owner(tmp_path):
     # a claim left by a process that is gone is taken over
     (tmp_path / "ports" / str(low + 6)).write_text("999999999 12345")
     assert Ports(tmp_path / "ports", low + 6, low + 6).lease(1) == [low + 6]
+
+
+async def test_a_retried_agent_keeps_the_setups_output(council_home, repo, tmp_path):
+    commit_repo_file(repo, '[worktree]\nsetup = "echo made > generated.txt; echo made > we*ird"\n')
+    flaky = {"kind": "claude", "command": [sys.executable, str(FAKES / "flaky.py")],
+             "env": {"ANTHROPIC_API_KEY": "sk-test-1234567890", "FLAKY_COUNTER": str(tmp_path / "count"),
+                     "FLAKY_FAILS": "1", "FAKE_WRITE": "hello.txt"}}
+    cfg = parse_config({"agents": {"claude": flaky}, "pool": {"size": 0},
+                        "engine": {"kill_grace_s": 1, "retries": 1, "retry_base_s": 0.01}})
+    async with Engine(cfg, home=council_home, environ=dict(os.environ)) as engine:
+        task = await engine.wait((await engine.submit(str(repo), "x", agents=["claude"])).task_id, 60)
+    a = task.attempt("claude")
+    assert a.state == "succeeded" and a.retries == 1, a.error
+    assert (Path(a.worktree) / "generated.txt").exists() and (Path(a.worktree) / "we*ird").exists()
+    assert git(repo, "diff", "--name-only", task.base, a.branch) == "hello.txt"
