@@ -20,6 +20,7 @@ import logging
 import shutil
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +99,7 @@ class Pool:
         return Workspace(path=path, branch=branch)
 
     async def prepare(self, repo: str, ws: WorktreeSetup, work: Workspace, spawn: setup.Spawn,
-                      log: runner.LineSink, note) -> None:
+                      log: runner.LineSink, note: Callable[[str], Awaitable[None]]) -> None:
         """Copy the repo's untracked files in and, for a fresh worktree, run the setup (SetupFailed)."""
         copied, warnings = await setup.copy_files(repo, work.path, ws.copy)
         for w in warnings:
@@ -176,6 +177,8 @@ class Pool:
     async def _small_enough(self, repo: str, commit: str, max_files: int) -> bool:
         """Whether the commit tracks at most max_files files (counted once per commit)."""
         if (repo, commit) not in self._sizes:
+            if len(self._sizes) > 256:
+                self._sizes.clear()
             out = await git(repo, "ls-tree", "-r", "-z", "--name-only", "--full-tree", commit)
             self._sizes[(repo, commit)] = out.count("\0")
         if self._sizes[(repo, commit)] > max_files:
@@ -260,19 +263,23 @@ class Pool:
                     if made_branch:
                         await git(repo, "branch", "-D", branch, check=False)
 
-    async def _discard(self, repo: str, path: Path) -> None:
-        try:
-            await _retried(repo, "worktree", "remove", "--force", "--force", str(path))
-        except GitError:  # not (or no longer) a registered worktree: its directory goes, prune forgets it
-            await anyio.to_thread.run_sync(shutil.rmtree, path, True)
-            await git(repo, "worktree", "prune", check=False)
+    async def _discard(self, repo: str | Path, path: Path) -> None:
+        """Remove one entry, whatever cancellation comes meanwhile (a half-removed one would be litter)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await _retried(str(repo), "worktree", "remove", "--force", "--force", str(path))
+            except GitError:  # not (or no longer) a registered worktree: its directory goes, prune forgets it
+                await anyio.to_thread.run_sync(shutil.rmtree, path, True)
+                await git(repo, "worktree", "prune", check=False)
 
     async def close(self) -> None:
-        """Remove every entry this process made (the Engine's exit, shielded)."""
+        """Remove every entry this process made (the Engine's exit), and whatever else is in its directory."""
         entries = [e for es in self._entries.values() for e in es]
         self._entries.clear()
         for entry in entries:
             await self._discard(entry.repo, entry.path)
+        for left in await _subdirs(self.dir):
+            await _remove_dir(left)
         await anyio.to_thread.run_sync(_rmdirs, self.dir)
 
 
@@ -305,24 +312,42 @@ async def reap(root: Path, grace_s: float = 5.0) -> GcReport:
     pool = root / POOL_DIR
     if not await anyio.Path(pool).is_dir():
         return report
-    for owner_dir in sorted(await anyio.to_thread.run_sync(lambda: [p for p in pool.iterdir() if p.is_dir()])):
+    for owner_dir in await _subdirs(pool):
         pid, _, start = owner_dir.name.partition("-")
         if pid.isdigit() and str(runner.proc_start_time(int(pid))) == start:
             continue  # its process still runs and uses them
-        for entry in sorted(await anyio.to_thread.run_sync(lambda: [p for p in owner_dir.iterdir() if p.is_dir()])):
+        for entry in await _subdirs(owner_dir):
             await runner.stop_marked(_marker(owner_dir.name, entry.name), grace_s)
-            repo = await _repo_of(entry)
-            if repo is not None:
-                await git(repo, "worktree", "remove", "--force", "--force", str(entry), check=False)
-            await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
-            if repo is not None:
-                await git(repo, "worktree", "prune", check=False)
+            await _remove_dir(entry)
             report.removed.append(f"{entry}: warm pool worktree of a stopped process")
         await anyio.to_thread.run_sync(_rmdirs, owner_dir)
     return report
 
 
+async def _subdirs(path: Path) -> list[Path]:
+    def listing() -> list[Path]:
+        try:
+            return sorted(p for p in path.iterdir() if p.is_dir())
+        except OSError:
+            return []
+    return await anyio.to_thread.run_sync(listing)
+
+
+async def _remove_dir(entry: Path) -> None:
+    """Remove a pool entry found on disk: from its repo's worktree list, then the directory."""
+    repo = await _repo_of(entry)
+    if repo is not None:
+        await git(repo, "worktree", "remove", "--force", "--force", str(entry), check=False)
+    await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
+    if repo is not None:
+        await git(repo, "worktree", "prune", check=False)
+
+
 async def _repo_of(worktree: Path) -> Path | None:
+    """The repo a pool entry belongs to; None unless it is a worktree (a `.git` file), so that git never
+    looks further up for an enclosing repository."""
+    if not await anyio.Path(worktree / ".git").is_file():
+        return None
     try:
         common = Path(await git(worktree, "rev-parse", "--path-format=absolute", "--git-common-dir"))
     except (GitError, OSError):
