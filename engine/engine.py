@@ -755,14 +755,17 @@ class Engine:
                 await self._log(task, attempt.agent, "setup", text)
 
             await self.pool.prepare(task.repo, ws, work, spawn, log, lambda text: self._note(task, text, attempt.agent))
+            if ws.ports:
+                try:
+                    leased = self._leases[(task.task_id, attempt.agent)] = await anyio.to_thread.run_sync(
+                        self.ports.lease, ws.ports)
+                except OSError as e:
+                    raise SetupFailed(f"[worktree] ports = {ws.ports}: {e}") from None
+                work.env = ports_mod.env(leased)
+                await self._note(task, f"ports: {' '.join(map(str, leased))} (COUNCIL_PORT, PORT)", attempt.agent)
         except (SetupFailed, ConfigError) as e:
             attempt.state, attempt.error = AttemptState.failed, ErrorInfo(kind=ErrorKind.setup_failed, message=str(e))
             return None
-        if ws.ports:
-            leased = await anyio.to_thread.run_sync(self.ports.lease, ws.ports)
-            self._leases[(task.task_id, attempt.agent)] = leased
-            work.env = ports_mod.env(leased)
-            await self._note(task, f"ports: {' '.join(map(str, leased))} (COUNCIL_PORT, PORT)", attempt.agent)
         return work
 
     async def _attempt_body(self, task: Task, attempt: Attempt, adapter: Adapter) -> None:

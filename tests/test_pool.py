@@ -244,3 +244,15 @@ async def test_shutdown_stops_a_refill_mid_setup_and_leaves_nothing(council_home
         assert pid_running(stuck)
     assert not pid_running(stuck)
     assert pool_entries(council_home) == [] and not any("/pool/" in w for w in registered(repo))
+
+
+async def test_a_fan_out_wider_than_the_pool_takes_what_is_ready_and_makes_the_rest(council_home, repo):
+    agents = {f"obs{i}": observer() for i in range(4)}
+    async with pool_engine(council_home, agents) as engine:
+        top = (await run(engine, repo, "obs0")).repo
+        await until(lambda: engine.pool.ready(top) == 2, "the pool filled")
+        task = await engine.wait((await engine.submit(str(repo), "look", agents=list(agents))).task_id, 60)
+        assert all(a.state == "succeeded" for a in task.attempts), [a.error for a in task.attempts]
+        log = (await engine.logs(task.task_id, limit=5000)).lines
+        assert len({line.agent for line in log if AHEAD in line.text}) == 2, "two ready, two made fresh"
+        assert len({a.worktree for a in task.attempts}) == 4
