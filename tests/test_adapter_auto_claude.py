@@ -21,6 +21,7 @@ from adapters import make_adapter
 from adapters.auto_claude import pick_spec
 from adapters.base import COUNCIL_CONTEXT, PACKAGE_ROOT, AgentSpec, ErrorKind, Job
 from conftest import FAKES, git
+from engine.cleanup import remove_attempt
 from engine.models import AttemptState
 
 TOKEN = "sk-ant-oat01-fake-token-1234"
@@ -260,7 +261,15 @@ def branch_files(repo: Path, branch: str, base: str) -> tuple[list[str], list[st
             git(repo, "diff", "--name-only", base, branch).split())
 
 
-async def test_a_task_commits_the_work_and_none_of_auto_claudes_bookkeeping(make_engine, repo: Path, home: Path) -> None:
+async def gc_removes(repo: Path, council_home: Path, attempt) -> None:
+    """Cleanup sees the bookkeeping as scratch, not as unsaved work, ignored by git or not."""
+    report = await remove_attempt(repo, root=council_home / "worktrees", worktree=attempt.worktree,
+                                  branch=attempt.branch, discard=True)
+    assert report.removed == [str(Path(attempt.worktree).resolve()), attempt.branch], report
+
+
+async def test_a_task_commits_the_work_and_none_of_auto_claudes_bookkeeping(make_engine, repo: Path, home: Path,
+                                                                            council_home: Path) -> None:
     base = git(repo, "rev-parse", "HEAD")
     async with make_engine(engine_agents(home)) as engine:
         task = await engine.wait((await engine.submit(str(repo), "Add hello.py", agents=["auto-claude"])).task_id, 60)
@@ -271,9 +280,11 @@ async def test_a_task_commits_the_work_and_none_of_auto_claudes_bookkeeping(make
     assert ac.files_changed == 1
     wt = Path(ac.worktree)
     assert all((wt / p).exists() for p in SCRATCH), "the scratch stays in the worktree, uncommitted"
+    await gc_removes(repo, council_home, ac)
 
 
-async def test_a_repo_that_already_ignores_auto_claudes_files(make_engine, repo: Path, home: Path) -> None:
+async def test_a_repo_that_already_ignores_auto_claudes_files(make_engine, repo: Path, home: Path,
+                                                              council_home: Path) -> None:
     """A repo where Auto-Claude ran before has its entries in .gitignore: git 2.39's `add` refused
     the engine's `:(exclude).auto-claude` then, and the attempt ended as a crash with 0 files."""
     (repo / ".gitignore").write_text("# Auto Claude generated files\n.auto-claude/\n.auto-claude-security.json\n"
@@ -286,6 +297,7 @@ async def test_a_repo_that_already_ignores_auto_claudes_files(make_engine, repo:
     ac = task.attempt("auto-claude")
     assert ac.state == AttemptState.succeeded, ac
     assert branch_files(repo, ac.branch, base)[1] == ["hello.py"]
+    await gc_removes(repo, council_home, ac)
 
 
 async def test_a_worktree_without_the_drivers_preparation_would_carry_the_gitignore_edit(repo: Path, home: Path,
