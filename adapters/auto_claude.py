@@ -173,7 +173,7 @@ class AutoClaudeParser(Parser):
         if text.startswith(DRIVER):
             return self._driver(json_object(text[len(DRIVER):]) or {})
         if self.auth is None and AUTH_FAILURE.search(text):
-            self.auth = short(text, 300)
+            self.auth = auth_line(text)
         if text.startswith(PHASE):
             return self._phase(json_object(text[len(PHASE):]) or {})
         if text.strip() and not text.startswith(TASK_LOG):
@@ -247,6 +247,15 @@ class AutoClaudeParser(Parser):
         return out
 
 
+def auth_line(text: str) -> str:
+    """The words of a refused-login line. Auto-Claude prints the agent's text and then, on the same
+    line, its `__TASK_LOG_TEXT__:{...}` marker carrying that text again."""
+    said, _, marker = text.partition(TASK_LOG)
+    if not said.strip() and marker:
+        said = str((json_object(marker.partition(":")[2]) or {}).get("content") or marker)
+    return short(said, 300)
+
+
 def subtask_counts(plan: dict) -> tuple[int, int]:
     """(completed, total) subtasks, counted as Auto-Claude's progress.count_subtasks does."""
     subtasks = [s for phase in plan.get("phases") or [] if isinstance(phase, dict)
@@ -303,7 +312,7 @@ def run_step(step: str, argv: list[str], cwd: Path) -> Step:
             if saved := SAVED.search(text):
                 result.saved = saved.group(1)
             if result.auth is None and AUTH_FAILURE.search(text):
-                result.auth = short(text, 300)
+                result.auth = auth_line(text)
                 refused.set()
 
     pumps = [threading.Thread(target=pump, args=(proc.stdout, sys.stdout.buffer), daemon=True),

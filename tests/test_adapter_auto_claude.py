@@ -148,6 +148,7 @@ def test_a_refused_login_stops_the_build_at_once(home: Path, repo: Path, log: Pa
     assert 1 <= len(sessions) <= 2, f"{len(sessions)} sessions: the driver did not stop the build"
     assert not outcome.ok and outcome.error.kind == ErrorKind.auth, outcome
     assert "Please run /login" in outcome.error.message and "run.py" in outcome.error.message
+    assert "__TASK_LOG_" not in outcome.error.message
     assert "CLAUDE_CODE_OAUTH_TOKEN" in outcome.error.message  # the fix
 
 

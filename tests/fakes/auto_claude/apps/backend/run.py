@@ -87,8 +87,8 @@ def main() -> int:
             print("\nFatal error: the agent session died")
             return 1
         if "BUILD-401" in task:
-            task_log("TEXT", content=NOT_LOGGED_IN, phase="coding")
-            print(NOT_LOGGED_IN, flush=True)
+            print(NOT_LOGGED_IN, end="")  # the agent's text, then its task-log marker on the same line
+            task_log("TEXT", content=NOT_LOGGED_IN, phase="coding", type="text")
             phase("failed", "Session encountered an error")
             print("Session encountered an error\nWill retry with a fresh session...", flush=True)
             time.sleep(0.3)
