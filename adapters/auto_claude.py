@@ -10,12 +10,15 @@ source (v2.7.5, apps/backend):
   left to itself spec_runner.py creates `NNN-pending`, renames it to `NNN-<slug>` after the
   requirements phase and keeps writing into `NNN-pending`. The build takes the spec named on the
   "Spec saved to:" line, else that directory, else the one new directory holding spec.md.
+- The build runs with `--force`, as later spec_runner.py versions chain it: the spec step already
+  approved the spec (`--auto-approve`), and run.py would refuse it if its hash of spec.md and
+  implementation_plan.json changed in between.
 - run.py exits 0 whether QA approved or not, and also when it stops with subtasks unfinished, so
   the outcome is read from the spec's implementation_plan.json: success is every subtask
   `completed` and `qa_signoff.status == "approved"`, nothing less.
 - Its build loop ends only when every subtask is done, at `--max-iterations` sessions, or on a
-  PAUSE file; on a 401 it prints "Not logged in · Please run /login" and starts another session,
-  forever. So the build is bounded by `--max-iterations`, and the driver stops a step as soon as
+  PAUSE file; on a refused login it prints "Not logged in · Please run /login" (no credentials)
+  or "Failed to authenticate. API Error: 401" and starts another session, forever. So the build is bounded by `--max-iterations`, and the driver stops a step as soon as
   an authentication failure shows in its output: that is an auth error, not a timeout.
 - Auth (core/auth.py): CLAUDE_CODE_OAUTH_TOKEN, ANTHROPIC_AUTH_TOKEN, then the credentials file in
   CLAUDE_CONFIG_DIR (only when that is set), then the OS keychain (Linux: Secret Service, which a
@@ -391,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     say({"spec": spec.name})
     step = run_step("build", [a.python, str(backend / "run.py"), "--spec", spec.name, "--project-dir", str(project),
-                              "--auto-continue", "--direct", "--max-iterations", str(a.max_iterations), *model],
+                              "--auto-continue", "--direct", "--force", "--max-iterations", str(a.max_iterations),
+                              *model],
                     backend)
     if step.auth or step.code:
         say({"step": "build", "auth": step.auth} if step.auth else {"step": "build", "exit": step.code})

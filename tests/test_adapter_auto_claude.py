@@ -84,7 +84,7 @@ def test_spec_then_build_approved(home: Path, repo: Path, log: Path) -> None:
     assert argv[argv.index("--complexity") + 1] == "simple" and argv[argv.index("--model") + 1] == "sonnet"
     assert "--auto-approve" in argv and "--no-build" in argv
     assert build_call["argv"] == ["--spec", "001-council", "--project-dir", str(repo.resolve()), "--auto-continue",
-                                  "--direct", "--max-iterations", "10", "--model", "sonnet"]
+                                  "--direct", "--force", "--max-iterations", "10", "--model", "sonnet"]
     for call in (spec_call, build_call):
         assert call["stdin"] == ""  # /dev/null: an interactive prompt cannot hang it
         env = call["env"]
