@@ -197,6 +197,41 @@ def test_the_build_gets_the_spec_spec_runner_wrote(tmp_path: Path) -> None:
     assert pick_spec(None, asked, specs, before) == asked
 
 
+def test_the_fake_spec_runner_left_to_itself_writes_into_the_pending_dir(home: Path, repo: Path) -> None:
+    """Without --spec-dir the fake, like the real one, renames NNN-pending and keeps writing there."""
+    (repo / ".auto-claude" / "specs").mkdir(parents=True)
+    (repo / ".auto-claude" / ".gitignore_checked").touch()
+    specs = repo / ".auto-claude" / "specs"
+    done = subprocess.run([sys.executable, str(home / "apps" / "backend" / "runners" / "spec_runner.py"), "--task",
+                           "Add a zebra module", "--project-dir", str(repo), "--auto-approve", "--no-build"],
+                          env={**os.environ, "CLAUDE_CODE_OAUTH_TOKEN": TOKEN}, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, check=True)
+    assert sorted(p.name for p in specs.iterdir()) == ["001-pending", "001-zebra-module"]
+    assert (specs / "001-pending" / "spec.md").is_file() and not (specs / "001-zebra-module" / "spec.md").exists()
+    saved = [line.split("Spec saved to:")[1].strip() for line in done.stdout.splitlines() if "Spec saved to:" in line]
+    assert pick_spec(saved[0], specs / "002-council", specs, set()) == specs / "001-pending"
+    assert "__EXEC_PHASE__" not in done.stdout
+
+
+def test_the_fake_run_py_exits_as_the_real_one(home: Path, repo: Path) -> None:
+    """1 for a missing token, a missing spec or an unapproved one without --force; else 0."""
+    spec = repo / ".auto-claude" / "specs" / "001-x"
+    spec.mkdir(parents=True)
+    (spec / "spec.md").write_text("Add hello.py")
+    (spec / "implementation_plan.json").write_text(json.dumps({"phases": [{"subtasks": [
+        {"id": "subtask-1-1", "status": "pending"}]}]}))
+
+    def run(*args: str, token: bool = True) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "CLAUDE_CODE_OAUTH_TOKEN"}
+        return subprocess.run([sys.executable, str(home / "apps" / "backend" / "run.py"), "--project-dir", str(repo),
+                               "--direct", *args], env={**env, **({"CLAUDE_CODE_OAUTH_TOKEN": TOKEN} if token else {})},
+                              capture_output=True, stdin=subprocess.DEVNULL).returncode
+    assert run("--spec", "001") == 1  # not approved
+    assert run("--spec", "002") == 1  # no such spec
+    assert run("--spec", "001", "--force", token=False) == 1
+    assert run("--spec", "001", "--force", "--max-iterations", "1") == 0
+
+
 def test_missing_python_is_reported_by_the_driver(home: Path, repo: Path) -> None:
     spec = AgentSpec(name="auto-claude", kind="auto-claude", home=str(home), python=str(home / "nope" / "python"))
     outcome, _, _ = drive(make_adapter(spec, {"PATH": os.environ.get("PATH", "")}), job(repo))
