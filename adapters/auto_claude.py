@@ -224,7 +224,7 @@ class AutoClaudeParser(Parser):
         status = qa.get("status")
         if status != "approved":
             issues = [issue_title(i) for i in (qa.get("issues_found") or qa.get("issues") or [])][:3]
-            said = (f"rejected the build" if status == "rejected" else
+            said = ("rejected the build" if status == "rejected" else
                     f"ended with status {status!r}" if status else "never signed off (QA validation incomplete)")
             return self._fail(out, ErrorKind.check_failed,
                               f"Auto-Claude's QA {said} for spec {self.spec or '?'}"

@@ -10,7 +10,6 @@ subtask with `git add . ':!.auto-claude'`, as prompts/coder.md tells the real on
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
