@@ -18,8 +18,9 @@ source (v2.7.5, apps/backend):
   `completed` and `qa_signoff.status == "approved"`, nothing less.
 - Its build loop ends only when every subtask is done, at `--max-iterations` sessions, or on a
   PAUSE file; on a refused login it prints "Not logged in · Please run /login" (no credentials)
-  or "Failed to authenticate. API Error: 401" and starts another session, forever. So the build is bounded by `--max-iterations`, and the driver stops a step as soon as
-  an authentication failure shows in its output: that is an auth error, not a timeout.
+  or "Failed to authenticate. API Error: 401" and starts another session, forever. So the build
+  is bounded by `--max-iterations`, and the driver stops a step as soon as an authentication
+  failure shows in its output: that is an auth error, not a timeout.
 - Auth (core/auth.py): CLAUDE_CODE_OAUTH_TOKEN, ANTHROPIC_AUTH_TOKEN, then the credentials file in
   CLAUDE_CONFIG_DIR (only when that is set), then the OS keychain (Linux: Secret Service, which a
   headless server rarely has); never ANTHROPIC_API_KEY. `available()` follows the same order.
@@ -156,8 +157,8 @@ class AutoClaudeAdapter(Adapter):
         details["auth"] = auth
         label = f"Auto-Claude {version or '(version unknown)'} at {self.home}"
         if auth or sys.platform == "darwin":
-            return Availability(True, f"{label}; auth from {', '.join(auth) or 'the macOS keychain (`claude login`)'}",
-                                version, details)
+            source = ", ".join(auth) or "the macOS keychain (`claude login`)"
+            return Availability(True, f"{label}; auth from {source}", version, details)
         return Availability(False, f"{label} but no Claude OAuth token: {auth_fix(self.spec.name)}", version, details,
                             error_kind=ErrorKind.auth)
 

@@ -53,7 +53,8 @@ class Worktrees:
                     await anyio.sleep(0.1)
         raise AssertionError("unreachable")
 
-    async def commit_all(self, path: Path, message: str, scratch: tuple[str, ...] = (), base: str | None = None) -> bool:
+    async def commit_all(self, path: Path, message: str, scratch: tuple[str, ...] = (),
+                         base: str | None = None) -> bool:
         """Commit whatever the agent left uncommitted but its scratch paths; False when there was nothing.
 
         Scratch paths (an adapter's `scratch`: a CLI's own bookkeeping in the worktree) never reach
@@ -62,7 +63,8 @@ class Worktrees:
         bookkeeping files along) are taken back to their state in base, so the branch's tree
         differs from base by the work alone."""
         await git(path, "add", "-A", "--", ".", *await scratch_excludes(path, scratch))
-        if base and scratch and await git(path, "diff", "--cached", "--name-only", "--no-renames", base, "--", *scratch):
+        if base and scratch and await git(path, "diff", "--cached", "--name-only", "--no-renames", base, "--",
+                                          *scratch):
             await git(path, "reset", "-q", base, "--", *scratch)
         if not await git(path, "diff", "--cached", "--name-only"):
             return False

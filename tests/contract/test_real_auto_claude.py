@@ -169,5 +169,6 @@ async def test_real_auto_claude_build_stops_at_a_refused_login(make_engine, repo
         ac = await run_task(make_engine, repo, standin, timeout=600, max_iterations=40)
     refused = [r for r in standin.requests if r.answer.startswith("HTTP 401")]
     assert ac.state == AttemptState.failed and ac.error.kind == ErrorKind.auth, (ac.error, standin.summary())
-    assert "run.py" in ac.error.message and "API Error: 401" in ac.error.message and "__TASK_LOG_" not in ac.error.message
+    assert "run.py" in ac.error.message and "API Error: 401" in ac.error.message
+    assert "__TASK_LOG_" not in ac.error.message
     assert 1 <= len(refused) <= 2, f"{len(refused)} refused sessions: the build was not stopped"

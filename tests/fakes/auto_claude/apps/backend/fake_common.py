@@ -87,7 +87,8 @@ def init_auto_claude_dir(project_dir: Path) -> Path:
 
 
 def git(cwd: Path, *args: str) -> bool:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, env={**os.environ, "LC_ALL": "C"}).returncode == 0
+    env = {**os.environ, "LC_ALL": "C"}
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, env=env).returncode == 0
 
 
 def write_bookkeeping(project_dir: Path, *names: str) -> None:

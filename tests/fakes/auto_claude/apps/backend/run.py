@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_common import NOT_LOGGED_IN, box, get_auth_token, git, init_auto_claude_dir, load_dotenv, record, write_bookkeeping
+from fake_common import (NOT_LOGGED_IN, box, get_auth_token, git, init_auto_claude_dir, load_dotenv, record,
+                         write_bookkeeping)
 
 
 def phase(name: str, message: str) -> None:
@@ -61,7 +62,8 @@ def main() -> int:
     if not get_auth_token():
         print("Error: No OAuth token found\n\nAuto Claude requires Claude Code OAuth authentication.")
         return 1
-    approved = (spec_dir / "review_state.json").exists() and json.loads((spec_dir / "review_state.json").read_text()).get("approved")
+    review = spec_dir / "review_state.json"
+    approved = review.exists() and json.loads(review.read_text()).get("approved")
     if not approved and not a.force:
         print(box(["BUILD BLOCKED - REVIEW REQUIRED", "", "This spec requires human approval before building."]))
         return 1

@@ -80,9 +80,10 @@ def main() -> int:
             print(f"Spec folder: {renamed.name}")
     spec_dir.mkdir(parents=True, exist_ok=True)  # the phases after the rename still write here
     (spec_dir / "spec.md").write_text(task)
-    plan = {"feature": slug(task), "workflow_type": "feature", "phases": [{"id": "phase-1", "name": "Build", "subtasks": [
-        {"id": "subtask-1-1", "description": "write hello()", "status": "pending"},
-        {"id": "subtask-1-2", "description": "print it", "status": "pending"}]}]}
+    subtasks = [{"id": "subtask-1-1", "description": "write hello()", "status": "pending"},
+                {"id": "subtask-1-2", "description": "print it", "status": "pending"}]
+    plan = {"feature": slug(task), "workflow_type": "feature",
+            "phases": [{"id": "phase-1", "name": "Build", "subtasks": subtasks}]}
     (spec_dir / "implementation_plan.json").write_text(json.dumps(plan, indent=2))
     if a.auto_approve:
         (spec_dir / "review_state.json").write_text(json.dumps({"approved": True, "approved_by": "auto"}))
