@@ -80,6 +80,7 @@ def _touched_since(worktree: Path, paths: list[str], since: float) -> list[str]:
 async def _unsaved_work(worktree: Path, check_until: datetime | None = None) -> str | None:
     """Why deleting this intact git worktree would lose work, or None: uncommitted changes (ignored
     files, CLIs' scratch dirs and the check's output aside) or commits on no branch (a detached HEAD)."""
+    # Unlike `add` (see worktrees.scratch_excludes), `status` takes excludes that name ignored paths.
     out = await git(worktree, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames",
                     "--", ".", *(f":(exclude){d}" for d in _SCRATCH), *exclude(await recorded_output(worktree)))
     paths = [entry[3:] for entry in out.split("\0") if entry]

@@ -796,7 +796,8 @@ class Engine:
         finally:
             with anyio.CancelScope(shield=True):  # whatever the agent did is kept, even when cancelled
                 await self.worktrees.commit_all(path, f"council {task.task_id}: {attempt.agent}\n\n{task.prompt.splitlines()[0][:200]}",
-                                                adapter.scratch + tuple(p.rstrip("/") for p in work.keep_out))
+                                                adapter.scratch + tuple(p.rstrip("/") for p in work.keep_out),
+                                                base=task.base)
                 files, attempt.insertions, attempt.deletions = await diff_stat(path, task.base, "HEAD")
                 attempt.files_changed = len(files)
         attempt.exit_code = result.exit_code

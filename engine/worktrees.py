@@ -11,6 +11,16 @@ import anyio
 from .gitcmd import COUNCIL_ENV, COUNCIL_IDENTITY, GitError, git
 
 
+async def scratch_excludes(path: Path, scratch: tuple[str, ...]) -> list[str]:
+    """`:(exclude)` pathspecs for the scratch paths git does not ignore already. Ignored ones need
+    none (`add -A` skips them), and git 2.39's `add` exits 1 ("The following paths are ignored by
+    one of your .gitignore files") on an exclude that names an ignored path."""
+    if not scratch:
+        return []
+    ignored = set((await git(path, "check-ignore", "--", *scratch, check=False)).splitlines())
+    return [f":(exclude){d}" for d in scratch if d not in ignored]
+
+
 def _exactly(path: str) -> str:
     """A gitignore pattern matching this one path from the top: anchored, wildcards escaped."""
     return "/" + re.sub(r"([][*?\\])", r"\\\1", path)
@@ -49,9 +59,19 @@ class Worktrees:
                     await anyio.sleep(0.1)
         raise AssertionError("unreachable")
 
-    async def commit_all(self, path: Path, message: str, scratch: tuple[str, ...] = ()) -> bool:
-        """Commit whatever the agent left uncommitted but its scratch dirs; False when there was nothing."""
-        await git(path, "add", "-A", "--", ".", *(f":(exclude){d}" for d in scratch))
+    async def commit_all(self, path: Path, message: str, scratch: tuple[str, ...] = (),
+                         base: str | None = None) -> bool:
+        """Commit whatever the agent left uncommitted but its scratch paths; False when there was nothing.
+
+        Scratch paths (an adapter's `scratch`: a CLI's own bookkeeping in the worktree) never reach
+        the result, whether git ignores them or not. With `base`, scratch paths the agent committed
+        itself (Auto-Claude's coder commits with `git add . ':!.auto-claude'`, which takes its root
+        bookkeeping files along) are taken back to their state in base, so the branch's tree
+        differs from base by the work alone."""
+        await git(path, "add", "-A", "--", ".", *await scratch_excludes(path, scratch))
+        if base and scratch and await git(path, "diff", "--cached", "--name-only", "--no-renames", base, "--",
+                                          *scratch):
+            await git(path, "reset", "-q", base, "--", *scratch)
         if not await git(path, "diff", "--cached", "--name-only"):
             return False
         # The variables beat a repo's author.name / committer.name, which beat user.name.
