@@ -206,7 +206,7 @@ async def _toplevel(path: Path) -> Path | None:
 
 
 async def gc(root: str | Path, tasks: Iterable[Task], *, age_s: float, busy: Collection[str | Path] = (),
-             at: datetime | None = None) -> GcReport:
+             at: datetime | None = None, kill_grace_s: float = 5.0) -> GcReport:
     """Reclaim what tasks finished more than `age_s` ago left behind, and the council's litter.
 
     - Known finished tasks: worktrees go unless they hold unsaved work; branches go when the task
@@ -219,6 +219,7 @@ async def gc(root: str | Path, tasks: Iterable[Task], *, age_s: float, busy: Col
       worktrees or hold nothing unsaved; kept otherwise.
     - `council/*` branches of unknown tasks in the repos seen: deleted only if no work is lost.
     Whatever git or the disk refuses is reported as kept with git's words; gc goes on.
+    - The warm pool's worktrees of council processes that are gone, and the setups they left running.
     Ages are measured from `at` (now by default).
     """
     root = Path(root)
@@ -297,7 +298,7 @@ async def gc(root: str | Path, tasks: Iterable[Task], *, age_s: float, busy: Col
             continue
         await guarded(f"task {task.task_id}", finished_task(task))
 
-    _merge_into(report, await reap_pool(root))
+    _merge_into(report, await reap_pool(root, kill_grace_s))
     for task_dir in await _subdirs(root):
         if task_dir.name == POOL_DIR:
             continue  # the warm pool's, handled above: a live process's entries are its own

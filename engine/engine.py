@@ -356,7 +356,8 @@ class Engine:
         interrupted = await self.recover()
         tasks = await self.store.list_tasks(limit=10**9)
         busy = [a.worktree for t in self._hosted.values() for a in t.attempts if a.worktree]
-        report = await cleanup_mod.gc(self.worktrees.root, tasks, age_s=age, busy=busy)
+        report = await cleanup_mod.gc(self.worktrees.root, tasks, age_s=age, busy=busy,
+                                      kill_grace_s=self.config.engine.kill_grace_s)
         report.removed[:0] = [f"task {t}: host process gone, marked interrupted" for t in interrupted]
         cutoff = now().timestamp() - age
         for task in tasks:

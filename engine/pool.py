@@ -82,6 +82,7 @@ class Pool:
         self._entries: dict[str, list[Entry]] = {}
         self._filling: set[str] = set()
         self._sizes: dict[tuple[str, str], int] = {}
+        self._failed: set[tuple[str, str, str | None]] = set()  # (repo, commit, setup) whose setup failed here
         self._tg: TaskGroup | None = None
         self._config: Config | None = None
 
@@ -159,6 +160,8 @@ class Pool:
                 except ConfigError as e:
                     logger.warning("no warm pool for %s: %s", repo, e)
                     return
+                if (repo, head, ws.setup) in self._failed:
+                    return  # it would fail again: the attempts run it themselves and say why
                 entries = self._entries.setdefault(repo, [])
                 for old in [e for e in entries if e.setup != ws.setup]:  # made with another setup: never used
                     entries.remove(old)
@@ -167,7 +170,8 @@ class Pool:
                     return
                 entry = await self._make(repo, head, ws)
                 if entry is None:
-                    return  # its setup failed: the attempts will say so, with the output, when they run it
+                    self._failed.add((repo, head, ws.setup))
+                    return
                 self._entries.setdefault(repo, []).append(entry)
         except Exception:  # a broken refill costs speed, never a task
             logger.exception("warm pool refill for %s failed", repo)

@@ -256,3 +256,17 @@ async def test_a_fan_out_wider_than_the_pool_takes_what_is_ready_and_makes_the_r
         log = (await engine.logs(task.task_id, limit=5000)).lines
         assert len({line.agent for line in log if AHEAD in line.text}) == 2, "two ready, two made fresh"
         assert len({a.worktree for a in task.attempts}) == 4
+
+
+async def test_a_setup_that_fails_in_the_pool_is_not_tried_again_at_the_same_commit(council_home, repo, tmp_path):
+    runs = tmp_path / "runs"
+    commit_repo_file(repo, f'[worktree]\nsetup = "echo run >> {runs}; exit 1"\n')
+    async with pool_engine(council_home, {"obs": observer()}) as engine:
+        first = await run(engine, repo)
+        assert first.attempt("obs").error.kind == "setup_failed"
+        await until(lambda: not engine.pool.filling(first.repo), "the refill gave up")
+        assert len(runs.read_text().split()) == 2  # the attempt's own, and the pool's one try
+        second = await run(engine, repo)
+        assert second.attempt("obs").error.kind == "setup_failed"
+        await until(lambda: not engine.pool.filling(first.repo), "the refill gave up")
+        assert len(runs.read_text().split()) == 3 and engine.pool.ready(first.repo) == 0
