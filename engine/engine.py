@@ -28,6 +28,8 @@ from adapters.base import (TIERS, TRANSIENT, Adapter, Availability, ErrorInfo, E
 from . import agents as agents_mod
 from . import cleanup as cleanup_mod
 from . import diffs, inputs, judge, routing, runner
+from . import ports as ports_mod
+from . import pool as pool_mod
 from .config import Config, ConfigError, LiveConfig, config_path, home_dir
 from .gitcmd import GitError, diff_stat, git, resolve_commit
 from .inputs import CouncilError, NotFound
@@ -35,6 +37,10 @@ from .merge import STRATEGIES, MergeRefused, check_target, merge_branch
 from .models import (ACTIVE_TASK, AgentList, Attempt, AttemptState, CheckResult, Diff, GcReport, LogChunk,
                      MergeResult, Task, TaskList, TaskState, TaskSummary, now)
 from .logbook import Logbook
+from .pool import Pool, Workspace
+from .ports import Ports
+from .repoconfig import RepoConfigs
+from .setup import SetupFailed
 from .store import Store
 from .worktrees import Worktrees
 
@@ -84,9 +90,10 @@ def _what_failed(task: Task, attempt: Attempt) -> str | None:
 
 class Engine:
     def __init__(self, config: Config | None = None, home: Path | None = None,
-                 environ: dict[str, str] | None = None, require_roots: bool = False):
+                 environ: dict[str, str] | None = None, require_roots: bool = False, warm_pool: bool = True):
         """require_roots: refuse every submission while [server] allowed_roots is empty (a server reachable
-        beyond this machine; the bind checked the roots at start, a later config edit must not drop them)."""
+        beyond this machine; the bind checked the roots at start, a later config edit must not drop them).
+        warm_pool: keep ready worktrees per repo ([pool]); off for one-shot processes (`cli-council run`)."""
         self.environ = dict(os.environ if environ is None else environ)
         self.require_roots = require_roots
         # A given Config stays as it is (tests, `run`); otherwise the file is followed while we run.
@@ -99,6 +106,12 @@ class Engine:
                                max_lines=self.config.engine.log_max_lines, on_flush=self._notify)
         self.worktrees = Worktrees(self.home / "worktrees")
         self.owner = _self_owner()
+        self.repo_configs = RepoConfigs()
+        self.ports = Ports(self.home / "ports")
+        self.pool = Pool(self.worktrees, self.home, self.environ, self.repo_configs, self.owner,
+                         kill_grace_s=self.config.engine.kill_grace_s)
+        self._warm_pool = warm_pool
+        self._leases: dict[tuple[str, str], list[int]] = {}  # (task, agent): ports it holds while it runs
         self._global = anyio.CapacityLimiter(self.config.engine.max_parallel)
         self._per_agent: dict[str, anyio.CapacityLimiter] = {}
         self._avail: dict[str, tuple[float, Availability]] = {}
@@ -132,8 +145,11 @@ class Engine:
     async def __aenter__(self) -> "Engine":
         await self.store.open()
         await self.recover()
+        await pool_mod.reap(self.worktrees.root, self.config.engine.kill_grace_s)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
+        if self._warm_pool:
+            self.pool.start(self._tg)
         self._tg.start_soon(self._watch_cancel_requests)
         self._tg.start_soon(self.logbook.run)
         return self
@@ -147,8 +163,11 @@ class Engine:
             await self._tg.__aexit__(None, None, None)
         finally:
             with anyio.CancelScope(shield=True):
-                await self.logbook.close()
-                await self.store.close()
+                try:
+                    await self.pool.close()
+                finally:
+                    await self.logbook.close()
+                    await self.store.close()
 
     async def recover(self) -> list[str]:
         """Tasks whose host process died are marked interrupted (their worktrees stay for inspection),
@@ -337,7 +356,8 @@ class Engine:
         interrupted = await self.recover()
         tasks = await self.store.list_tasks(limit=10**9)
         busy = [a.worktree for t in self._hosted.values() for a in t.attempts if a.worktree]
-        report = await cleanup_mod.gc(self.worktrees.root, tasks, age_s=age, busy=busy)
+        report = await cleanup_mod.gc(self.worktrees.root, tasks, age_s=age, busy=busy,
+                                      kill_grace_s=self.config.engine.kill_grace_s)
         report.removed[:0] = [f"task {t}: host process gone, marked interrupted" for t in interrupted]
         cutoff = now().timestamp() - age
         for task in tasks:
@@ -500,6 +520,10 @@ class Engine:
             raise CouncilError(f"base {ref!r} does not resolve to a commit in {top}" if base else
                                f"{top} has no commits yet; commit something first")
         into = await git(top, "symbolic-ref", "--quiet", "--short", "HEAD", check=False) or None
+        try:  # the repo's .cli-council.toml at the base: a broken one is refused now, not in every attempt
+            await self.repo_configs.settings(config, top, commit)
+        except ConfigError as e:
+            raise CouncilError(str(e)) from None
         warnings = []
         if base is None and await git(top, "status", "--porcelain", "--untracked-files=no", check=False):
             warnings.append(f"the checkout has uncommitted changes; the agents start from the last commit "
@@ -709,21 +733,55 @@ class Engine:
                     attempt.duration_s = round(time.monotonic() - t0, 3)
                     attempt.finished_at = now()
                 task.total_cost_usd = round(sum(a.cost_usd or 0.0 for a in task.attempts), 6)
+                if leased := self._leases.pop((task.task_id, attempt.agent), None):
+                    await anyio.to_thread.run_sync(self.ports.release, leased)
                 if attempt.state in (AttemptState.succeeded, AttemptState.failed, AttemptState.timed_out):
                     await self._note(task, f"{attempt.state}" + (f": {attempt.error.message}" if attempt.error else ""), attempt.agent)
                 await self._save(task)
 
+    async def _workspace(self, task: Task, attempt: Attempt) -> Workspace | None:
+        """The attempt's worktree from the one place (ready from the warm pool, or fresh), with the repo's
+        copies and setup done and its ports leased; None when the setup failed (recorded on the attempt)."""
+        config = self.config
+        try:
+            ws = await self.repo_configs.settings(config, task.repo, task.base)
+            work = await self.pool.checkout(config, task.repo, task.task_id, attempt.agent, task.base, ws)
+            attempt.worktree, attempt.branch = str(work.path), work.branch
+            await self._save(task)
+
+            async def spawn(inv: Invocation, timeout_s: float, on_line: runner.LineSink) -> runner.RunResult:
+                return await self._spawn(task, attempt.agent, "setup", inv, timeout_s, on_line)
+
+            async def log(stream: str, text: str) -> None:
+                await self._log(task, attempt.agent, "setup", text)
+
+            await self.pool.prepare(task.repo, ws, work, spawn, log, lambda text: self._note(task, text, attempt.agent))
+            if ws.ports:
+                try:
+                    leased = self._leases[(task.task_id, attempt.agent)] = await anyio.to_thread.run_sync(
+                        self.ports.lease, ws.ports)
+                except OSError as e:
+                    raise SetupFailed(f"[worktree] ports = {ws.ports}: {e}") from None
+                work.env = ports_mod.env(leased)
+                await self._note(task, f"ports: {' '.join(map(str, leased))} (COUNCIL_PORT, PORT)", attempt.agent)
+        except (SetupFailed, ConfigError) as e:
+            attempt.state, attempt.error = AttemptState.failed, ErrorInfo(kind=ErrorKind.setup_failed, message=str(e))
+            return None
+        return work
+
     async def _attempt_body(self, task: Task, attempt: Attempt, adapter: Adapter) -> None:
-        path, attempt.branch = await self.worktrees.add(task.repo, task.task_id, attempt.agent, task.base)
-        attempt.worktree = str(path)
-        await self._save(task)
+        work = await self._workspace(task, attempt)
+        if work is None:
+            return
+        path = work.path
         job = Job(prompt=task.prompt, worktree=path, timeout_s=task.timeout_s, check=task.check,
                   budget_usd=task.budget_usd, tier=task.tier)
         deadline = time.monotonic() + task.timeout_s
         retries_left = self.config.engine.retries
         try:
             while True:
-                outcome, result = await self._run_agent(task, attempt, adapter, job, deadline - time.monotonic())
+                outcome, result = await self._run_agent(task, attempt, adapter, job, deadline - time.monotonic(),
+                                                        work.env)
                 self._account(attempt, outcome)
                 if result.timed_out or outcome.error is None or outcome.error.kind not in TRANSIENT or retries_left <= 0:
                     break
@@ -735,11 +793,12 @@ class Engine:
                 retries_left -= 1
                 await self._note(task, f"{outcome.error.kind}: {outcome.error.message}; retry {attempt.retries} in {delay:.1f}s", attempt.agent)
                 await anyio.sleep(delay)
-                await self.worktrees.reset(path, task.base)
+                await self.worktrees.reset(path, task.base, tuple(work.keep_out))
         finally:
             with anyio.CancelScope(shield=True):  # whatever the agent did is kept, even when cancelled
                 await self.worktrees.commit_all(path, f"council {task.task_id}: {attempt.agent}\n\n{task.prompt.splitlines()[0][:200]}",
-                                                adapter.scratch, base=task.base)
+                                                adapter.scratch + tuple(p.rstrip("/") for p in work.keep_out),
+                                                base=task.base)
                 files, attempt.insertions, attempt.deletions = await diff_stat(path, task.base, "HEAD")
                 attempt.files_changed = len(files)
         attempt.exit_code = result.exit_code
@@ -752,7 +811,7 @@ class Engine:
         if outcome.ok and not attempt.files_changed:
             attempt.error = ErrorInfo(kind=ErrorKind.no_changes, message="the agent finished without changing any file")
         if task.check and attempt.files_changed and attempt.error is None:
-            attempt.check = await self._run_check(task, attempt, path)
+            attempt.check = await self._run_check(task, attempt, path, work.env)
             if not attempt.check.passed:
                 attempt.error = ErrorInfo(kind=ErrorKind.check_failed,
                                           message=f"`{task.check}` failed ({attempt.check.outcome()})")
@@ -767,9 +826,10 @@ class Engine:
                 setattr(attempt, field, (getattr(attempt, field) or 0) + value)
 
     async def _run_agent(self, task: Task, attempt: Attempt, adapter: Adapter, job: Job,
-                         budget_s: float) -> tuple[Outcome, runner.RunResult]:
+                         budget_s: float, env: dict[str, str]) -> tuple[Outcome, runner.RunResult]:
         try:
             inv = adapter.invocation(job)
+            inv.env.update(env)
         except (ValueError, OSError) as e:
             return Outcome(ok=False, error=ErrorInfo(kind=ErrorKind.invalid_output, message=str(e))), runner.RunResult(None)
         # A private TMPDIR, removed when the task ends: CLIs leave files there (gemini's error reports).
@@ -805,9 +865,9 @@ class Engine:
         except Exception as e:  # a parser bug must fail one attempt, not the engine
             return Outcome(ok=False, error=ErrorInfo(kind=ErrorKind.invalid_output, message=f"cannot read the agent's output: {e!r}")), result
 
-    async def _run_check(self, task: Task, attempt: Attempt, path: Path) -> CheckResult:
+    async def _run_check(self, task: Task, attempt: Attempt, path: Path, ports: dict[str, str]) -> CheckResult:
         # The check runs what the agent wrote: it gets the agents' allow-listed environment, never our keys.
-        env = {**allowed_env(self.environ), "TMPDIR": str(self.home / "tmp" / task.task_id / attempt.agent)}
+        env = {**allowed_env(self.environ), "TMPDIR": str(self.home / "tmp" / task.task_id / attempt.agent), **ports}
         # A shell command line, as CI configs have it (`pytest -q && ruff check .`): the caller can run any
         # program through the check anyway, so the shell adds no power.
         inv = Invocation(argv=[SHELL, "-c", task.check], env=env, cwd=path)

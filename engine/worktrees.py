@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,11 @@ async def scratch_excludes(path: Path, scratch: tuple[str, ...]) -> list[str]:
         return []
     ignored = set((await git(path, "check-ignore", "--", *scratch, check=False)).splitlines())
     return [f":(exclude){d}" for d in scratch if d not in ignored]
+
+
+def _exactly(path: str) -> str:
+    """A gitignore pattern matching this one path from the top: anchored, wildcards escaped."""
+    return "/" + re.sub(r"([][*?\\])", r"\\\1", path)
 
 
 def branch_name(task_id: str, agent: str) -> str:
@@ -72,7 +78,8 @@ class Worktrees:
         await git(path, *COUNCIL_IDENTITY, "commit", "--quiet", "--no-verify", "-m", message, env=COUNCIL_ENV)
         return True
 
-    async def reset(self, path: Path, base: str) -> None:
-        """Back to the base commit before a retry, so a retried agent starts clean."""
+    async def reset(self, path: Path, base: str, keep: tuple[str, ...] = ()) -> None:
+        """Back to the base commit before a retry, so a retried agent starts clean; the untracked
+        paths in `keep` (what the repo's setup made) stay."""
         await git(path, "reset", "--quiet", "--hard", base)
-        await git(path, "clean", "-fdq")
+        await git(path, "clean", "-fdq", *(f"--exclude={_exactly(p)}" for p in keep))
