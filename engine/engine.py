@@ -34,12 +34,14 @@ from .inputs import CouncilError, NotFound
 from .merge import STRATEGIES, MergeRefused, check_target, merge_branch
 from .models import (ACTIVE_TASK, AgentList, Attempt, AttemptState, CheckResult, Diff, GcReport, LogChunk,
                      MergeResult, Task, TaskList, TaskState, TaskSummary, now)
+from .events import Events, wait_for
 from .logbook import Logbook
 from .store import Store
 from .worktrees import Worktrees
 
 MAX_PROMPT_BYTES = 120_000  # Linux refuses a single argv element over 128 KiB (framing is checked per agent)
 AVAILABLE_TTL_S = 30.0
+OTHERS_POLL_S = 0.5  # how soon a waiter here sees what another process changed (this one's changes wake it at once)
 
 logger = logging.getLogger("cli_council.engine")
 
@@ -95,8 +97,10 @@ class Engine:
         self._told_problem: str | None = None
         self.home = home or home_dir(self.environ)
         self.store = Store(self.home / "council.db")
+        self.events = Events()  # a task id is published when its record or its stored lines change here
         self.logbook = Logbook(self.store, max_bytes=self.config.engine.log_max_bytes,
-                               max_lines=self.config.engine.log_max_lines, on_flush=self._notify)
+                               max_lines=self.config.engine.log_max_lines, on_flush=self.events.publish,
+                               hurry=self.events.waited_on)
         self.worktrees = Worktrees(self.home / "worktrees")
         self.owner = _self_owner()
         self._global = anyio.CapacityLimiter(self.config.engine.max_parallel)
@@ -104,7 +108,6 @@ class Engine:
         self._avail: dict[str, tuple[float, Availability]] = {}
         self._hosted: dict[str, Task] = {}
         self._scopes: dict[str, anyio.CancelScope] = {}
-        self._changed: dict[str, anyio.Event] = {}
         self._secrets: dict[str, list[str]] = {}  # per task: the values its agents' env holds as secrets
         # Our own secrets (API keys, tokens, passwords): never stored or shown, whoever prints them.
         self._own_secrets = secret_values(self.environ, min_len=8)
@@ -198,11 +201,12 @@ class Engine:
         inputs.number("wait_s", wait_s, low=0, high=inputs.MAX_TIMEOUT_S)
         deadline = time.monotonic() + max(0.0, wait_s)
         while True:
-            task = await self.get(task_id)
-            left = deadline - time.monotonic()
-            if task.state not in ACTIVE_TASK or left <= 0:
-                return task
-            await self._wait_change(task_id, min(left, 0.5))
+            with self.events.watch(task_id) as changed:
+                task = await self.get(task_id)
+                left = deadline - time.monotonic()
+                if task.state not in ACTIVE_TASK or left <= 0:
+                    return task
+                await wait_for(changed, min(left, OTHERS_POLL_S))
 
     async def list(self, repo: str | None = None, limit: int = 20) -> TaskList:
         limit = int(inputs.number("limit", limit, low=1, high=10**9))
@@ -221,15 +225,25 @@ class Engine:
         if agent is not None:
             inputs.agent(agent)
         deadline = time.monotonic() + max(0.0, wait_s)
+        polled = False
         while True:
-            task = await self.get(task_id)
-            lines = await self.store.read_logs(task_id, cursor, agent, limit)
-            finished = task.state not in ACTIVE_TASK
-            left = deadline - time.monotonic()
-            if lines or finished or left <= 0:
-                return LogChunk(task_id=task_id, lines=lines, next_cursor=lines[-1].seq if lines else cursor,
-                                done=finished and not lines.more)
-            await self._wait_change(task_id, min(left, 0.5))
+            with self.events.watch(task_id) as changed:
+                task = await self.get(task_id)
+                finished = task.state not in ACTIVE_TASK
+                # A running task hosted here: its new lines are ours, in memory. The store answers for
+                # the rest: tasks hosted elsewhere, the end of a task, and the slow poll that finds
+                # lines another process (a merge or cancel from another shell) wrote to our task.
+                lines = None
+                if task_id in self._hosted and not finished and not polled:
+                    lines = self.logbook.read(task_id, cursor, agent, limit)
+                if lines is None:
+                    lines = await self.store.read_logs(task_id, cursor, agent, limit)
+                left = deadline - time.monotonic()
+                if lines or finished or left <= 0:
+                    return LogChunk(task_id=task_id, lines=lines, next_cursor=lines[-1].seq if lines else cursor,
+                                    done=finished and not lines.more)
+                self.logbook.urge(task_id)  # lines buffered before we watched: store them now
+                polled = not await wait_for(changed, min(left, OTHERS_POLL_S))
 
     async def cancel(self, task_id: str) -> Task:
         """Stop every running attempt of a task, here or in the process hosting it."""
@@ -566,7 +580,7 @@ class Engine:
                         self._scopes.pop(task.task_id, None)
                         self._hosted.pop(task.task_id, None)
                         self._secrets.pop(task.task_id, None)
-                        self._notify(task.task_id)
+                        self.events.publish(task.task_id)
 
     async def _run_stages(self, task: Task, explicit_agents: list[str] | None) -> None:
         task.state, task.started_at = TaskState.running, now()
@@ -600,10 +614,10 @@ class Engine:
         await self._note(task, f"task {ended['state']}" + (
             f"; best: {ended['best']} ({ended['best_reason']})" if ended["best"] else "")
             + (f"; {task.error.message}" if task.error else ""))
-        for key, value in ended.items():
-            setattr(task, key, value)
         await self.logbook.flush(task.task_id)
         self.logbook.forget(task.task_id)
+        for key, value in ended.items():  # only now: a reader here that sees the end has every line
+            setattr(task, key, value)
         await self._save(task)
         await anyio.to_thread.run_sync(shutil.rmtree, self.home / "tmp" / task.task_id, True)
 
@@ -695,8 +709,8 @@ class Engine:
                 return
             # The agent's own slot first: an attempt waiting for its agent must not hold a global slot.
             async with self._limiter(attempt.agent), self._global:
+                # Saved once its worktree is recorded (_attempt_body): no store write before the checkout.
                 attempt.state, attempt.started_at = AttemptState.running, now()
-                await self._save(task)
                 t0 = time.monotonic()
                 await self._attempt_body(task, attempt, adapter)
         except Exception as e:  # failures are results: whatever broke is this attempt's, not the engine's
@@ -877,18 +891,7 @@ class Engine:
     async def _save(self, task: Task) -> None:
         self._scrub(task)
         await self.store.save_task(task)
-        self._notify(task.task_id)
-
-    def _notify(self, task_id: str) -> None:
-        ev = self._changed.pop(task_id, None)
-        if ev is not None:
-            ev.set()
-
-    async def _wait_change(self, task_id: str, timeout: float) -> None:
-        """Wake on a change made here, or after `timeout` to look at what other processes wrote."""
-        ev = self._changed.setdefault(task_id, anyio.Event())
-        with anyio.move_on_after(timeout):
-            await ev.wait()
+        self.events.publish(task.task_id)
 
     async def _host_alive(self, task_id: str) -> bool:
         for tid, pid, start in await self.store.owners([s.value for s in ACTIVE_TASK]):

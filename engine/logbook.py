@@ -6,45 +6,102 @@ task in one transaction, by a background flusher every ~50 ms, or at once by the
 buffer is full: a fast agent waits only for SQLite, and memory is bounded by the buffer size.
 Each attempt, (task_id, agent), may store at most max_bytes / max_lines of capped output: the first
 line over either cap becomes one council line saying so, and later lines are only counted.
+
+A reader waiting for a task's next line must not wait for the timer: when `hurry(task_id)` says
+someone waits, a write wakes the flusher at once (lines that come meanwhile join the next batch,
+so a fast agent still gets big batches). What was stored is also kept in memory, the task's tail,
+so that reader gets the new lines without reading them back from SQLite.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Callable
 
 import anyio
 
-from .models import now
-from .store import LogRow, Store
+from .models import LogLine, now
+from .store import LogPage, LogRow, Store
 
 logger = logging.getLogger("cli_council.logbook")
 
 FLUSH_INTERVAL_S = 0.05
 BUFFER_LINES = 500
 BUFFER_BYTES = 256 * 1024
+TAIL_LINES = 2000  # per task, of what was stored last
+TAIL_BYTES = 1024 * 1024
+TAIL_TASKS = 32  # tasks whose tails are kept, the most recently written
+
+
+class Tail:
+    """The lines stored last for one task: every stored line with after < seq <= after + len(rows).
+    Lines of another process interleaved with ours break the run; the tail then restarts."""
+
+    def __init__(self) -> None:
+        self.after = 0
+        self.rows: list[tuple[str, str, str, str]] = []
+        self.bytes = 0
+
+    def extend(self, last_seq: int, rows: list[LogRow]) -> None:
+        first = last_seq - len(rows) + 1
+        if first != self.after + len(self.rows) + 1:
+            self.after, self.rows, self.bytes = first - 1, [], 0
+        self.rows += rows
+        self.bytes += sum(len(r[2]) for r in rows)
+        while len(self.rows) > TAIL_LINES or (self.bytes > TAIL_BYTES and len(self.rows) > 1):
+            cut = max(len(self.rows) - TAIL_LINES, len(self.rows) // 4, 1)  # a quarter at a time: amortized
+            self.bytes -= sum(len(r[2]) for r in self.rows[:cut])
+            self.after += cut
+            del self.rows[:cut]
+
+    def read(self, after: int, agent: str | None, limit: int, max_bytes: int) -> LogPage | None:
+        """As Store.read_logs, or None when lines after `after` may be older than the tail."""
+        if after < self.after:
+            return None
+        page, size = LogPage(), 0
+        for i in range(after - self.after, len(self.rows)):
+            agent_, stream, text, ts = self.rows[i]
+            if agent is not None and agent_ != agent:
+                continue
+            try:
+                size += len(text.encode("utf-8"))
+            except UnicodeEncodeError:  # a lone surrogate: the store kept it replaced, so do we
+                text = text.encode("utf-8", "replace").decode("utf-8")
+                size += len(text.encode("utf-8"))
+            if page and (len(page) >= limit or size > max_bytes):
+                page.more = True
+                break
+            page.append(LogLine(seq=self.after + i + 1, agent=agent_, stream=stream, text=text, ts=ts))
+        return page
 
 
 class Logbook:
-    def __init__(self, store: Store, *, max_bytes: int, max_lines: int, on_flush: Callable[[str], None]):
+    def __init__(self, store: Store, *, max_bytes: int, max_lines: int, on_flush: Callable[[str], None],
+                 hurry: Callable[[str], bool] = lambda task_id: False):
+        """on_flush(task_id) after a task's lines are stored; hurry(task_id): someone waits for them."""
         self.store = store
         self.max_bytes = max_bytes
         self.max_lines = max_lines
         self.on_flush = on_flush
+        self.hurry = hurry
+        self._tails: OrderedDict[str, Tail] = OrderedDict()
         self._buf: dict[str, list[LogRow]] = {}
         self._buf_bytes: dict[str, int] = {}
         self._locks: dict[str, anyio.Lock] = {}  # one writer per task at a time keeps seqs in order
         self._used: dict[tuple[str, str], list[int]] = {}  # [bytes, lines] stored per attempt
         self._dropped: dict[tuple[str, str], int] = {}
         self._pending = anyio.Event()
+        self._urgent = anyio.Event()
 
     async def run(self) -> None:
         """Write what is buffered every FLUSH_INTERVAL_S while there is anything; start it in the
         engine's task group. When it is cancelled, close() writes the rest."""
         while True:
             await self._pending.wait()
-            await anyio.sleep(FLUSH_INTERVAL_S)
-            self._pending = anyio.Event()
+            with anyio.move_on_after(FLUSH_INTERVAL_S):
+                await self._urgent.wait()
+            self._pending, self._urgent = anyio.Event(), anyio.Event()
             for task_id in list(self._buf):
                 try:
                     await self.flush(task_id)
@@ -72,6 +129,8 @@ class Logbook:
         buf.append((agent, stream, text, now().isoformat()))
         self._buf_bytes[task_id] = self._buf_bytes.get(task_id, 0) + len(text)
         self._pending.set()
+        if self.hurry(task_id):
+            self._urgent.set()
         if len(buf) >= BUFFER_LINES or self._buf_bytes[task_id] >= BUFFER_BYTES:
             await self.flush(task_id)
 
@@ -85,13 +144,31 @@ class Logbook:
                 if rows:
                     # Taken from the buffer: written even if the caller is cancelled meanwhile.
                     with anyio.CancelScope(shield=True):
-                        await self.store.append_logs(tid, rows)
+                        last = await self.store.append_logs(tid, rows)
+                    tail = self._tails.pop(tid, None) or Tail()
+                    tail.extend(last, rows)
+                    self._tails[tid] = tail
+                    while len(self._tails) > TAIL_TASKS:
+                        self._tails.popitem(last=False)
                     self.on_flush(tid)
 
     async def close(self) -> None:
         """Write everything still buffered; call it after cancelling run(), before the store closes."""
         with anyio.CancelScope(shield=True):
             await self.flush()
+
+    def urge(self, task_id: str) -> None:
+        """Store the task's buffered lines now, not at the timer (someone waits for them)."""
+        if self._buf.get(task_id):
+            self._urgent.set()
+
+    def read(self, task_id: str, after: int, agent: str | None, limit: int,
+             max_bytes: int = 1_000_000) -> LogPage | None:
+        """Stored lines after `after` from memory, as Store.read_logs gives them, or None when this
+        process does not hold them all (read the store then). Lines another process stored after
+        ours are not known here."""
+        tail = self._tails.get(task_id)
+        return tail.read(after, agent, limit, max_bytes) if tail is not None else None
 
     def dropped(self, task_id: str, agent: str) -> int:
         """Lines of this attempt not stored because it reached a cap (the cut line's included)."""
