@@ -97,6 +97,7 @@ class Engine:
         self._told_problem: str | None = None
         self.home = home or home_dir(self.environ)
         self.store = Store(self.home / "council.db")
+        self.others_poll_s = OTHERS_POLL_S
         self.events = Events()  # a task id is published when its record or its stored lines change here
         self.logbook = Logbook(self.store, max_bytes=self.config.engine.log_max_bytes,
                                max_lines=self.config.engine.log_max_lines, on_flush=self.events.publish,
@@ -206,7 +207,7 @@ class Engine:
                 left = deadline - time.monotonic()
                 if task.state not in ACTIVE_TASK or left <= 0:
                     return task
-                await wait_for(changed, min(left, OTHERS_POLL_S))
+                await wait_for(changed, min(left, self.others_poll_s))
 
     async def list(self, repo: str | None = None, limit: int = 20) -> TaskList:
         limit = int(inputs.number("limit", limit, low=1, high=10**9))
@@ -243,7 +244,7 @@ class Engine:
                     return LogChunk(task_id=task_id, lines=lines, next_cursor=lines[-1].seq if lines else cursor,
                                     done=finished and not lines.more)
                 self.logbook.urge(task_id)  # lines buffered before we watched: store them now
-                polled = not await wait_for(changed, min(left, OTHERS_POLL_S))
+                polled = not await wait_for(changed, min(left, self.others_poll_s))
 
     async def cancel(self, task_id: str) -> Task:
         """Stop every running attempt of a task, here or in the process hosting it."""

@@ -2,8 +2,9 @@
 
 One INSERT per line held a fast agent back to what SQLite commits per second and kept every line
 it ever printed. Here a line is appended to its task's buffer and written with the others of its
-task in one transaction, by a background flusher every ~50 ms, or at once by the writer when the
-buffer is full: a fast agent waits only for SQLite, and memory is bounded by the buffer size.
+task in one transaction by a background flusher, every ~50 ms or as soon as a buffer is full; the
+writer goes on reading the agent meanwhile and waits for SQLite only when it is BEHIND buffers
+ahead, so memory stays bounded.
 Each attempt, (task_id, agent), may store at most max_bytes / max_lines of capped output: the first
 line over either cap becomes one council line saying so, and later lines are only counted.
 
@@ -16,6 +17,7 @@ so that reader gets the new lines without reading them back from SQLite.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from typing import Callable
 
@@ -29,6 +31,7 @@ logger = logging.getLogger("cli_council.logbook")
 FLUSH_INTERVAL_S = 0.05
 BUFFER_LINES = 500
 BUFFER_BYTES = 256 * 1024
+BEHIND = 4  # buffers a writer may be ahead of the flusher before it waits for the store
 TAIL_LINES = 2000  # per task, of what was stored last
 TAIL_BYTES = 1024 * 1024
 TAIL_TASKS = 32  # tasks whose tails are kept, the most recently written
@@ -93,10 +96,19 @@ class Logbook:
         self._dropped: dict[tuple[str, str], int] = {}
         self._pending = anyio.Event()
         self._urgent = anyio.Event()
+        self._flusher = False  # run() is on duty
+        self._stamp = (0.0, "")  # (time.time(), its ISO form): lines of one millisecond share it
 
     async def run(self) -> None:
         """Write what is buffered every FLUSH_INTERVAL_S while there is anything; start it in the
         engine's task group. When it is cancelled, close() writes the rest."""
+        self._flusher = True
+        try:
+            await self._flush_when_due()
+        finally:
+            self._flusher = False
+
+    async def _flush_when_due(self) -> None:
         while True:
             await self._pending.wait()
             with anyio.move_on_after(FLUSH_INTERVAL_S):
@@ -109,7 +121,7 @@ class Logbook:
                     logger.exception("writing log lines of task %s failed", task_id)
 
     async def write(self, task_id: str, agent: str, stream: str, text: str, *, capped: bool = True) -> None:
-        """Queue one line; returns at once unless the task's buffer is full, then writes it first.
+        """Queue one line; returns at once unless the task's buffer is well over full, then writes it first.
         Capped lines count against the attempt's caps; council notes pass capped=False."""
         if capped:
             key = (task_id, agent)
@@ -126,13 +138,21 @@ class Logbook:
                 used[0] += size
                 used[1] += 1
         buf = self._buf.setdefault(task_id, [])
-        buf.append((agent, stream, text, now().isoformat()))
+        t = time.time()
+        if t - self._stamp[0] >= 0.001:
+            self._stamp = (t, now().isoformat())
+        buf.append((agent, stream, text, self._stamp[1]))
         self._buf_bytes[task_id] = self._buf_bytes.get(task_id, 0) + len(text)
         self._pending.set()
         if self.hurry(task_id):
             self._urgent.set()
         if len(buf) >= BUFFER_LINES or self._buf_bytes[task_id] >= BUFFER_BYTES:
-            await self.flush(task_id)
+            # With the flusher on duty the writer goes on reading while a full batch is stored, and
+            # waits only when several batches are behind; without it, the writer stores it.
+            if not self._flusher or len(buf) >= BEHIND * BUFFER_LINES or self._buf_bytes[task_id] >= BEHIND * BUFFER_BYTES:
+                await self.flush(task_id)
+            else:
+                self._urgent.set()
 
     async def flush(self, task_id: str | None = None) -> None:
         """Write what is buffered for this task (every task if None) now."""
