@@ -218,8 +218,9 @@ class Engine:
         return TaskList(tasks=[TaskSummary.of(self._hosted.get(t.task_id, t)) for t in tasks])
 
     async def logs(self, task_id: str, agent: str | None = None, cursor: int = 0, wait_s: float = 0,
-                   limit: int = 500) -> LogChunk:
-        """Lines after `cursor`; with wait_s, waits for the first new line (or the task's end)."""
+                   limit: int = 500, hurry: bool = True) -> LogChunk:
+        """Lines after `cursor`; with wait_s, waits for the first new line (or the task's end).
+        hurry=False: the waiter does not need each line the moment it comes (lines stay batched)."""
         inputs.number("wait_s", wait_s, low=0, high=inputs.MAX_TIMEOUT_S)
         cursor = int(inputs.number("cursor", cursor, low=0, high=inputs.MAX_CURSOR))
         limit = int(max(1, min(inputs.number("limit", limit, low=-inputs.MAX_CURSOR, high=inputs.MAX_CURSOR), 5000)))
@@ -228,7 +229,7 @@ class Engine:
         deadline = time.monotonic() + max(0.0, wait_s)
         polled = False
         while True:
-            with self.events.watch(task_id) as changed:
+            with self.events.watch(task_id, hurry) as changed:
                 task = await self.get(task_id)
                 finished = task.state not in ACTIVE_TASK
                 # A running task hosted here: its new lines are ours, in memory. The store answers for
@@ -243,7 +244,8 @@ class Engine:
                 if lines or finished or left <= 0:
                     return LogChunk(task_id=task_id, lines=lines, next_cursor=lines[-1].seq if lines else cursor,
                                     done=finished and not lines.more)
-                self.logbook.urge(task_id)  # lines buffered before we watched: store them now
+                if hurry:
+                    self.logbook.urge(task_id)  # lines buffered before we watched: store them now
                 polled = not await wait_for(changed, min(left, self.others_poll_s))
 
     async def cancel(self, task_id: str) -> Task:

@@ -17,6 +17,7 @@ import anyio
 class Events:
     def __init__(self) -> None:
         self._watches: dict[str, set[anyio.Event]] = {}
+        self._hurried: dict[str, int] = {}  # watches per topic that want the change soon
 
     def publish(self, topic: str) -> None:
         """Wake every watch on `topic`."""
@@ -24,18 +25,24 @@ class Events:
             ev.set()
 
     def waited_on(self, topic: str) -> bool:
-        """Whether someone watches `topic` (a writer may then hurry what it would batch)."""
-        return topic in self._watches
+        """Whether someone watches `topic` in a hurry (a writer then hurries what it would batch)."""
+        return topic in self._hurried
 
     @contextmanager
-    def watch(self, topic: str) -> Iterator[anyio.Event]:
+    def watch(self, topic: str, hurry: bool = True) -> Iterator[anyio.Event]:
         """An event set by the next publish of `topic`. Watch before looking at the state, then wait:
-        a change made while looking is not missed."""
+        a change made while looking is not missed. hurry=False: a watcher content with batches."""
         ev = anyio.Event()
         self._watches.setdefault(topic, set()).add(ev)
+        if hurry:
+            self._hurried[topic] = self._hurried.get(topic, 0) + 1
         try:
             yield ev
         finally:
+            if hurry:
+                self._hurried[topic] -= 1
+                if not self._hurried[topic]:
+                    del self._hurried[topic]
             watches = self._watches.get(topic)
             if watches is not None:
                 watches.discard(ev)
