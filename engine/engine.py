@@ -29,12 +29,12 @@ from . import agents as agents_mod
 from . import cleanup as cleanup_mod
 from . import diffs, inputs, judge, routing, runner
 from .config import Config, ConfigError, LiveConfig, config_path, home_dir
+from .events import Events, wait_for
 from .gitcmd import GitError, diff_stat, git, resolve_commit
 from .inputs import CouncilError, NotFound
 from .merge import STRATEGIES, MergeRefused, check_target, merge_branch
 from .models import (ACTIVE_TASK, AgentList, Attempt, AttemptState, CheckResult, Diff, GcReport, LogChunk,
                      MergeResult, Task, TaskList, TaskState, TaskSummary, now)
-from .events import Events, wait_for
 from .logbook import Logbook
 from .store import Store
 from .worktrees import Worktrees
@@ -202,7 +202,7 @@ class Engine:
         inputs.number("wait_s", wait_s, low=0, high=inputs.MAX_TIMEOUT_S)
         deadline = time.monotonic() + max(0.0, wait_s)
         while True:
-            with self.events.watch(task_id) as changed:
+            with self.events.watch(task_id, hurry=False) as changed:  # the task's end, not its lines
                 task = await self.get(task_id)
                 left = deadline - time.monotonic()
                 if task.state not in ACTIVE_TASK or left <= 0:
