@@ -34,7 +34,7 @@ def pct(xs: list[float], p: float) -> float | None:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-async def _stamps(paths: list[Path], within: float = 120) -> float:
+async def _stamps(paths: list[Path], within: float = 900) -> float:
     """The latest of the agents' start times, once all have written theirs."""
     deadline = time.monotonic() + within
     while not all(p.exists() and p.read_text() for p in paths):
