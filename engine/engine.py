@@ -512,13 +512,24 @@ class Engine:
         repo = inputs.repo_path(repo, config.server.allowed_roots)
         top = await self._toplevel(repo)
         ref = base or "HEAD"
-        commit = await resolve_commit(top, ref)
+        # Three questions to git at once: they are on the path of every submit_task call.
+        found: dict[str, str | None] = {}
+
+        async def ask(key: str, question) -> None:
+            found[key] = await question()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, "commit", lambda: resolve_commit(top, ref))
+            tg.start_soon(ask, "into", lambda: git(top, "symbolic-ref", "--quiet", "--short", "HEAD", check=False))
+            if base is None:
+                tg.start_soon(ask, "dirty", lambda: git(top, "status", "--porcelain", "--untracked-files=no", check=False))
+        commit = found["commit"]
         if not commit:
             raise CouncilError(f"base {ref!r} does not resolve to a commit in {top}" if base else
                                f"{top} has no commits yet; commit something first")
-        into = await git(top, "symbolic-ref", "--quiet", "--short", "HEAD", check=False) or None
+        into = found["into"] or None
         warnings = []
-        if base is None and await git(top, "status", "--porcelain", "--untracked-files=no", check=False):
+        if found.get("dirty"):
             warnings.append(f"the checkout has uncommitted changes; the agents start from the last commit "
                             f"({commit[:12]}) and do not see them: commit them first if they matter")
         why = "explicit agents" if agents else "given"
