@@ -106,37 +106,34 @@ def table(figs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-async def run(args) -> dict:
+async def run(args, root: Path) -> dict:
     plan = QUICK if args.quick else FULL
     only = set(args.only.split(",")) if args.only else set(SECTIONS)
-    root = Path(tempfile.mkdtemp(prefix="cli-council-bench-"))
-    report: dict = {"bench": "council", "quick": args.quick, "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        world = World(root)
-        t0 = time.perf_counter()
-        repos = {size: make_repo(root / f"src-{size}", n, world.env) for size, n in plan["sizes"].items()}
-        small = make_repo(root / "src-small", 120, world.env)  # for what is not about repo size
-        report["repos_built_s"] = round(time.perf_counter() - t0, 2)
-        results: dict = {}
-        steps = {
-            "fanout": lambda: measure.fanout(world, repos, plan["samples"]),
-            "warm": lambda: measure.warm_fanout(world, repos, plan["samples"]),
-            "efficiency": lambda: measure.efficiency(world, small, plan["eff_samples"], plan["sleep_s"]),
-            "logs": lambda: measure.logs(world, small, plan["ticks"], plan["flood"]),
-            "burst": lambda: measure.burst(world, small, plan["burst"]),
-            "round_trips": lambda: measure.round_trips(world, small, plan["round_trips"]),
-            "http": lambda: measure.http_load(*plan["http"]),
-            "merge": lambda: measure.merge(world, small, plan["merge_samples"]),
-        }
-        for name in SECTIONS:
-            if name in only:
-                print(f"bench: {name}...", file=sys.stderr, flush=True)
-                results[name] = await steps[name]()
-        report["results"] = results
-        report["figures"] = figures(results)
-        return report
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    report: dict = {"bench": "council", "quick": args.quick, "machine": machine(),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    world = World(root)
+    t0 = time.perf_counter()
+    repos = {size: make_repo(root / f"src-{size}", n, world.env) for size, n in plan["sizes"].items()}
+    small = make_repo(root / "src-small", 120, world.env)  # for what is not about repo size
+    report["repos_built_s"] = round(time.perf_counter() - t0, 2)
+    results: dict = {}
+    steps = {
+        "fanout": lambda: measure.fanout(world, repos, plan["samples"]),
+        "warm": lambda: measure.warm_fanout(world, repos, plan["samples"]),
+        "efficiency": lambda: measure.efficiency(world, small, plan["eff_samples"], plan["sleep_s"]),
+        "logs": lambda: measure.logs(world, small, plan["ticks"], plan["flood"]),
+        "burst": lambda: measure.burst(world, small, plan["burst"]),
+        "round_trips": lambda: measure.round_trips(world, small, plan["round_trips"]),
+        "http": lambda: measure.http_load(*plan["http"]),
+        "merge": lambda: measure.merge(world, small, plan["merge_samples"]),
+    }
+    for name in SECTIONS:
+        if name in only:
+            print(f"bench: {name}...", file=sys.stderr, flush=True)
+            results[name] = await steps[name]()
+    report["results"] = results
+    report["figures"] = figures(results)
+    return report
 
 
 def main() -> None:
@@ -147,13 +144,18 @@ def main() -> None:
     args = p.parse_args()
     if args.only and not set(args.only.split(",")) <= set(SECTIONS):
         p.error(f"--only takes {','.join(SECTIONS)}")
-    report = anyio.run(run, args)
-    text = table(report["figures"])
-    print(text, file=sys.stderr if args.json == "-" else sys.stdout)
-    if args.json == "-":
-        print(json.dumps(report, indent=2))
-    elif args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    root = Path(tempfile.mkdtemp(prefix="cli-council-bench-"))
+    try:
+        report = anyio.run(run, args, root)
+        text = table(report["figures"])
+        print(text, file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
+        if args.json == "-":
+            print(json.dumps(report, indent=2), flush=True)
+        elif args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    finally:
+        print("bench: removing its repos and worktrees...", file=sys.stderr, flush=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
