@@ -183,10 +183,26 @@ async def logs(world: World, repo_src: Path, ticks: int, flood_lines: int) -> di
             chunk = await s.call("stream_logs", task_id=task_id, cursor=cursor, limit=5000)
             read, cursor = read + len(chunk["lines"]), chunk["next_cursor"]
         read_s = time.perf_counter() - t0
-    return {"latency_ms": {"n": len(latencies), "p50": _ms(pct(latencies, 50)), "p99": _ms(pct(latencies, 99)),
-                           "max": _ms(max(latencies) if latencies else None)},
+    floor = await pipe_latency(ticks)
+    return {"floor_latency_ms": {"p50": _ms(pct(floor, 50)), "p99": _ms(pct(floor, 99)), "max": _ms(max(floor))},
+            "latency_ms": {"n": len(latencies), "p50": _ms(pct(latencies, 50)), "p90": _ms(pct(latencies, 90)),
+                           "p99": _ms(pct(latencies, 99)), "max": _ms(max(latencies) if latencies else None),
+                           "worst": sorted(_ms(x) for x in latencies)[-10:]},
             "flood_lines": stored, "ingest_s": ingest_s, "lines_per_s": stored / ingest_s,
             "client_read_lines_per_s": read / read_s}
+
+
+async def pipe_latency(ticks: int) -> list[float]:
+    """The floor of log latency: the same ticker read straight from its pipe by this process."""
+    got = []
+    async with await anyio.open_process([PY, "-c", TICKER, str(ticks), "0.02"]) as proc:
+        buf = b""
+        async for chunk in proc.stdout:
+            now = time.time()
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            got += [now - float(line.split()[2]) for line in lines if line.startswith(b"tick ")]
+    return got
 
 
 def _ms(s: float | None) -> float | None:
