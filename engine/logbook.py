@@ -32,8 +32,8 @@ FLUSH_INTERVAL_S = 0.05
 BUFFER_LINES = 500
 BUFFER_BYTES = 256 * 1024
 BEHIND = 4  # buffers a writer may be ahead of the flusher before it waits for the store
-TAIL_LINES = 2000  # per task, of what was stored last
-TAIL_BYTES = 1024 * 1024
+TAIL_LINES = 1000  # per task, of what was stored last: enough for a reader keeping up
+TAIL_BYTES = 256 * 1024
 TAIL_TASKS = 32  # tasks whose tails are kept, the most recently written
 
 
@@ -199,6 +199,7 @@ class Logbook:
         for key in [k for k in self._used if k[0] == task_id] + [k for k in self._dropped if k[0] == task_id]:
             self._used.pop(key, None)
             self._dropped.pop(key, None)
+        self._tails.pop(task_id, None)  # a finished task's readers read the store
         lock = self._locks.get(task_id)
         if lock is not None and not lock.locked() and task_id not in self._buf:
             del self._locks[task_id]

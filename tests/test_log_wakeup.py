@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anyio
 
-from engine.logbook import Logbook
+from engine.logbook import TAIL_LINES, Logbook
 from engine.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,4 +104,22 @@ async def test_the_tail_answers_as_the_store_does(tmp_path):
     assert book.read("t1", 0, None, 500) is None  # no longer all in memory: read the store
     assert [line.text for line in book.read("t1", 31, None, 500)] == ["ours again"]
     assert [line.text for line in await store.read_logs("t1", 30, None, 500)] == ["theirs", "ours again"]
+    await store.close()
+
+
+async def test_the_tail_is_bounded_and_older_lines_come_from_the_store(tmp_path):
+    store = Store(tmp_path / "council.db")
+    book = Logbook(store, max_bytes=10**9, max_lines=10**6, on_flush=lambda _: None)
+    n = TAIL_LINES * 3
+    for i in range(n):
+        await book.write("t1", "a", "stdout", f"line {i}")
+        if i % 700 == 0:
+            await book.flush("t1")
+    await book.flush("t1")
+    assert book.read("t1", 0, None, 10) is None
+    assert book.read("t1", n - TAIL_LINES - 1, None, 10) is None  # at most TAIL_LINES are kept
+    recent = book.read("t1", n - 10, None, 500)
+    assert recent == await store.read_logs("t1", n - 10, None, 500) and len(recent) == 10
+    book.forget("t1")
+    assert book.read("t1", n - 10, None, 500) is None  # a finished task's readers read the store
     await store.close()
