@@ -183,7 +183,7 @@ async def logs(world: World, repo_src: Path, ticks: int, flood_lines: int) -> di
             chunk = await s.call("stream_logs", task_id=task_id, cursor=cursor, limit=5000)
             read, cursor = read + len(chunk["lines"]), chunk["next_cursor"]
         read_s = time.perf_counter() - t0
-    floor = await pipe_latency(ticks)
+    floor = await pipe_latency(ticks, world.root)
     return {"floor_latency_ms": {"p50": _ms(pct(floor, 50)), "p99": _ms(pct(floor, 99)), "max": _ms(max(floor))},
             "latency_ms": {"n": len(latencies), "p50": _ms(pct(latencies, 50)), "p90": _ms(pct(latencies, 90)),
                            "p99": _ms(pct(latencies, 99)), "max": _ms(max(latencies) if latencies else None),
@@ -192,10 +192,10 @@ async def logs(world: World, repo_src: Path, ticks: int, flood_lines: int) -> di
             "client_read_lines_per_s": read / read_s}
 
 
-async def pipe_latency(ticks: int) -> list[float]:
+async def pipe_latency(ticks: int, cwd: Path) -> list[float]:
     """The floor of log latency: the same ticker read straight from its pipe by this process."""
     got = []
-    async with await anyio.open_process([PY, "-c", TICKER, str(ticks), "0.02"]) as proc:
+    async with await anyio.open_process([PY, "-c", TICKER, str(ticks), "0.02"], cwd=cwd) as proc:
         buf = b""
         async for chunk in proc.stdout:
             now = time.time()
