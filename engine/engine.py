@@ -31,6 +31,7 @@ from . import diffs, inputs, judge, routing, runner
 from . import ports as ports_mod
 from . import pool as pool_mod
 from .config import Config, ConfigError, LiveConfig, config_path, home_dir
+from .events import Events, wait_for
 from .gitcmd import GitError, diff_stat, git, resolve_commit
 from .inputs import CouncilError, NotFound
 from .merge import STRATEGIES, MergeRefused, check_target, merge_branch
@@ -46,6 +47,7 @@ from .worktrees import Worktrees
 
 MAX_PROMPT_BYTES = 120_000  # Linux refuses a single argv element over 128 KiB (framing is checked per agent)
 AVAILABLE_TTL_S = 30.0
+OTHERS_POLL_S = 0.5  # how soon a waiter here sees what another process changed (this one's changes wake it at once)
 
 logger = logging.getLogger("cli_council.engine")
 
@@ -102,8 +104,11 @@ class Engine:
         self._told_problem: str | None = None
         self.home = home or home_dir(self.environ)
         self.store = Store(self.home / "council.db")
+        self.others_poll_s = OTHERS_POLL_S
+        self.events = Events()  # a task id is published when its record or its stored lines change here
         self.logbook = Logbook(self.store, max_bytes=self.config.engine.log_max_bytes,
-                               max_lines=self.config.engine.log_max_lines, on_flush=self._notify)
+                               max_lines=self.config.engine.log_max_lines, on_flush=self.events.publish,
+                               hurry=self.events.waited_on)
         self.worktrees = Worktrees(self.home / "worktrees")
         self.owner = _self_owner()
         self.repo_configs = RepoConfigs()
@@ -117,7 +122,6 @@ class Engine:
         self._avail: dict[str, tuple[float, Availability]] = {}
         self._hosted: dict[str, Task] = {}
         self._scopes: dict[str, anyio.CancelScope] = {}
-        self._changed: dict[str, anyio.Event] = {}
         self._secrets: dict[str, list[str]] = {}  # per task: the values its agents' env holds as secrets
         # Our own secrets (API keys, tokens, passwords): never stored or shown, whoever prints them.
         self._own_secrets = secret_values(self.environ, min_len=8)
@@ -217,11 +221,12 @@ class Engine:
         inputs.number("wait_s", wait_s, low=0, high=inputs.MAX_TIMEOUT_S)
         deadline = time.monotonic() + max(0.0, wait_s)
         while True:
-            task = await self.get(task_id)
-            left = deadline - time.monotonic()
-            if task.state not in ACTIVE_TASK or left <= 0:
-                return task
-            await self._wait_change(task_id, min(left, 0.5))
+            with self.events.watch(task_id, hurry=False) as changed:  # the task's end, not its lines
+                task = await self.get(task_id)
+                left = deadline - time.monotonic()
+                if task.state not in ACTIVE_TASK or left <= 0:
+                    return task
+                await wait_for(changed, min(left, self.others_poll_s))
 
     async def list(self, repo: str | None = None, limit: int = 20) -> TaskList:
         limit = int(inputs.number("limit", limit, low=1, high=10**9))
@@ -232,23 +237,35 @@ class Engine:
         return TaskList(tasks=[TaskSummary.of(self._hosted.get(t.task_id, t)) for t in tasks])
 
     async def logs(self, task_id: str, agent: str | None = None, cursor: int = 0, wait_s: float = 0,
-                   limit: int = 500) -> LogChunk:
-        """Lines after `cursor`; with wait_s, waits for the first new line (or the task's end)."""
+                   limit: int = 500, hurry: bool = True) -> LogChunk:
+        """Lines after `cursor`; with wait_s, waits for the first new line (or the task's end).
+        hurry=False: the waiter does not need each line the moment it comes (lines stay batched)."""
         inputs.number("wait_s", wait_s, low=0, high=inputs.MAX_TIMEOUT_S)
         cursor = int(inputs.number("cursor", cursor, low=0, high=inputs.MAX_CURSOR))
         limit = int(max(1, min(inputs.number("limit", limit, low=-inputs.MAX_CURSOR, high=inputs.MAX_CURSOR), 5000)))
         if agent is not None:
             inputs.agent(agent)
         deadline = time.monotonic() + max(0.0, wait_s)
+        polled = False
         while True:
-            task = await self.get(task_id)
-            lines = await self.store.read_logs(task_id, cursor, agent, limit)
-            finished = task.state not in ACTIVE_TASK
-            left = deadline - time.monotonic()
-            if lines or finished or left <= 0:
-                return LogChunk(task_id=task_id, lines=lines, next_cursor=lines[-1].seq if lines else cursor,
-                                done=finished and not lines.more)
-            await self._wait_change(task_id, min(left, 0.5))
+            with self.events.watch(task_id, hurry) as changed:
+                task = await self.get(task_id)
+                finished = task.state not in ACTIVE_TASK
+                # A running task hosted here: its new lines are ours, in memory. The store answers for
+                # the rest: tasks hosted elsewhere, the end of a task, and the slow poll that finds
+                # lines another process (a merge or cancel from another shell) wrote to our task.
+                lines = None
+                if task_id in self._hosted and not finished and not polled:
+                    lines = self.logbook.read(task_id, cursor, agent, limit)
+                if lines is None:
+                    lines = await self.store.read_logs(task_id, cursor, agent, limit)
+                left = deadline - time.monotonic()
+                if lines or finished or left <= 0:
+                    return LogChunk(task_id=task_id, lines=lines, next_cursor=lines[-1].seq if lines else cursor,
+                                    done=finished and not lines.more)
+                if hurry:
+                    self.logbook.urge(task_id)  # lines buffered before we watched: store them now
+                polled = not await wait_for(changed, min(left, self.others_poll_s))
 
     async def cancel(self, task_id: str) -> Task:
         """Stop every running attempt of a task, here or in the process hosting it."""
@@ -515,17 +532,28 @@ class Engine:
         repo = inputs.repo_path(repo, config.server.allowed_roots)
         top = await self._toplevel(repo)
         ref = base or "HEAD"
-        commit = await resolve_commit(top, ref)
+        # Three questions to git at once: they are on the path of every submit_task call.
+        found: dict[str, str | None] = {}
+
+        async def ask(key: str, question) -> None:
+            found[key] = await question()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, "commit", lambda: resolve_commit(top, ref))
+            tg.start_soon(ask, "into", lambda: git(top, "symbolic-ref", "--quiet", "--short", "HEAD", check=False))
+            if base is None:
+                tg.start_soon(ask, "dirty", lambda: git(top, "status", "--porcelain", "--untracked-files=no", check=False))
+        commit = found["commit"]
         if not commit:
             raise CouncilError(f"base {ref!r} does not resolve to a commit in {top}" if base else
                                f"{top} has no commits yet; commit something first")
-        into = await git(top, "symbolic-ref", "--quiet", "--short", "HEAD", check=False) or None
+        into = found["into"] or None
         try:  # the repo's .cli-council.toml at the base: a broken one is refused now, not in every attempt
             await self.repo_configs.settings(config, top, commit)
         except ConfigError as e:
             raise CouncilError(str(e)) from None
         warnings = []
-        if base is None and await git(top, "status", "--porcelain", "--untracked-files=no", check=False):
+        if found.get("dirty"):
             warnings.append(f"the checkout has uncommitted changes; the agents start from the last commit "
                             f"({commit[:12]}) and do not see them: commit them first if they matter")
         why = "explicit agents" if agents else "given"
@@ -590,7 +618,7 @@ class Engine:
                         self._scopes.pop(task.task_id, None)
                         self._hosted.pop(task.task_id, None)
                         self._secrets.pop(task.task_id, None)
-                        self._notify(task.task_id)
+                        self.events.publish(task.task_id)
 
     async def _run_stages(self, task: Task, explicit_agents: list[str] | None) -> None:
         task.state, task.started_at = TaskState.running, now()
@@ -624,10 +652,10 @@ class Engine:
         await self._note(task, f"task {ended['state']}" + (
             f"; best: {ended['best']} ({ended['best_reason']})" if ended["best"] else "")
             + (f"; {task.error.message}" if task.error else ""))
-        for key, value in ended.items():
-            setattr(task, key, value)
         await self.logbook.flush(task.task_id)
         self.logbook.forget(task.task_id)
+        for key, value in ended.items():  # only now: a reader here that sees the end has every line
+            setattr(task, key, value)
         await self._save(task)
         await anyio.to_thread.run_sync(shutil.rmtree, self.home / "tmp" / task.task_id, True)
 
@@ -719,8 +747,8 @@ class Engine:
                 return
             # The agent's own slot first: an attempt waiting for its agent must not hold a global slot.
             async with self._limiter(attempt.agent), self._global:
+                # Saved once its worktree is recorded (_attempt_body): no store write before the checkout.
                 attempt.state, attempt.started_at = AttemptState.running, now()
-                await self._save(task)
                 t0 = time.monotonic()
                 await self._attempt_body(task, attempt, adapter)
         except Exception as e:  # failures are results: whatever broke is this attempt's, not the engine's
@@ -937,18 +965,7 @@ class Engine:
     async def _save(self, task: Task) -> None:
         self._scrub(task)
         await self.store.save_task(task)
-        self._notify(task.task_id)
-
-    def _notify(self, task_id: str) -> None:
-        ev = self._changed.pop(task_id, None)
-        if ev is not None:
-            ev.set()
-
-    async def _wait_change(self, task_id: str, timeout: float) -> None:
-        """Wake on a change made here, or after `timeout` to look at what other processes wrote."""
-        ev = self._changed.setdefault(task_id, anyio.Event())
-        with anyio.move_on_after(timeout):
-            await ev.wait()
+        self.events.publish(task.task_id)
 
     async def _host_alive(self, task_id: str) -> bool:
         for tid, pid, start in await self.store.owners([s.value for s in ACTIVE_TASK]):

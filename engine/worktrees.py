@@ -39,25 +39,37 @@ class Worktrees:
         return self.root / task_id / agent
 
     def lock(self, repo: str) -> anyio.Lock:
-        """git 2.39 can fail on concurrent `worktree add` to one repo, so adds are serialized per repo."""
+        """git 2.39 can fail on concurrent `worktree add` to one repo, so the metadata step is serialized per repo."""
         return self._locks.setdefault(repo, anyio.Lock())
 
     async def add(self, repo: str, task_id: str, agent: str, base: str) -> tuple[Path, str]:
+        """A new worktree on a new branch at `base`. Only git's metadata (`worktree add --no-checkout`:
+        a few files under .git/worktrees) is made under the repo's lock; the checkout, which is the
+        cost, runs outside it, so parallel attempts check out in parallel (each its own index and
+        files; the object store is only read). The checkout is the `reset --hard` git's own add runs."""
         path, branch = self.path(task_id, agent), branch_name(task_id, agent)
         path.parent.mkdir(parents=True, exist_ok=True)
         async with self.lock(repo):
             for attempt in range(3):
                 try:
-                    await git(repo, "worktree", "add", "--quiet", "-b", branch, str(path), base)
-                    return path, branch
+                    await git(repo, "worktree", "add", "--quiet", "--no-checkout", "-b", branch, str(path), base)
+                    break
                 except GitError as e:
+                    # Another process adding a worktree to this repo at the same moment (git 2.39 races).
                     if attempt == 2 or "commondir" not in e.stderr:
                         raise
                     await git(repo, "worktree", "prune")
                     await git(repo, "branch", "-D", branch, check=False)
                     await anyio.to_thread.run_sync(shutil.rmtree, path, True)
                     await anyio.sleep(0.1)
-        raise AssertionError("unreachable")
+        try:
+            await git(path, "reset", "--hard", "--quiet", "--no-recurse-submodules")
+        except BaseException:  # as git's own add does: a worktree whose checkout failed is not left behind
+            with anyio.CancelScope(shield=True):
+                await git(repo, "worktree", "remove", "--force", str(path), check=False)
+                await git(repo, "branch", "-D", branch, check=False)
+            raise
+        return path, branch
 
     async def commit_all(self, path: Path, message: str, scratch: tuple[str, ...] = (),
                          base: str | None = None) -> bool:
