@@ -32,6 +32,7 @@ class ErrorKind(StrEnum):
     crash = "crash"
     cancelled = "cancelled"
     invalid_output = "invalid_output"
+    setup_failed = "setup_failed"  # the repo's worktree setup (.cli-council.toml) failed or timed out
 
 
 TRANSIENT = frozenset({ErrorKind.rate_limit, ErrorKind.network})

@@ -6,7 +6,9 @@ when it lies outside the council's worktrees root (nothing there is ever deleted
 uncommitted changes (tracked or untracked: an agent killed before the council committed its work)
 or commits on no branch. A branch goes only when its commits can't be lost: the caller discards it
 (an attempt that was not picked), its changes are already in `into`, or its tip is reachable from
-another ref. Everything kept is reported with the reason and the command to resolve it, so `gc`
+another ref. What a repo's worktree setup left (recorded by setup.py: node_modules that is not
+ignored, copied .env files) is not work; neither is anything in the warm pool's worktrees, which gc
+removes once the process that made them is gone (pool.reap). Everything kept is reported with the reason and the command to resolve it, so `gc`
 never deletes work silently, and one broken repo or worktree is reported, not fatal.
 """
 
@@ -25,6 +27,8 @@ from adapters import KINDS
 from engine.gitcmd import GitError, git, git_ok, resolve_commit
 from engine.merge import changes_in
 from engine.models import ACTIVE_TASK, Attempt, AttemptState, GcReport, Task, TaskState, now
+from engine.pool import POOL_DIR, reap as reap_pool
+from engine.setup import exclude, recorded_output
 
 __all__ = ["remove_attempt", "gc", "check_output_until"]
 
@@ -76,8 +80,9 @@ def _touched_since(worktree: Path, paths: list[str], since: float) -> list[str]:
 async def _unsaved_work(worktree: Path, check_until: datetime | None = None) -> str | None:
     """Why deleting this intact git worktree would lose work, or None: uncommitted changes (ignored
     files, CLIs' scratch dirs and the check's output aside) or commits on no branch (a detached HEAD)."""
+    # Unlike `add` (see worktrees.scratch_excludes), `status` takes excludes that name ignored paths.
     out = await git(worktree, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames",
-                    "--", ".", *(f":(exclude){d}" for d in _SCRATCH))
+                    "--", ".", *(f":(exclude){d}" for d in _SCRATCH), *exclude(await recorded_output(worktree)))
     paths = [entry[3:] for entry in out.split("\0") if entry]
     if paths and check_until is not None:
         paths = await anyio.to_thread.run_sync(_touched_since, worktree, paths, check_until.timestamp())
@@ -201,7 +206,7 @@ async def _toplevel(path: Path) -> Path | None:
 
 
 async def gc(root: str | Path, tasks: Iterable[Task], *, age_s: float, busy: Collection[str | Path] = (),
-             at: datetime | None = None) -> GcReport:
+             at: datetime | None = None, kill_grace_s: float = 5.0) -> GcReport:
     """Reclaim what tasks finished more than `age_s` ago left behind, and the council's litter.
 
     - Known finished tasks: worktrees go unless they hold unsaved work; branches go when the task
@@ -214,6 +219,7 @@ async def gc(root: str | Path, tasks: Iterable[Task], *, age_s: float, busy: Col
       worktrees or hold nothing unsaved; kept otherwise.
     - `council/*` branches of unknown tasks in the repos seen: deleted only if no work is lost.
     Whatever git or the disk refuses is reported as kept with git's words; gc goes on.
+    - The warm pool's worktrees of council processes that are gone, and the setups they left running.
     Ages are measured from `at` (now by default).
     """
     root = Path(root)
@@ -292,7 +298,10 @@ async def gc(root: str | Path, tasks: Iterable[Task], *, age_s: float, busy: Col
             continue
         await guarded(f"task {task.task_id}", finished_task(task))
 
+    _merge_into(report, await reap_pool(root, kill_grace_s))
     for task_dir in await _subdirs(root):
+        if task_dir.name == POOL_DIR:
+            continue  # the warm pool's, handled above: a live process's entries are its own
         owner = known.get(task_dir.name)
         if owner is not None and owner.state in ACTIVE_TASK:
             continue  # its worktrees may still be being created

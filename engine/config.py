@@ -20,10 +20,11 @@ import os
 import re
 import time
 import tomllib
+import warnings
 from pathlib import Path
 
 import platformdirs
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from adapters import KINDS
 from adapters.base import TIERS, AgentSpec
@@ -68,8 +69,58 @@ class MergeSettings(BaseModel):
         "off by default, as an agent can write hooks into the repo it works on"))
 
 
+class PoolSettings(BaseModel):
+    size: int = Field(2, ge=0, le=32, description=(
+        "ready worktrees kept per repo, made ahead at its HEAD with the repo's setup run; 0 turns the pool off"))
+    max_files: int = Field(50_000, ge=0, description="no pool for repos with more tracked files than this")
+
+
+def copy_path_problem(path: str) -> str | None:
+    """Why `path` cannot be a `[worktree] copy` entry, or None: it must name a file or directory inside the
+    repo, relative to its top, never in .git."""
+    parts = path.replace("\\", "/").split("/")
+    if not path or path.startswith("/") or path.startswith("~"):
+        return "must be a path relative to the repo's top, e.g. \".env\""
+    if ".." in parts:
+        return "must not leave the repo (no '..')"
+    if any(part.lower() == ".git" for part in parts):
+        return "must not be inside .git"
+    if all(part in ("", ".") for part in parts):
+        return "must name a file or directory, not the repo itself"
+    return None
+
+
+with warnings.catch_warnings():  # `copy` is the key users write; it shadows BaseModel's deprecated copy()
+    warnings.filterwarnings("ignore", r'Field name "copy"', UserWarning)
+
+    class WorktreeOverride(BaseModel):
+        """The keys of a repo's `.cli-council.toml` [worktree] table; here each one set replaces the repo's."""
+
+        model_config = ConfigDict(extra="forbid")
+
+        setup: str | None = Field(None, description='shell command run in each new worktree before the agent; "" = none')
+        copy: list[str] | None = Field(None, description="untracked files copied from the user's checkout")
+        ports: int | None = Field(None, ge=0, le=64, description="free ports reserved per attempt (COUNCIL_PORT, PORT)")
+        setup_timeout_s: float | None = Field(None, gt=0)
+
+        @field_validator("copy")
+        @classmethod
+        def _copy_paths(cls, value: list[str] | None) -> list[str] | None:
+            for item in value or []:
+                if why := copy_path_problem(item):
+                    raise ValueError(f"{item!r} {why}")
+            return value
+
+
+class WorktreeSettings(WorktreeOverride):
+    """The user's overrides of every repo's `.cli-council.toml`, and per repo (`repos`, keyed by path)."""
+
+    repos: dict[str, WorktreeOverride] = Field(default_factory=dict, description=(
+        "per repo (its path, ~ allowed): the same keys, winning over both the repo's file and the keys above"))
+
+
 SECTIONS: dict[str, type[BaseModel]] = {"engine": EngineSettings, "server": ServerSettings, "routing": Routing,
-                                        "merge": MergeSettings}
+                                        "merge": MergeSettings, "pool": PoolSettings, "worktree": WorktreeSettings}
 AGENT_KEYS = tuple(k for k in AgentSpec.model_fields if k != "name")  # every kind's keys; `name` is the table's
 
 
@@ -79,6 +130,8 @@ class Config(BaseModel):
     agents: dict[str, AgentSpec] = Field(default_factory=dict)
     routing: Routing = Field(default_factory=Routing)
     merge: MergeSettings = Field(default_factory=MergeSettings)
+    pool: PoolSettings = Field(default_factory=PoolSettings)
+    worktree: WorktreeSettings = Field(default_factory=WorktreeSettings)
 
     def agent(self, name: str) -> AgentSpec:
         try:
@@ -271,6 +324,8 @@ def _show(value, limit: int = 60) -> str:
 def _reason(err: dict) -> str:
     """pydantic's "Input should be a valid integer" -> "should be a valid integer"."""
     msg = err["msg"]
+    if err.get("type") == "value_error":  # our own validators' words
+        return f"is refused: {err['ctx']['error']}"
     return msg[len("Input "):] if msg.startswith("Input should") else f"is wrong: {msg[:1].lower()}{msg[1:]}"
 
 

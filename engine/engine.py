@@ -28,18 +28,26 @@ from adapters.base import (TIERS, TRANSIENT, Adapter, Availability, ErrorInfo, E
 from . import agents as agents_mod
 from . import cleanup as cleanup_mod
 from . import diffs, inputs, judge, routing, runner
+from . import ports as ports_mod
+from . import pool as pool_mod
 from .config import Config, ConfigError, LiveConfig, config_path, home_dir
+from .events import Events, wait_for
 from .gitcmd import GitError, diff_stat, git, resolve_commit
 from .inputs import CouncilError, NotFound
 from .merge import STRATEGIES, MergeRefused, check_target, merge_branch
 from .models import (ACTIVE_TASK, AgentList, Attempt, AttemptState, CheckResult, Diff, GcReport, LogChunk,
                      MergeResult, Task, TaskList, TaskState, TaskSummary, now)
 from .logbook import Logbook
+from .pool import Pool, Workspace
+from .ports import Ports
+from .repoconfig import RepoConfigs
+from .setup import SetupFailed
 from .store import Store
 from .worktrees import Worktrees
 
 MAX_PROMPT_BYTES = 120_000  # Linux refuses a single argv element over 128 KiB (framing is checked per agent)
 AVAILABLE_TTL_S = 30.0
+OTHERS_POLL_S = 0.5  # how soon a waiter here sees what another process changed (this one's changes wake it at once)
 
 logger = logging.getLogger("cli_council.engine")
 
@@ -84,9 +92,10 @@ def _what_failed(task: Task, attempt: Attempt) -> str | None:
 
 class Engine:
     def __init__(self, config: Config | None = None, home: Path | None = None,
-                 environ: dict[str, str] | None = None, require_roots: bool = False):
+                 environ: dict[str, str] | None = None, require_roots: bool = False, warm_pool: bool = True):
         """require_roots: refuse every submission while [server] allowed_roots is empty (a server reachable
-        beyond this machine; the bind checked the roots at start, a later config edit must not drop them)."""
+        beyond this machine; the bind checked the roots at start, a later config edit must not drop them).
+        warm_pool: keep ready worktrees per repo ([pool]); off for one-shot processes (`cli-council run`)."""
         self.environ = dict(os.environ if environ is None else environ)
         self.require_roots = require_roots
         # A given Config stays as it is (tests, `run`); otherwise the file is followed while we run.
@@ -95,16 +104,24 @@ class Engine:
         self._told_problem: str | None = None
         self.home = home or home_dir(self.environ)
         self.store = Store(self.home / "council.db")
+        self.others_poll_s = OTHERS_POLL_S
+        self.events = Events()  # a task id is published when its record or its stored lines change here
         self.logbook = Logbook(self.store, max_bytes=self.config.engine.log_max_bytes,
-                               max_lines=self.config.engine.log_max_lines, on_flush=self._notify)
+                               max_lines=self.config.engine.log_max_lines, on_flush=self.events.publish,
+                               hurry=self.events.waited_on)
         self.worktrees = Worktrees(self.home / "worktrees")
         self.owner = _self_owner()
+        self.repo_configs = RepoConfigs()
+        self.ports = Ports(self.home / "ports")
+        self.pool = Pool(self.worktrees, self.home, self.environ, self.repo_configs, self.owner,
+                         kill_grace_s=self.config.engine.kill_grace_s)
+        self._warm_pool = warm_pool
+        self._leases: dict[tuple[str, str], list[int]] = {}  # (task, agent): ports it holds while it runs
         self._global = anyio.CapacityLimiter(self.config.engine.max_parallel)
         self._per_agent: dict[str, anyio.CapacityLimiter] = {}
         self._avail: dict[str, tuple[float, Availability]] = {}
         self._hosted: dict[str, Task] = {}
         self._scopes: dict[str, anyio.CancelScope] = {}
-        self._changed: dict[str, anyio.Event] = {}
         self._secrets: dict[str, list[str]] = {}  # per task: the values its agents' env holds as secrets
         # Our own secrets (API keys, tokens, passwords): never stored or shown, whoever prints them.
         self._own_secrets = secret_values(self.environ, min_len=8)
@@ -132,8 +149,11 @@ class Engine:
     async def __aenter__(self) -> "Engine":
         await self.store.open()
         await self.recover()
+        await pool_mod.reap(self.worktrees.root, self.config.engine.kill_grace_s)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
+        if self._warm_pool:
+            self.pool.start(self._tg)
         self._tg.start_soon(self._watch_cancel_requests)
         self._tg.start_soon(self.logbook.run)
         return self
@@ -147,8 +167,11 @@ class Engine:
             await self._tg.__aexit__(None, None, None)
         finally:
             with anyio.CancelScope(shield=True):
-                await self.logbook.close()
-                await self.store.close()
+                try:
+                    await self.pool.close()
+                finally:
+                    await self.logbook.close()
+                    await self.store.close()
 
     async def recover(self) -> list[str]:
         """Tasks whose host process died are marked interrupted (their worktrees stay for inspection),
@@ -198,11 +221,12 @@ class Engine:
         inputs.number("wait_s", wait_s, low=0, high=inputs.MAX_TIMEOUT_S)
         deadline = time.monotonic() + max(0.0, wait_s)
         while True:
-            task = await self.get(task_id)
-            left = deadline - time.monotonic()
-            if task.state not in ACTIVE_TASK or left <= 0:
-                return task
-            await self._wait_change(task_id, min(left, 0.5))
+            with self.events.watch(task_id, hurry=False) as changed:  # the task's end, not its lines
+                task = await self.get(task_id)
+                left = deadline - time.monotonic()
+                if task.state not in ACTIVE_TASK or left <= 0:
+                    return task
+                await wait_for(changed, min(left, self.others_poll_s))
 
     async def list(self, repo: str | None = None, limit: int = 20) -> TaskList:
         limit = int(inputs.number("limit", limit, low=1, high=10**9))
@@ -213,23 +237,35 @@ class Engine:
         return TaskList(tasks=[TaskSummary.of(self._hosted.get(t.task_id, t)) for t in tasks])
 
     async def logs(self, task_id: str, agent: str | None = None, cursor: int = 0, wait_s: float = 0,
-                   limit: int = 500) -> LogChunk:
-        """Lines after `cursor`; with wait_s, waits for the first new line (or the task's end)."""
+                   limit: int = 500, hurry: bool = True) -> LogChunk:
+        """Lines after `cursor`; with wait_s, waits for the first new line (or the task's end).
+        hurry=False: the waiter does not need each line the moment it comes (lines stay batched)."""
         inputs.number("wait_s", wait_s, low=0, high=inputs.MAX_TIMEOUT_S)
         cursor = int(inputs.number("cursor", cursor, low=0, high=inputs.MAX_CURSOR))
         limit = int(max(1, min(inputs.number("limit", limit, low=-inputs.MAX_CURSOR, high=inputs.MAX_CURSOR), 5000)))
         if agent is not None:
             inputs.agent(agent)
         deadline = time.monotonic() + max(0.0, wait_s)
+        polled = False
         while True:
-            task = await self.get(task_id)
-            lines = await self.store.read_logs(task_id, cursor, agent, limit)
-            finished = task.state not in ACTIVE_TASK
-            left = deadline - time.monotonic()
-            if lines or finished or left <= 0:
-                return LogChunk(task_id=task_id, lines=lines, next_cursor=lines[-1].seq if lines else cursor,
-                                done=finished and not lines.more)
-            await self._wait_change(task_id, min(left, 0.5))
+            with self.events.watch(task_id, hurry) as changed:
+                task = await self.get(task_id)
+                finished = task.state not in ACTIVE_TASK
+                # A running task hosted here: its new lines are ours, in memory. The store answers for
+                # the rest: tasks hosted elsewhere, the end of a task, and the slow poll that finds
+                # lines another process (a merge or cancel from another shell) wrote to our task.
+                lines = None
+                if task_id in self._hosted and not finished and not polled:
+                    lines = self.logbook.read(task_id, cursor, agent, limit)
+                if lines is None:
+                    lines = await self.store.read_logs(task_id, cursor, agent, limit)
+                left = deadline - time.monotonic()
+                if lines or finished or left <= 0:
+                    return LogChunk(task_id=task_id, lines=lines, next_cursor=lines[-1].seq if lines else cursor,
+                                    done=finished and not lines.more)
+                if hurry:
+                    self.logbook.urge(task_id)  # lines buffered before we watched: store them now
+                polled = not await wait_for(changed, min(left, self.others_poll_s))
 
     async def cancel(self, task_id: str) -> Task:
         """Stop every running attempt of a task, here or in the process hosting it."""
@@ -337,7 +373,8 @@ class Engine:
         interrupted = await self.recover()
         tasks = await self.store.list_tasks(limit=10**9)
         busy = [a.worktree for t in self._hosted.values() for a in t.attempts if a.worktree]
-        report = await cleanup_mod.gc(self.worktrees.root, tasks, age_s=age, busy=busy)
+        report = await cleanup_mod.gc(self.worktrees.root, tasks, age_s=age, busy=busy,
+                                      kill_grace_s=self.config.engine.kill_grace_s)
         report.removed[:0] = [f"task {t}: host process gone, marked interrupted" for t in interrupted]
         cutoff = now().timestamp() - age
         for task in tasks:
@@ -495,13 +532,28 @@ class Engine:
         repo = inputs.repo_path(repo, config.server.allowed_roots)
         top = await self._toplevel(repo)
         ref = base or "HEAD"
-        commit = await resolve_commit(top, ref)
+        # Three questions to git at once: they are on the path of every submit_task call.
+        found: dict[str, str | None] = {}
+
+        async def ask(key: str, question) -> None:
+            found[key] = await question()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, "commit", lambda: resolve_commit(top, ref))
+            tg.start_soon(ask, "into", lambda: git(top, "symbolic-ref", "--quiet", "--short", "HEAD", check=False))
+            if base is None:
+                tg.start_soon(ask, "dirty", lambda: git(top, "status", "--porcelain", "--untracked-files=no", check=False))
+        commit = found["commit"]
         if not commit:
             raise CouncilError(f"base {ref!r} does not resolve to a commit in {top}" if base else
                                f"{top} has no commits yet; commit something first")
-        into = await git(top, "symbolic-ref", "--quiet", "--short", "HEAD", check=False) or None
+        into = found["into"] or None
+        try:  # the repo's .cli-council.toml at the base: a broken one is refused now, not in every attempt
+            await self.repo_configs.settings(config, top, commit)
+        except ConfigError as e:
+            raise CouncilError(str(e)) from None
         warnings = []
-        if base is None and await git(top, "status", "--porcelain", "--untracked-files=no", check=False):
+        if found.get("dirty"):
             warnings.append(f"the checkout has uncommitted changes; the agents start from the last commit "
                             f"({commit[:12]}) and do not see them: commit them first if they matter")
         why = "explicit agents" if agents else "given"
@@ -566,7 +618,7 @@ class Engine:
                         self._scopes.pop(task.task_id, None)
                         self._hosted.pop(task.task_id, None)
                         self._secrets.pop(task.task_id, None)
-                        self._notify(task.task_id)
+                        self.events.publish(task.task_id)
 
     async def _run_stages(self, task: Task, explicit_agents: list[str] | None) -> None:
         task.state, task.started_at = TaskState.running, now()
@@ -600,10 +652,10 @@ class Engine:
         await self._note(task, f"task {ended['state']}" + (
             f"; best: {ended['best']} ({ended['best_reason']})" if ended["best"] else "")
             + (f"; {task.error.message}" if task.error else ""))
-        for key, value in ended.items():
-            setattr(task, key, value)
         await self.logbook.flush(task.task_id)
         self.logbook.forget(task.task_id)
+        for key, value in ended.items():  # only now: a reader here that sees the end has every line
+            setattr(task, key, value)
         await self._save(task)
         await anyio.to_thread.run_sync(shutil.rmtree, self.home / "tmp" / task.task_id, True)
 
@@ -697,8 +749,8 @@ class Engine:
                 return
             # The agent's own slot first: an attempt waiting for its agent must not hold a global slot.
             async with self._limiter(attempt.agent), self._global:
+                # Saved once its worktree is recorded (_attempt_body): no store write before the checkout.
                 attempt.state, attempt.started_at = AttemptState.running, now()
-                await self._save(task)
                 t0 = time.monotonic()
                 await self._attempt_body(task, attempt, adapter)
         except Exception as e:  # failures are results: whatever broke is this attempt's, not the engine's
@@ -711,21 +763,55 @@ class Engine:
                     attempt.duration_s = round(time.monotonic() - t0, 3)
                     attempt.finished_at = now()
                 task.total_cost_usd = round(sum(a.cost_usd or 0.0 for a in task.attempts), 6)
+                if leased := self._leases.pop((task.task_id, attempt.agent), None):
+                    await anyio.to_thread.run_sync(self.ports.release, leased)
                 if attempt.state in (AttemptState.succeeded, AttemptState.failed, AttemptState.timed_out):
                     await self._note(task, f"{attempt.state}" + (f": {attempt.error.message}" if attempt.error else ""), attempt.agent)
                 await self._save(task)
 
+    async def _workspace(self, task: Task, attempt: Attempt) -> Workspace | None:
+        """The attempt's worktree from the one place (ready from the warm pool, or fresh), with the repo's
+        copies and setup done and its ports leased; None when the setup failed (recorded on the attempt)."""
+        config = self.config
+        try:
+            ws = await self.repo_configs.settings(config, task.repo, task.base)
+            work = await self.pool.checkout(config, task.repo, task.task_id, attempt.agent, task.base, ws)
+            attempt.worktree, attempt.branch = str(work.path), work.branch
+            await self._save(task)
+
+            async def spawn(inv: Invocation, timeout_s: float, on_line: runner.LineSink) -> runner.RunResult:
+                return await self._spawn(task, attempt.agent, "setup", inv, timeout_s, on_line)
+
+            async def log(stream: str, text: str) -> None:
+                await self._log(task, attempt.agent, "setup", text)
+
+            await self.pool.prepare(task.repo, ws, work, spawn, log, lambda text: self._note(task, text, attempt.agent))
+            if ws.ports:
+                try:
+                    leased = self._leases[(task.task_id, attempt.agent)] = await anyio.to_thread.run_sync(
+                        self.ports.lease, ws.ports)
+                except OSError as e:
+                    raise SetupFailed(f"[worktree] ports = {ws.ports}: {e}") from None
+                work.env = ports_mod.env(leased)
+                await self._note(task, f"ports: {' '.join(map(str, leased))} (COUNCIL_PORT, PORT)", attempt.agent)
+        except (SetupFailed, ConfigError) as e:
+            attempt.state, attempt.error = AttemptState.failed, ErrorInfo(kind=ErrorKind.setup_failed, message=str(e))
+            return None
+        return work
+
     async def _attempt_body(self, task: Task, attempt: Attempt, adapter: Adapter) -> None:
-        path, attempt.branch = await self.worktrees.add(task.repo, task.task_id, attempt.agent, task.base)
-        attempt.worktree = str(path)
-        await self._save(task)
+        work = await self._workspace(task, attempt)
+        if work is None:
+            return
+        path = work.path
         job = Job(prompt=task.prompt, worktree=path, timeout_s=task.timeout_s, check=task.check,
                   budget_usd=task.budget_usd, tier=task.tier)
         deadline = time.monotonic() + task.timeout_s
         retries_left = self.config.engine.retries
         try:
             while True:
-                outcome, result = await self._run_agent(task, attempt, adapter, job, deadline - time.monotonic())
+                outcome, result = await self._run_agent(task, attempt, adapter, job, deadline - time.monotonic(),
+                                                        work.env)
                 self._account(attempt, outcome)
                 if result.timed_out or outcome.error is None or outcome.error.kind not in TRANSIENT or retries_left <= 0:
                     break
@@ -737,11 +823,12 @@ class Engine:
                 retries_left -= 1
                 await self._note(task, f"{outcome.error.kind}: {outcome.error.message}; retry {attempt.retries} in {delay:.1f}s", attempt.agent)
                 await anyio.sleep(delay)
-                await self.worktrees.reset(path, task.base)
+                await self.worktrees.reset(path, task.base, tuple(work.keep_out))
         finally:
             with anyio.CancelScope(shield=True):  # whatever the agent did is kept, even when cancelled
                 await self.worktrees.commit_all(path, f"council {task.task_id}: {attempt.agent}\n\n{task.prompt.splitlines()[0][:200]}",
-                                                adapter.scratch)
+                                                adapter.scratch + tuple(p.rstrip("/") for p in work.keep_out),
+                                                base=task.base)
                 files, attempt.insertions, attempt.deletions = await diff_stat(path, task.base, "HEAD")
                 attempt.files_changed = len(files)
         attempt.exit_code = result.exit_code
@@ -754,7 +841,7 @@ class Engine:
         if outcome.ok and not attempt.files_changed:
             attempt.error = ErrorInfo(kind=ErrorKind.no_changes, message="the agent finished without changing any file")
         if task.check and attempt.files_changed and attempt.error is None:
-            attempt.check = await self._run_check(task, attempt, path)
+            attempt.check = await self._run_check(task, attempt, path, work.env)
             if not attempt.check.passed:
                 attempt.error = ErrorInfo(kind=ErrorKind.check_failed,
                                           message=f"`{task.check}` failed ({attempt.check.outcome()})")
@@ -769,9 +856,10 @@ class Engine:
                 setattr(attempt, field, (getattr(attempt, field) or 0) + value)
 
     async def _run_agent(self, task: Task, attempt: Attempt, adapter: Adapter, job: Job,
-                         budget_s: float) -> tuple[Outcome, runner.RunResult]:
+                         budget_s: float, env: dict[str, str]) -> tuple[Outcome, runner.RunResult]:
         try:
             inv = adapter.invocation(job)
+            inv.env.update(env)
         except (ValueError, OSError) as e:
             return Outcome(ok=False, error=ErrorInfo(kind=ErrorKind.invalid_output, message=str(e))), runner.RunResult(None)
         # A private TMPDIR, removed when the task ends: CLIs leave files there (gemini's error reports).
@@ -807,9 +895,9 @@ class Engine:
         except Exception as e:  # a parser bug must fail one attempt, not the engine
             return Outcome(ok=False, error=ErrorInfo(kind=ErrorKind.invalid_output, message=f"cannot read the agent's output: {e!r}")), result
 
-    async def _run_check(self, task: Task, attempt: Attempt, path: Path) -> CheckResult:
+    async def _run_check(self, task: Task, attempt: Attempt, path: Path, ports: dict[str, str]) -> CheckResult:
         # The check runs what the agent wrote: it gets the agents' allow-listed environment, never our keys.
-        env = {**allowed_env(self.environ), "TMPDIR": str(self.home / "tmp" / task.task_id / attempt.agent)}
+        env = {**allowed_env(self.environ), "TMPDIR": str(self.home / "tmp" / task.task_id / attempt.agent), **ports}
         # A shell command line, as CI configs have it (`pytest -q && ruff check .`): the caller can run any
         # program through the check anyway, so the shell adds no power.
         inv = Invocation(argv=[SHELL, "-c", task.check], env=env, cwd=path)
@@ -879,18 +967,7 @@ class Engine:
     async def _save(self, task: Task) -> None:
         self._scrub(task)
         await self.store.save_task(task)
-        self._notify(task.task_id)
-
-    def _notify(self, task_id: str) -> None:
-        ev = self._changed.pop(task_id, None)
-        if ev is not None:
-            ev.set()
-
-    async def _wait_change(self, task_id: str, timeout: float) -> None:
-        """Wake on a change made here, or after `timeout` to look at what other processes wrote."""
-        ev = self._changed.setdefault(task_id, anyio.Event())
-        with anyio.move_on_after(timeout):
-            await ev.wait()
+        self.events.publish(task.task_id)
 
     async def _host_alive(self, task_id: str) -> bool:
         for tid, pid, start in await self.store.owners([s.value for s in ACTIVE_TASK]):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
@@ -91,6 +92,23 @@ class LogPage(list):
     more: bool = False
 
 
+def _switch_to_wal(db: sqlite3.Connection, patience_s: float = 30.0) -> None:
+    """WAL mode for a file that several processes open at once. Changing the journal mode can
+    answer "database is locked" at once, without waiting in the busy handler, while another
+    connection makes the same change: so it is retried here."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            # Only takes effect on a new, empty file: lets delete_task hand pages back to the disk.
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class Store:
     def __init__(self, path: Path):
         self.path = path
@@ -102,9 +120,7 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
         try:
-            # Only takes effect on a new, empty file: lets delete_task hand pages back to the disk.
-            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            db.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(db)
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=30000")
             self._upgrade(db)

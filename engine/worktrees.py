@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import anyio
 
 from .gitcmd import COUNCIL_ENV, COUNCIL_IDENTITY, GitError, git
+
+
+async def scratch_excludes(path: Path, scratch: tuple[str, ...]) -> list[str]:
+    """`:(exclude)` pathspecs for the scratch paths git does not ignore already. Ignored ones need
+    none (`add -A` skips them), and git 2.39's `add` exits 1 ("The following paths are ignored by
+    one of your .gitignore files") on an exclude that names an ignored path."""
+    if not scratch:
+        return []
+    ignored = set((await git(path, "check-ignore", "--", *scratch, check=False)).splitlines())
+    return [f":(exclude){d}" for d in scratch if d not in ignored]
+
+
+def _exactly(path: str) -> str:
+    """A gitignore pattern matching this one path from the top: anchored, wildcards escaped."""
+    return "/" + re.sub(r"([][*?\\])", r"\\\1", path)
+
 
 def branch_name(task_id: str, agent: str) -> str:
     return f"council/{task_id}/{agent}"
@@ -22,36 +39,59 @@ class Worktrees:
         return self.root / task_id / agent
 
     def lock(self, repo: str) -> anyio.Lock:
-        """git 2.39 can fail on concurrent `worktree add` to one repo, so adds are serialized per repo."""
+        """git 2.39 can fail on concurrent `worktree add` to one repo, so the metadata step is serialized per repo."""
         return self._locks.setdefault(repo, anyio.Lock())
 
     async def add(self, repo: str, task_id: str, agent: str, base: str) -> tuple[Path, str]:
+        """A new worktree on a new branch at `base`. Only git's metadata (`worktree add --no-checkout`:
+        a few files under .git/worktrees) is made under the repo's lock; the checkout, which is the
+        cost, runs outside it, so parallel attempts check out in parallel (each its own index and
+        files; the object store is only read). The checkout is the `reset --hard` git's own add runs."""
         path, branch = self.path(task_id, agent), branch_name(task_id, agent)
         path.parent.mkdir(parents=True, exist_ok=True)
         async with self.lock(repo):
             for attempt in range(3):
                 try:
-                    await git(repo, "worktree", "add", "--quiet", "-b", branch, str(path), base)
-                    return path, branch
+                    await git(repo, "worktree", "add", "--quiet", "--no-checkout", "-b", branch, str(path), base)
+                    break
                 except GitError as e:
+                    # Another process adding a worktree to this repo at the same moment (git 2.39 races).
                     if attempt == 2 or "commondir" not in e.stderr:
                         raise
                     await git(repo, "worktree", "prune")
                     await git(repo, "branch", "-D", branch, check=False)
                     await anyio.to_thread.run_sync(shutil.rmtree, path, True)
                     await anyio.sleep(0.1)
-        raise AssertionError("unreachable")
+        try:
+            await git(path, "reset", "--hard", "--quiet", "--no-recurse-submodules")
+        except BaseException:  # as git's own add does: a worktree whose checkout failed is not left behind
+            with anyio.CancelScope(shield=True):
+                await git(repo, "worktree", "remove", "--force", str(path), check=False)
+                await git(repo, "branch", "-D", branch, check=False)
+            raise
+        return path, branch
 
-    async def commit_all(self, path: Path, message: str, scratch: tuple[str, ...] = ()) -> bool:
-        """Commit whatever the agent left uncommitted but its scratch dirs; False when there was nothing."""
-        await git(path, "add", "-A", "--", ".", *(f":(exclude){d}" for d in scratch))
+    async def commit_all(self, path: Path, message: str, scratch: tuple[str, ...] = (),
+                         base: str | None = None) -> bool:
+        """Commit whatever the agent left uncommitted but its scratch paths; False when there was nothing.
+
+        Scratch paths (an adapter's `scratch`: a CLI's own bookkeeping in the worktree) never reach
+        the result, whether git ignores them or not. With `base`, scratch paths the agent committed
+        itself (Auto-Claude's coder commits with `git add . ':!.auto-claude'`, which takes its root
+        bookkeeping files along) are taken back to their state in base, so the branch's tree
+        differs from base by the work alone."""
+        await git(path, "add", "-A", "--", ".", *await scratch_excludes(path, scratch))
+        if base and scratch and await git(path, "diff", "--cached", "--name-only", "--no-renames", base, "--",
+                                          *scratch):
+            await git(path, "reset", "-q", base, "--", *scratch)
         if not await git(path, "diff", "--cached", "--name-only"):
             return False
         # The variables beat a repo's author.name / committer.name, which beat user.name.
         await git(path, *COUNCIL_IDENTITY, "commit", "--quiet", "--no-verify", "-m", message, env=COUNCIL_ENV)
         return True
 
-    async def reset(self, path: Path, base: str) -> None:
-        """Back to the base commit before a retry, so a retried agent starts clean."""
+    async def reset(self, path: Path, base: str, keep: tuple[str, ...] = ()) -> None:
+        """Back to the base commit before a retry, so a retried agent starts clean; the untracked
+        paths in `keep` (what the repo's setup made) stay."""
         await git(path, "reset", "--quiet", "--hard", base)
-        await git(path, "clean", "-fdq")
+        await git(path, "clean", "-fdq", *(f"--exclude={_exactly(p)}" for p in keep))

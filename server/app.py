@@ -118,7 +118,8 @@ class Updates:
         cursor = 0
         try:
             while True:
-                chunk = await self.engine.logs(task.task_id, cursor=cursor, wait_s=1, limit=5000)
+                # Lines stay batched for a follower (it coalesces anyway); a stream_logs reader hurries them.
+                chunk = await self.engine.logs(task.task_id, cursor=cursor, wait_s=1, limit=5000, hurry=False)
                 now = await self.engine.get(task.task_id)
                 if chunk.lines:
                     cursor = chunk.next_cursor

@@ -295,7 +295,7 @@ NO_ENGINE = {"doctor": cmd_doctor, "agents": cmd_agents}  # they read the config
 async def amain(args) -> int:
     if args.cmd in NO_ENGINE:
         return await NO_ENGINE[args.cmd](args)
-    async with Engine() as engine:
+    async with Engine(warm_pool=False) as engine:  # one-shot: worktrees made ahead would only be thrown away
         return await COMMANDS[args.cmd](args, engine)
 
 

@@ -116,14 +116,9 @@ async def test_availability_is_probed_once_not_per_attempt(make_engine, repo, tm
     assert probes.read_text().count("x") == 1
 
 
-async def test_only_the_adapter_that_owns_a_scratch_dir_keeps_it_out_of_the_result(make_engine, repo, tmp_path):
+async def test_only_the_adapter_that_owns_a_scratch_dir_keeps_it_out_of_the_result(make_engine, repo):
     """Auto-Claude's .auto-claude/ specs are its scratch; another agent's .auto-claude/ is just a file it wrote."""
-    from test_adapter_auto_claude import RUN, SPEC_RUNNER
-    backend = tmp_path / "Auto-Claude" / "apps" / "backend"
-    (backend / "runners").mkdir(parents=True)
-    (backend / "runners" / "spec_runner.py").write_text(SPEC_RUNNER)
-    (backend / "run.py").write_text(RUN)
-    agents = {"auto-claude": {"home": str(tmp_path / "Auto-Claude"), "python": sys.executable,
+    agents = {"auto-claude": {"home": str(FAKES / "auto_claude"), "python": sys.executable,
                               "env": {"CLAUDE_CODE_OAUTH_TOKEN": "oauth-tok-1234"}},
               "other": fake("--write", ".auto-claude/notes.txt=mine")}
     async with make_engine(agents) as engine:

@@ -8,6 +8,12 @@ sent; paths it does not know are answered 404 and listed in `unknown`.
 
 Usage per model turn is fixed so tests can check the parsed totals:
 Anthropic 1200 in / 42 out, Gemini 1000 in / 20 out.
+
+Programs that run many agent sessions with different jobs (Auto-Claude's spec phases, coder and
+QA) get a `script` instead: given a /v1/messages request it returns the tool calls that session
+should make, `[(tool name, input), ...]`; the stand-in makes them one per turn (the Nth after N
+tool results) and then says `Done.`. A script returning an int answers with that HTTP error (a
+login refused halfway), one returning None leaves the request to the default.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -50,6 +57,7 @@ class ModelStandin:
     content: str
     done_text: str = DONE_TEXT
     fail_status: int | None = None  # answer every model call with this HTTP error instead
+    script: Callable[[dict], list[tuple[str, dict]] | None] | None = None  # see the module docstring
     requests: list[Recorded] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
@@ -108,21 +116,28 @@ class ModelStandin:
 
     # -- Anthropic Messages API -------------------------------------------------------------
 
-    def anthropic(self, body: dict) -> tuple[str, list[tuple[str, dict]] | dict]:
-        """Pick the answer to one /v1/messages request: (label, SSE events or a JSON message)."""
+    def anthropic(self, body: dict) -> tuple[str, list[tuple[str, dict]] | dict | int]:
+        """Pick the answer to one /v1/messages request: (label, SSE events, a JSON message or an HTTP error status)."""
         n = self._next_id()
         model = body.get("model") or "claude-standin"
         tools = {t.get("name") for t in body.get("tools") or [] if isinstance(t, dict)}
-        after_tool = _last_user_has(body.get("messages") or [], "tool_result")
-        if "Write" in tools and not after_tool:
-            label = "tool_use Write"
-            block = {"type": "tool_use", "id": f"toolu_standin{n:04d}", "name": "Write", "input": {}}
-            payload = json.dumps({"file_path": self.file_path, "content": self.content})
+        messages = body.get("messages") or []
+        after_tool = _last_user_has(messages, "tool_result")
+        calls = self.script(body) if self.script else None
+        if isinstance(calls, int):
+            return f"HTTP {calls} (scripted failure)", calls
+        if calls is None:
+            calls = [("Write", {"file_path": self.file_path, "content": self.content})] if "Write" in tools else []
+        done = sum(_has(m, "tool_result") for m in messages if isinstance(m, dict) and m.get("role") == "user")
+        if done < len(calls):
+            name, tool_input = calls[done]
+            label = f"tool_use {name}"
+            block = {"type": "tool_use", "id": f"toolu_standin{n:04d}", "name": name, "input": {}}
+            payload = json.dumps(tool_input)
             deltas = [{"type": "input_json_delta", "partial_json": payload[:len(payload) // 2]},
                       {"type": "input_json_delta", "partial_json": payload[len(payload) // 2:]}]
             stop = "tool_use"
-            full = {"type": "tool_use", "id": block["id"], "name": "Write",
-                    "input": {"file_path": self.file_path, "content": self.content}}
+            full = {"type": "tool_use", "id": block["id"], "name": name, "input": tool_input}
         else:
             # The end of the scripted task, or a side request (title, topic, quota probe...).
             label = "text end_turn" if after_tool else "text (side request)"
@@ -218,13 +233,16 @@ def _example(schema: dict, name: str = ""):
     return "The task is done."
 
 
+def _has(message: dict, block_type: str) -> bool:
+    content = message.get("content")
+    return isinstance(content, list) and any(isinstance(b, dict) and b.get("type") == block_type for b in content)
+
+
 def _last_user_has(messages: list, block_type: str) -> bool:
     for m in reversed(messages):
         if not isinstance(m, dict) or m.get("role") != "user":
             continue
-        content = m.get("content")
-        return isinstance(content, list) and any(
-            isinstance(b, dict) and b.get("type") == block_type for b in content)
+        return _has(m, block_type)
     return False
 
 
@@ -273,15 +291,14 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.owner
 
         if self.command == "POST" and route == "/v1/messages":
-            if owner.fail_status:
-                rec.answer = f"HTTP {owner.fail_status} (scripted failure)"
+            rec.answer, answer = (f"HTTP {owner.fail_status} (scripted failure)", owner.fail_status) \
+                if owner.fail_status else owner.anthropic(data)
+            if isinstance(answer, int):
                 kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
-                        529: "overloaded_error"}.get(owner.fail_status, "api_error")
-                self._json(owner.fail_status, {"type": "error", "error": {
-                    "type": kind, "message": f"model stand-in: scripted HTTP {owner.fail_status}"}})
-                return
-            rec.answer, answer = owner.anthropic(data)
-            if isinstance(answer, dict):
+                        529: "overloaded_error"}.get(answer, "api_error")
+                self._json(answer, {"type": "error", "error": {
+                    "type": kind, "message": f"model stand-in: scripted HTTP {answer}"}})
+            elif isinstance(answer, dict):
                 self._json(200, answer)
             else:
                 sse = "".join(f"event: {name}\ndata: {json.dumps(ev)}\n\n" for name, ev in answer)

@@ -1,0 +1,292 @@
+"""The measurements of `python -m bench`, each against its floor taken in the same run.
+
+Every function takes the World, the prepared repos and the sample counts, drives a real server
+over stdio, and returns plain figures (seconds, MB, counts) for the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import anyio
+
+from . import load
+from .repos import fresh_clone
+from .world import EDITOR, FLOOD, PY, QUICK, SLEEPER, STAMP, TICKER, World, agent
+
+AGENTS = 4
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def pct(xs: list[float], p: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+async def _stamps(paths: list[Path], within: float = 900) -> float:
+    """The latest of the agents' start times, once all have written theirs."""
+    deadline = time.monotonic() + within
+    while not all(p.exists() and p.read_text() for p in paths):
+        if time.monotonic() > deadline:
+            raise TimeoutError("not every agent started")
+        await anyio.sleep(0.005)
+    return max(float(p.read_text()) for p in paths)
+
+
+# cold fan-out: submit_task -> all 4 agents started, vs 4 parallel `git worktree add` + 4 execs
+
+def parallel_floor(repo: Path, root: Path, env: dict[str, str]) -> float:
+    """4 `git worktree add` at once on a fresh clone (a failed one retried: git 2.39 races), each
+    followed by the exec of the same stamp program the agents run: until the last one started."""
+    stamps = [root / f"floor-{i}.stamp" for i in range(AGENTS)]
+
+    def one(i: int) -> None:
+        wt = root / f"floor-wt-{i}"
+        for _ in range(5):
+            done = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", "worktree", "add", "-q", "-b",
+                                   f"floor/{i}", str(wt), "HEAD"], cwd=repo, env=env, capture_output=True)
+            if done.returncode == 0:
+                break
+            subprocess.run(["git", "worktree", "prune"], cwd=repo, env=env)
+            subprocess.run(["git", "branch", "-D", f"floor/{i}"], cwd=repo, env=env, capture_output=True)
+        else:
+            raise RuntimeError(done.stderr.decode())
+        subprocess.run([PY, "-c", STAMP, str(stamps[i])], cwd=wt, env=env, check=True)
+
+    t0 = time.time()
+    with ThreadPoolExecutor(AGENTS) as pool:
+        list(pool.map(one, range(AGENTS)))
+    return max(float(p.read_text()) for p in stamps) - t0
+
+
+async def fanout(world: World, repos: dict[str, Path], samples: int) -> dict:
+    stamps = world.root / "stamps"
+    stamps.mkdir(exist_ok=True)
+    names = [f"a{i}" for i in range(AGENTS)]
+    config = {"agents": {n: agent(STAMP, str(stamps / n)) for n in names}}
+    out = {}
+    async with world.serve("fanout", config) as s:
+        for size, src in repos.items():
+            floors, engine, submits = [], [], []
+            for k in range(samples):  # interleaved: floor, engine, floor, engine, ...
+                where = world.root / f"fan-{size}-{k}"
+                where.mkdir()
+                floor_repo = fresh_clone(src, where / "floor-repo", world.env)
+                floors.append(await anyio.to_thread.run_sync(parallel_floor, floor_repo, where, world.env))
+                repo = fresh_clone(src, where / "repo", world.env)
+                for n in names:
+                    (stamps / n).unlink(missing_ok=True)
+                t0 = time.time()
+                call_s, task = await s.timed("submit_task", repo=str(repo), prompt="start", agents=names)
+                engine.append(await _stamps([stamps / n for n in names]) - t0)
+                submits.append(call_s)
+                await s.finish(task["task_id"])
+                await s.call("discard_task", task_id=task["task_id"])
+                await anyio.to_thread.run_sync(shutil.rmtree, where)  # 20,000-file checkouts add up
+            out[size] = {"floor_s": median(floors), "engine_s": median(engine), "submit_s": median(submits),
+                         "floor_samples": floors, "engine_samples": engine}
+    return out
+
+
+async def warm_fanout(world: World, repos: dict[str, Path], samples: int) -> dict:
+    """As fanout, with `[pool] size = 4`: ready worktrees made ahead."""
+    stamps = world.root / "warm-stamps"
+    stamps.mkdir(exist_ok=True)
+    names = [f"a{i}" for i in range(AGENTS)]
+    config = {"pool": {"size": AGENTS, "max_files": 10**7},
+              "agents": {n: agent(STAMP, str(stamps / n)) for n in names}}
+    out = {}
+    async with world.serve("warm", config) as s:
+        for size, src in repos.items():
+            repo = fresh_clone(src, world.root / f"warm-{size}", world.env)
+            times = []
+            for k in range(samples + 1):  # the first task makes the pool; it is not counted
+                for n in names:
+                    (stamps / n).unlink(missing_ok=True)
+                await anyio.sleep(2 if k else 0)  # let the pool refill in the background
+                t0 = time.time()
+                task = await s.call("submit_task", repo=str(repo), prompt="start", agents=names)
+                started = await _stamps([stamps / n for n in names]) - t0
+                if k:
+                    times.append(started)
+                await s.finish(task["task_id"])
+                await s.call("discard_task", task_id=task["task_id"])
+            out[size] = {"engine_s": median(times), "samples": times}
+    return out
+
+
+async def efficiency(world: World, repo_src: Path, samples: int, sleep_s: float = 2.0) -> dict:
+    """4 agents that each sleep `sleep_s`: sleep_s / (submit_task call -> task finished)."""
+    names = [f"s{i}" for i in range(AGENTS)]
+    config = {"agents": {n: agent(SLEEPER, str(sleep_s)) for n in names}}
+    walls = []
+    async with world.serve("efficiency", config) as s:
+        for k in range(samples):
+            repo = fresh_clone(repo_src, world.root / f"eff-{k}", world.env)
+            t0 = time.perf_counter()
+            task = await s.call("submit_task", repo=str(repo), prompt="sleep", agents=names)
+            task = await s.finish(task["task_id"])
+            walls.append(time.perf_counter() - t0)
+            assert task["state"] == "succeeded", task
+    return {"sleep_s": sleep_s, "wall_s": median(walls), "efficiency": sleep_s / median(walls), "samples": walls}
+
+
+async def logs(world: World, repo_src: Path, ticks: int, flood_lines: int) -> dict:
+    """Latency: an agent prints a timestamped line every 20 ms while a client long-polls stream_logs;
+    each line's latency is from its timestamp to the moment the client has it. Throughput: an agent
+    prints flood_lines as fast as it can; lines/s from its start to the engine's timestamp on its
+    last line. The client's own read rate (pages of 5,000 lines) is reported beside it."""
+    config = {"engine": {"log_max_lines": flood_lines + 1000, "log_max_bytes": flood_lines * 200 + 10**6},
+              "agents": {"ticker": agent(TICKER, str(ticks), "0.02"), "flood": agent(FLOOD, str(flood_lines))}}
+    latencies: list[float] = []
+    async with world.serve("logs", config) as s:
+        repo = fresh_clone(repo_src, world.root / "logs-repo", world.env)
+        task = await s.call("submit_task", repo=str(repo), prompt="tick", agents=["ticker"])
+        cursor, done = 0, False
+        while not done:
+            chunk = await s.call("stream_logs", task_id=task["task_id"], cursor=cursor, wait_s=10, limit=5000)
+            got = time.time()
+            for line in chunk["lines"]:
+                if line["agent"] == "ticker" and line["text"].startswith("tick "):
+                    latencies.append(got - float(line["text"].split()[2]))
+            cursor, done = chunk["next_cursor"], chunk["done"]
+
+        task = await s.call("submit_task", repo=str(repo), prompt="flood", agents=["flood"])
+        task_id = (await s.finish(task["task_id"]))["task_id"]
+        first = await s.call("stream_logs", task_id=task_id, agent="flood", cursor=0, limit=3)
+        start = next(float(line["text"].split()[1]) for line in first["lines"] if line["text"].startswith("start "))
+        last = await s.call("stream_logs", task_id=task_id, agent="flood", cursor=flood_lines - 5, limit=50)
+        end = next(line for line in last["lines"] if line["text"] == "END")
+        stored = end["seq"] - first["lines"][0]["seq"] - 1
+        ingest_s = datetime.fromisoformat(end["ts"]).timestamp() - start
+        cursor, read, t0 = 0, 0, time.perf_counter()
+        for _ in range(3):
+            chunk = await s.call("stream_logs", task_id=task_id, cursor=cursor, limit=5000)
+            read, cursor = read + len(chunk["lines"]), chunk["next_cursor"]
+        read_s = time.perf_counter() - t0
+    floor = await pipe_latency(ticks, world.root)
+    return {"floor_latency_ms": {"p50": _ms(pct(floor, 50)), "p99": _ms(pct(floor, 99)), "max": _ms(max(floor))},
+            "latency_ms": {"n": len(latencies), "p50": _ms(pct(latencies, 50)), "p90": _ms(pct(latencies, 90)),
+                           "p99": _ms(pct(latencies, 99)), "max": _ms(max(latencies) if latencies else None),
+                           "worst": sorted(_ms(x) for x in latencies)[-10:]},
+            "flood_lines": stored, "ingest_s": ingest_s, "lines_per_s": stored / ingest_s,
+            "client_read_lines_per_s": read / read_s}
+
+
+async def pipe_latency(ticks: int, cwd: Path) -> list[float]:
+    """The floor of log latency: the same ticker read straight from its pipe by this process."""
+    got = []
+    async with await anyio.open_process([PY, "-c", TICKER, str(ticks), "0.02"], cwd=cwd) as proc:
+        buf = b""
+        async for chunk in proc.stdout:
+            now = time.time()
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            got += [now - float(line.split()[2]) for line in lines if line.startswith(b"tick ")]
+    return got
+
+
+def _ms(s: float | None) -> float | None:
+    return None if s is None else round(s * 1000, 2)
+
+
+async def burst(world: World, repo_src: Path, tasks: int) -> dict:
+    """`tasks` tasks of 4 quick agents each, submitted at once: errors, the server's peak RSS, RSS per attempt."""
+    names = [f"q{i}" for i in range(AGENTS)]
+    config = {"agents": {n: agent(QUICK) for n in names}}
+    repo = fresh_clone(repo_src, world.root / "burst-repo", world.env)
+    errors: list[str] = []
+    ids: list[str] = []
+    async with world.serve("burst", config) as s:
+        await s.call("list_tasks")
+        base_rss, _ = s.rss_mb()
+
+        async def submit(i: int) -> None:
+            try:
+                ids.append((await s.call("submit_task", repo=str(repo), prompt=f"task {i}", agents=names))["task_id"])
+            except Exception as e:
+                errors.append(f"submit {i}: {e}")
+
+        t0 = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for i in range(tasks):
+                tg.start_soon(submit, i)
+        states: dict[str, int] = {}
+        for task_id in ids:
+            task = await s.finish(task_id, within=900)
+            states[task["state"]] = states.get(task["state"], 0) + 1
+            if task["state"] != "succeeded":
+                errors.append(f"{task_id}: {task['state']}")
+        wall = time.perf_counter() - t0
+        _, peak = s.rss_mb()
+    attempts = tasks * AGENTS
+    per = (peak - base_rss) / attempts if peak is not None and base_rss is not None else None
+    return {"tasks": tasks, "attempts": attempts, "errors": len(errors), "error_samples": errors[:5],
+            "states": states, "wall_s": wall, "rss_before_mb": base_rss, "peak_rss_mb": peak,
+            "rss_per_attempt_mb": per}
+
+
+async def round_trips(world: World, repo_src: Path, n: int) -> dict:
+    """submit_task and get_status call latency over stdio, one call at a time (no load)."""
+    config = {"agents": {"quick": agent(QUICK)}}
+    repo = fresh_clone(repo_src, world.root / "rt-repo", world.env)
+    submits, statuses, ids = [], [], []
+    async with world.serve("roundtrips", config) as s:
+        await s.call("list_tasks")  # the session is warm
+        for i in range(n):
+            t, task = await s.timed("submit_task", repo=str(repo), prompt=f"rt {i}", agents=["quick"])
+            submits.append(t)
+            ids.append(task["task_id"])
+            await s.finish(task["task_id"])
+        for i in range(n * 4):
+            t, _ = await s.timed("get_status", task_id=ids[i % len(ids)])
+            statuses.append(t)
+    return {"submit_ms": {"p50": _ms(median(submits)), "p99": _ms(pct(submits, 99))},
+            "get_status_ms": {"p50": _ms(median(statuses)), "p99": _ms(pct(statuses, 99))}}
+
+
+async def http_load(clients: int, calls: int) -> dict:
+    """bench/load.py: `clients` MCP sessions over HTTP making `calls` mixed calls in all."""
+    return await load.run(argparse.Namespace(clients=clients, calls=calls, max_seconds=900, seed=8))
+
+
+def raw_merge(repo: Path, branch: str, env: dict[str, str]) -> float:
+    """What git alone takes: squash the branch into main in a clean checkout and commit."""
+    t0 = time.perf_counter()
+    subprocess.run(["git", "merge", "-q", "--squash", branch], cwd=repo, env=env, check=True, capture_output=True)
+    subprocess.run(["git", "commit", "-qm", "squash"], cwd=repo, env=env, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+async def merge(world: World, repo_src: Path, samples: int, files: int = 100) -> dict:
+    """merge_result (squash, with its cleanup) of a `files`-file change vs raw git's squash merge of
+    the same branch in a clone."""
+    config = {"agents": {"editor": agent(EDITOR, str(files - 1))}}
+    engine, raw = [], []
+    async with world.serve("merge", config) as s:
+        for k in range(samples):
+            repo = fresh_clone(repo_src, world.root / f"merge-{k}", world.env)
+            task = await s.call("submit_task", repo=str(repo), prompt="edit", agents=["editor"])
+            task = await s.finish(task["task_id"])
+            branch = task["attempts"][0]["branch"]
+            assert task["attempts"][0]["files_changed"] == files, task["attempts"][0]
+            other = fresh_clone(repo, world.root / f"merge-raw-{k}", world.env)
+            subprocess.run(["git", "fetch", "-q", "origin", f"{branch}:{branch}"], cwd=other, env=world.env, check=True)
+            raw.append(await anyio.to_thread.run_sync(raw_merge, other, branch, world.env))
+            t, result = await s.timed("merge_result", task_id=task["task_id"])
+            assert result["merged"], result
+            engine.append(t)
+    return {"files": files, "engine_s": median(engine), "raw_s": median(raw), "engine_samples": engine,
+            "raw_samples": raw}

@@ -1,0 +1,362 @@
+"""Where attempts get their worktrees: ready from the warm pool, or fresh.
+
+A fresh worktree of a real project costs a checkout plus the repo's setup (`npm ci`: minutes).
+The pool keeps `[pool] size` worktrees per repo made ahead at the repo's HEAD with the setup
+already run, refilled in the background (in the Engine's task group) after each take. Taking one
+moves it to the attempt's path and branch (`git worktree move`, then `git checkout -b BRANCH BASE`,
+which rewrites only the files that differ) and verifies it clean before the agent starts: HEAD at
+the base, and `git status` showing exactly what its setup left. Anything else (a stray file, a
+setup that changed since the entry was made, git refusing) discards the entry and the attempt gets
+a fresh worktree. An entry is used once: a taken worktree never returns to the pool.
+
+Entries live under CLI_COUNCIL_HOME/worktrees/pool/<pid>-<start>/<id>: the directory names the
+process that owns them, so a later process (its start, `gc`) removes those of a process that is
+gone, and stops any setup it left running (its run marker is `pool.<owner>.<id>`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskGroup
+
+from . import runner, setup
+from .config import Config, ConfigError
+from .gitcmd import GitError, git, resolve_commit
+from .models import GcReport
+from .repoconfig import RepoConfigs, WorktreeSetup
+from .worktrees import Worktrees, branch_name
+
+POOL_DIR = "pool"
+
+logger = logging.getLogger("cli_council.pool")
+
+
+@dataclass
+class Entry:
+    repo: str
+    base: str
+    path: Path
+    setup: str | None  # the setup command it was made with
+    output: list[str]  # what `git status` showed after its copies and setup: allowed, never committed
+    lines: list[tuple[str, str]] = field(default_factory=list)  # the setup's output, for the attempt's log
+    made_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Workspace:
+    """An attempt's worktree, ready for its agent."""
+
+    path: Path
+    branch: str
+    keep_out: list[str] = field(default_factory=list)  # the setup's and copies' paths: never in the result
+    env: dict[str, str] = field(default_factory=dict)  # for the agent and the check: the leased ports
+    pooled: Entry | None = None  # the pool entry it came from, or None when made fresh
+
+
+def _owner_name(pid: int, start: int | None) -> str:
+    return f"{pid}-{start}"
+
+
+def _marker(owner: str, entry_id: str) -> str:
+    return f"pool.{owner}.{entry_id}"
+
+
+class Pool:
+    def __init__(self, worktrees: Worktrees, home: Path, environ: dict[str, str], repo_configs: RepoConfigs,
+                 owner: tuple[int, int | None], kill_grace_s: float = 5.0):
+        self.worktrees = worktrees
+        self.home = home
+        self.environ = environ
+        self.repo_configs = repo_configs
+        self.owner = _owner_name(*owner)
+        self.dir = worktrees.root / POOL_DIR / self.owner
+        self.kill_grace_s = kill_grace_s
+        self._entries: dict[str, list[Entry]] = {}
+        self._filling: set[str] = set()
+        self._sizes: dict[tuple[str, str], int] = {}
+        self._failed: set[tuple[str, str, str | None]] = set()  # (repo, commit, setup) whose setup failed here
+        self._tg: TaskGroup | None = None
+        self._config: Config | None = None
+
+    # the one place attempts get a worktree
+
+    async def checkout(self, config: Config, repo: str, task_id: str, agent: str, base: str,
+                       ws: WorktreeSetup) -> Workspace:
+        """The attempt's worktree at `base` on its branch: a verified pool entry when one fits, else
+        a fresh `Worktrees.add`. Either way the pool is refilled in the background."""
+        taken = await self._take(repo, task_id, agent, base, ws)
+        self.want(config, repo)
+        if taken is not None:
+            return taken
+        path, branch = await self.worktrees.add(repo, task_id, agent, base)
+        return Workspace(path=path, branch=branch)
+
+    async def prepare(self, repo: str, ws: WorktreeSetup, work: Workspace, spawn: setup.Spawn,
+                      log: runner.LineSink, note: Callable[[str], Awaitable[None]]) -> None:
+        """Copy the repo's untracked files in and, for a fresh worktree, run the setup (SetupFailed)."""
+        copied, warnings = await setup.copy_files(repo, work.path, ws.copy)
+        for w in warnings:
+            await note(w)
+        if work.pooled is not None:
+            when = time.strftime("%H:%M:%S", time.localtime(work.pooled.made_at))
+            await note(f"worktree ready from the warm pool (made at {when} at {work.pooled.base[:12]})"
+                       + (f"; its setup `{ws.setup}` ran then, its output:" if ws.setup else ""))
+            for stream, text in work.pooled.lines:
+                await log(stream, text)
+        elif ws.setup:
+            await note(f"setup: {ws.setup}")
+        try:
+            if work.pooled is None:
+                await setup.run_setup(work.path, ws, setup.setup_env(self.environ, self.home), spawn, log)
+        finally:  # also after a failed setup: what it left is no work for cleanup to keep
+            with anyio.CancelScope(shield=True):
+                if work.pooled is not None and not copied:
+                    work.keep_out = work.pooled.output  # what the take just verified
+                else:
+                    work.keep_out = await setup.untracked_and_changed(work.path)
+                if work.keep_out:
+                    await setup.record_output(work.path, work.keep_out)
+
+    # the pool itself
+
+    def start(self, tg: TaskGroup) -> None:
+        """Refills run in the Engine's task group from now on; without it the pool stays empty."""
+        self._tg = tg
+
+    def want(self, config: Config, repo: str) -> None:
+        """Make sure a refill of the repo's pool is under way, if it is on and short."""
+        self._config = config
+        if (self._tg is None or config.pool.size <= 0 or repo in self._filling
+                or len(self._entries.get(repo, [])) >= config.pool.size):
+            return
+        self._filling.add(repo)
+        self._tg.start_soon(self._fill, repo)
+
+    def ready(self, repo: str) -> int:
+        """How many entries of the repo are ready to take."""
+        return len(self._entries.get(repo, []))
+
+    def filling(self, repo: str) -> bool:
+        """Whether a refill of the repo's pool is under way."""
+        return repo in self._filling
+
+    async def _fill(self, repo: str) -> None:
+        try:
+            while True:
+                config = self._config
+                head = await resolve_commit(repo, "HEAD")
+                if head is None or not await self._small_enough(repo, head, config.pool.max_files):
+                    return
+                try:
+                    ws = await self.repo_configs.settings(config, repo, head)
+                except ConfigError as e:
+                    logger.warning("no warm pool for %s: %s", repo, e)
+                    return
+                if (repo, head, ws.setup) in self._failed:
+                    return  # it would fail again: the attempts run it themselves and say why
+                entries = self._entries.setdefault(repo, [])
+                for old in [e for e in entries if e.setup != ws.setup]:  # made with another setup: never used
+                    entries.remove(old)
+                    await self._discard(old.repo, old.path)
+                if len(entries) >= config.pool.size:
+                    return
+                entry = await self._make(repo, head, ws)
+                if entry is None:
+                    self._failed.add((repo, head, ws.setup))
+                    return
+                self._entries.setdefault(repo, []).append(entry)
+        except Exception:  # a broken refill costs speed, never a task
+            logger.exception("warm pool refill for %s failed", repo)
+        finally:
+            self._filling.discard(repo)
+
+    async def _small_enough(self, repo: str, commit: str, max_files: int) -> bool:
+        """Whether the commit tracks at most max_files files (counted once per commit)."""
+        if (repo, commit) not in self._sizes:
+            if len(self._sizes) > 256:
+                self._sizes.clear()
+            out = await git(repo, "ls-tree", "-r", "-z", "--name-only", "--full-tree", commit)
+            self._sizes[(repo, commit)] = out.count("\0")
+        if self._sizes[(repo, commit)] > max_files:
+            logger.info("no warm pool for %s: %d files, over [pool] max_files = %d", repo,
+                        self._sizes[(repo, commit)], max_files)
+            return False
+        return True
+
+    async def _make(self, repo: str, base: str, ws: WorktreeSetup) -> Entry | None:
+        entry_id = uuid.uuid4().hex[:12]
+        path = self.dir / entry_id
+        await anyio.Path(self.dir).mkdir(parents=True, exist_ok=True)
+        lines: list[tuple[str, str]] = []
+
+        async def keep(stream: str, text: str) -> None:
+            if len(lines) < setup.KEEP_LINES:
+                lines.append(("setup", text))
+
+        async def spawn(inv, timeout_s, on_line):
+            return await runner.run(inv, timeout_s=timeout_s, on_line=on_line, kill_grace_s=self.kill_grace_s,
+                                    marker=_marker(self.owner, entry_id))
+
+        ok = False
+        try:
+            await _retried(repo, "worktree", "add", "--quiet", "--detach", str(path), base)
+            await setup.copy_files(repo, path, ws.copy)
+            try:
+                await setup.run_setup(path, ws, setup.setup_env(self.environ, self.home), spawn, keep)
+            except setup.SetupFailed as e:
+                logger.warning("warm pool for %s: %s", repo, e)
+                return None
+            output = await setup.untracked_and_changed(path)
+            ok = True
+            return Entry(repo=repo, base=base, path=path, setup=ws.setup, output=output, lines=lines)
+        finally:
+            if not ok:
+                with anyio.CancelScope(shield=True):
+                    await self._discard(repo, path)
+
+    async def _take(self, repo: str, task_id: str, agent: str, base: str, ws: WorktreeSetup) -> Workspace | None:
+        entries = self._entries.get(repo, [])
+        fits = [e for e in entries if e.setup == ws.setup]
+        for old in [e for e in entries if e.setup != ws.setup]:  # made with another setup: never used
+            entries.remove(old)
+            if self._tg is not None:
+                self._tg.start_soon(self._discard, old.repo, old.path)
+        if not fits:
+            return None
+        entry = next((e for e in fits if e.base == base), fits[0])  # same base: nothing to rewrite
+        entries.remove(entry)
+        dest, branch = self.worktrees.path(task_id, agent), branch_name(task_id, agent)
+        where, made_branch, ok = entry.path, False, False
+        try:
+            await anyio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
+            await _retried(repo, "worktree", "move", str(entry.path), str(dest))
+            where = dest
+            if entry.base == base:  # only the branch is new: no file to touch, no index to refresh
+                await git(dest, "update-ref", f"refs/heads/{branch}", base, "")  # "": it must not exist yet
+                made_branch = True
+                await git(dest, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
+                head = base
+            else:
+                await git(dest, "checkout", "--quiet", "--no-recurse-submodules", "-b", branch, base)
+                made_branch = True
+                head = await resolve_commit(dest, "HEAD")
+            # HEAD's tree vs the index vs the files: anything but what the setup left means not clean
+            status = await setup.untracked_and_changed(dest)
+            if head != base or status != entry.output:
+                logger.warning("warm pool entry %s for %s is not clean (HEAD %s, status %s); a fresh worktree "
+                               "is made instead", entry.path.name, repo, head, status[:5])
+                return None
+            ok = True
+            return Workspace(path=dest, branch=branch, pooled=entry)
+        except GitError as e:
+            logger.warning("warm pool entry %s for %s could not be taken (%s); a fresh worktree is made instead",
+                           entry.path.name, repo, e)
+            return None
+        finally:
+            if not ok:
+                with anyio.CancelScope(shield=True):
+                    await self._discard(repo, where)
+                    if made_branch:
+                        await git(repo, "branch", "-D", branch, check=False)
+
+    async def _discard(self, repo: str | Path, path: Path) -> None:
+        """Remove one entry, whatever cancellation comes meanwhile (a half-removed one would be litter)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await _retried(str(repo), "worktree", "remove", "--force", "--force", str(path))
+            except GitError:  # not (or no longer) a registered worktree: its directory goes, prune forgets it
+                await anyio.to_thread.run_sync(shutil.rmtree, path, True)
+                await git(repo, "worktree", "prune", check=False)
+
+    async def close(self) -> None:
+        """Remove every entry this process made (the Engine's exit), and whatever else is in its directory."""
+        entries = [e for es in self._entries.values() for e in es]
+        self._entries.clear()
+        for entry in entries:
+            await self._discard(entry.repo, entry.path)
+        for left in await _subdirs(self.dir):
+            await _remove_dir(left)
+        await anyio.to_thread.run_sync(_rmdirs, self.dir)
+
+
+async def _retried(repo: str, *args: str) -> str:
+    """A `git worktree` command, tried again when it failed: git 2.39 reads every worktree's metadata
+    and fails on one another `worktree add` is half way through writing."""
+    for attempt in range(3):
+        try:
+            return await git(repo, *args)
+        except GitError:
+            if attempt == 2:
+                raise
+            await anyio.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _rmdirs(path: Path) -> None:
+    """Remove `path` and its parent if empty: nothing of a stopped pool is left."""
+    for p in (path, path.parent):
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
+async def reap(root: Path, grace_s: float = 5.0) -> GcReport:
+    """Remove the pool entries of council processes that are gone, and stop the setups they left running.
+    Nobody ever worked in a pool entry, so nothing in one is work."""
+    report = GcReport()
+    pool = root / POOL_DIR
+    if not await anyio.Path(pool).is_dir():
+        return report
+    for owner_dir in await _subdirs(pool):
+        pid, _, start = owner_dir.name.partition("-")
+        if pid.isdigit() and str(runner.proc_start_time(int(pid))) == start:
+            continue  # its process still runs and uses them
+        for entry in await _subdirs(owner_dir):
+            await runner.stop_marked(_marker(owner_dir.name, entry.name), grace_s)
+            await _remove_dir(entry)
+            report.removed.append(f"{entry}: warm pool worktree of a stopped process")
+        await anyio.to_thread.run_sync(_rmdirs, owner_dir)
+    return report
+
+
+async def _subdirs(path: Path) -> list[Path]:
+    def listing() -> list[Path]:
+        try:
+            return sorted(p for p in path.iterdir() if p.is_dir())
+        except OSError:
+            return []
+    return await anyio.to_thread.run_sync(listing)
+
+
+async def _remove_dir(entry: Path) -> None:
+    """Remove a pool entry found on disk: from its repo's worktree list, then the directory."""
+    repo = await _repo_of(entry)
+    if repo is not None:
+        await git(repo, "worktree", "remove", "--force", "--force", str(entry), check=False)
+    await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
+    if repo is not None:
+        await git(repo, "worktree", "prune", check=False)
+
+
+async def _repo_of(worktree: Path) -> Path | None:
+    """The repo a pool entry belongs to; None unless it is a worktree (a `.git` file), so that git never
+    looks further up for an enclosing repository."""
+    if not await anyio.Path(worktree / ".git").is_file():
+        return None
+    try:
+        common = Path(await git(worktree, "rev-parse", "--path-format=absolute", "--git-common-dir"))
+    except (GitError, OSError):
+        return None
+    return common.parent if common.name == ".git" else common
+
+
+__all__ = ["POOL_DIR", "Pool", "Workspace", "reap"]
