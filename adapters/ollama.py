@@ -2,10 +2,11 @@
 
 Chat mode (default) talks to Ollama's HTTP API. So that the engine's one process runner still
 spawns, logs, times out and kills it like any CLI, the invocation runs this module
-(`python -P -m adapters.ollama`) with the prompt on stdin and the worktree as cwd. It sends the
-prompt and the relevant files to /api/chat, streams the reply, and writes the whole files the
-reply contains: the path alone on the line before a fenced block, or `path=` in the fence's
-info string. Paths that leave the worktree are refused.
+(`python -P -m adapters.ollama`) with the task on stdin and the worktree as cwd. It sends the task
+and the relevant files to /api/chat (low temperature, fixed seed, bounded reply), streams the
+reply, and applies the edits in it after vetting them (adapters/edits.py). A reply cut off by a
+limit, or with an edit that would lose code, writes nothing and fails. Paths that leave the
+worktree are refused.
 
 Claude mode (extra mode = "claude") runs Claude Code against Ollama's Anthropic-compatible
 endpoint through the claude adapter.
@@ -22,12 +23,13 @@ import sys
 from collections import deque
 from functools import cached_property
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import PositiveInt
+from pydantic import Field, PositiveInt
 
+from . import edits
 from .base import (TIERS, Adapter, AgentSpec, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
                    classify_text, json_object, module_argv, module_pythonpath, short)
 from .claude import LOCAL_TOKEN, ClaudeAdapter
@@ -35,22 +37,50 @@ from .claude import LOCAL_TOKEN, ClaudeAdapter
 DEFAULT_URL = "http://127.0.0.1:11434"
 DEFAULT_MODEL = "qwen2.5-coder:7b"
 DEFAULT_CONTEXT_CHARS = 24_000
+DEFAULT_TEMPERATURE = 0.0  # Ollama's default 0.8 makes a small model's edits differ run to run
+DEFAULT_SEED = 1
+DEFAULT_EDIT_FORMAT = "whole"  # measured with Qwen2.5-Coder 1.5B: whole 10/10 tasks, SEARCH/REPLACE 4/10
 RESULT = "__OLLAMA_RESULT__:"
 ERROR = "__OLLAMA_ERROR__:"
 NOTE = "ollama: "  # progress lines; the model's reply is echoed with REPLY so it can never fake the above
 REPLY = "> "
 
-SYSTEM = """You are a careful coding assistant working on a repository. You cannot run commands.
-To change or create a file, write its path (relative to the repository root) alone on one line,
-then a fenced code block holding the COMPLETE new content of that file, for example:
+RULES = """Edit only the files the task needs; write no example, demo or extra test files it does not ask
+for. Start with one sentence saying what you change."""
+SYSTEM = {
+    "diff": """You edit a software repository by writing edit blocks in your reply. Only edit blocks change
+files; everything else you write is read as your explanation.
 
-src/app.py
-```python
-print("hello")
+To change a file whose content you were shown, write its path alone on a line, then a fenced block
+with one or more SEARCH/REPLACE blocks. SEARCH copies a few lines of the current file exactly,
+indentation included; REPLACE holds the lines that take their place:
+
+<path of the file>
+```
+<<<<<<< SEARCH
+<lines copied exactly from the file>
+=======
+<the new lines>
+>>>>>>> REPLACE
 ```
 
-Write only files that need to change, always in full. Never rewrite a file whose content you were
-not shown unless you create it. Start with one or two sentences saying what you changed."""
+To create a new file the task asks for, write its path alone on a line, then a fenced block with
+the complete content of the new file.
+
+""" + RULES,
+    "whole": """You edit a software repository by writing files in your reply. To change or create a file,
+write its path alone on a line, then a fenced block with the COMPLETE new content of that file:
+every line of it, also the lines you do not change. Only these blocks change files; everything
+else you write is read as your explanation.
+
+""" + RULES,
+}
+
+
+def placeholder(text: str) -> bool:
+    """Whether a block's text is an instruction's placeholder (`<the new lines>`), not code."""
+    text = text.strip()
+    return bool(text) and "\n" not in text and text.startswith("<") and text.endswith(">")
 
 
 def normalize_url(url: str) -> str:
@@ -109,7 +139,7 @@ def has_model(names: set[str], model: str) -> bool:
 async def classify_tier(base_url: str, model: str, prompt: str, timeout: float = 30.0) -> str | None:
     """Ask a local model whether a task is cheap, standard or complex (for routing); None on any failure."""
     base_url = normalize_url(base_url)
-    body = {"model": model, "stream": False, "options": {"temperature": 0},
+    body = {"model": model, "stream": False, "options": {"temperature": 0, "seed": DEFAULT_SEED, "num_predict": 64},
             "format": {"type": "object", "properties": {"tier": {"type": "string", "enum": list(TIERS)}},
                        "required": ["tier"]},
             "messages": [
@@ -122,10 +152,22 @@ async def classify_tier(base_url: str, model: str, prompt: str, timeout: float =
         async with httpx.AsyncClient(timeout=timeout, **client_options(base_url)) as client:
             r = await client.post(f"{base_url}/api/chat", json=body)
             r.raise_for_status()
-            tier = json.loads(r.json()["message"]["content"]).get("tier")
+            return tier_in(str(r.json()["message"]["content"]))
     except Exception:  # routing falls back to its default; a classifier failure must never fail a task
         return None
-    return tier if tier in TIERS else None
+
+
+def tier_in(text: str) -> str | None:
+    """The tier in a classifier's answer: JSON, JSON in a fenced block or prose (a server that
+    ignores `format`), or one bare tier word."""
+    for found in re.findall(r"\{[^{}]*\}", text):
+        try:
+            tier = json.loads(found).get("tier")
+        except ValueError:
+            continue
+        return tier if tier in TIERS else None
+    words = {w.lower() for w in re.findall(r"[A-Za-z]+", text)} & set(TIERS)
+    return words.pop() if len(words) == 1 and len(text) < 40 else None
 
 
 class LocalClaude(ClaudeAdapter):
@@ -137,7 +179,9 @@ class LocalClaude(ClaudeAdapter):
 class OllamaAdapter(Adapter):
     kind = "ollama"
     config_keys = {"base_url": str, "mode": Literal["chat", "claude"], "context_chars": PositiveInt,
-                   "num_ctx": PositiveInt}
+                   "num_ctx": PositiveInt, "num_predict": PositiveInt,
+                   "temperature": Annotated[float, Field(ge=0, le=2)], "seed": int,
+                   "edit_format": Literal["diff", "whole"]}
 
     @property
     def base_url(self) -> str:
@@ -166,9 +210,13 @@ class OllamaAdapter(Adapter):
             return self.claude.invocation(job)
         argv = [*self.command, "--base-url", self.base_url, "--model", self.model,
                 "--context-budget", str(int(self.spec.extra("context_chars", DEFAULT_CONTEXT_CHARS)))]
-        if self.spec.extra("num_ctx"):
-            argv += ["--num-ctx", str(int(self.spec.extra("num_ctx")))]
-        inv = self.make(argv, job, stdin=f"{job.context()}\n\nTask:\n{job.prompt}".encode())
+        for key in ("num_ctx", "num_predict", "temperature", "seed", "edit_format"):
+            if self.spec.extra(key) is not None:
+                argv += [f"--{key.replace('_', '-')}", str(self.spec.extra(key))]
+        # Not job.context(): that frames a CLI that runs commands as a council member; a chat model
+        # runs nothing, and small ones answered that framing with "I am not a member of the council".
+        task = {"prompt": job.prompt, "check": job.check}
+        inv = self.make(argv, job, stdin=json.dumps(task).encode())
         inv.env["PYTHONPATH"] = module_pythonpath(inv.env)
         return inv
 
@@ -251,9 +299,6 @@ class OllamaParser(Parser):
 WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
 STOP = frozenset("the and for with that this from into add fix make use when then than are was were not you your "
                  "should would could file files code test tests new all any each its our can".split())
-FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
-INFO_PATH = re.compile(r"""^(?:path|file|filename)=["']?([^"'\s]+)["']?$""")
-PATH_LINE = re.compile(r"^(?:~?/)?[\w.@+-]+(?:/[\w.@+-]+)*$")  # absolute ones too, to refuse them by name
 
 
 def note(text: str) -> None:
@@ -300,18 +345,19 @@ def safe_target(root: Path, rel: str) -> tuple[Path | None, str]:
     return root / path, ""
 
 
-def gather_context(root: Path, prompt: str, budget: int) -> tuple[list[tuple[str, str]], list[str]]:
+def gather_context(root: Path, prompt: str, budget: int,
+                   tracked: list[str] | None = None) -> tuple[list[tuple[str, str]], list[str]]:
     """Files to show the model: those the prompt names first, then tracked files whose path shares
     words with the prompt, whole files only, within `budget` characters. Also returns the names
     that did not fit (the model is told not to rewrite them)."""
-    tracked = tracked_files(root)
+    tracked = tracked_files(root) if tracked is None else tracked
     named = []
     for token in re.findall(r"[\w./@+-]+", prompt):
         token = token.strip(".")
         if ("/" in token or "." in token) and safe_target(root, token)[0] and (root / token).is_file():
             named.append(str(PurePosixPath(token)))
-    basenames = {w for w in re.findall(r"[\w.@+-]+", prompt) if "." in w.strip(".")}
-    named += [p for p in tracked if PurePosixPath(p).name in basenames]
+    basenames = {w.lower() for w in re.findall(r"[\w.@+-]+", prompt) if "." in w.strip(".")}
+    named += [p for p in tracked if PurePosixPath(p).name.lower() in basenames]
     words = {w.lower() for w in WORD.findall(prompt)} - STOP
     scored = []
     for p in tracked:
@@ -345,86 +391,47 @@ def fenced(text: str) -> str:
     return f"{fence}\n{body}{fence}"
 
 
-def user_message(prompt: str, files: list[tuple[str, str]], skipped: list[str]) -> str:
-    parts = [prompt.strip()]
+def user_message(task: dict, files: list[tuple[str, str]], skipped: list[str], tracked: list[str],
+                 edit_format: str, retry: str = "") -> str:
+    """The files, then the task and what passing means, then the reply's shape on the task's own
+    first file (small models follow a shape shown on a real path; an invented example path was
+    copied as a file). Worded for a model that only answers: it is never told to run anything.
+    `retry` (why the last answer failed) goes before the task, not last: a small model echoes the
+    last thing it reads."""
+    parts = []
+    if tracked:
+        more = f" (and {len(tracked) - 200} more)" if len(tracked) > 200 else ""
+        parts.append("Files in the repository: " + ", ".join(tracked[:200]) + more)
     if files:
-        parts.append("Current content of the relevant repository files:")
+        parts.append("Current content of the relevant files:")
         parts += [f"{rel}\n{fenced(text)}" for rel, text in files]
     if skipped:
         parts.append(f"Too large to show here (do not rewrite these): {', '.join(skipped[:50])}")
-    parts.append("Answer with a short explanation, then each file to write: its path alone on a line, then its "
-                 "complete content in a fenced block.")
+    if retry:
+        parts.append(retry)
+    parts.append(f"Task:\n{task['prompt'].strip()}")
+    if task.get("check"):
+        parts.append(f"After your reply, `{task['check']}` runs in the repository and must pass.")
+    path = files[0][0] if files else None
+    if path and edit_format == "diff":
+        parts.append(f"Answer with one sentence, then SEARCH/REPLACE blocks for the files shown above (a whole "
+                     f"fenced file only for a new file the task asks for), for example:\n\n{path}\n```\n"
+                     f"<<<<<<< SEARCH\n<lines copied exactly from {path}>\n=======\n<the new lines>\n"
+                     f">>>>>>> REPLACE\n```")
+    elif path:
+        parts.append(f"Answer with one sentence, then each file you change or create: its path alone on a line "
+                     f"and its complete new content in a fenced block, for example:\n\n{path}\n```\n"
+                     f"<the complete new content of {path}>\n```")
+    else:
+        parts.append("Answer with one sentence, then each file the task asks for: its path alone on a line and "
+                     "its complete content in a fenced block.")
     return "\n\n".join(parts)
 
 
-def path_before(lines: list[str], i: int, known: set[str]) -> str | None:
-    """The path written alone on the nearest non-blank line above a fence (two lines at most)."""
-    for j in (i - 1, i - 2):
-        if j < 0:
-            return None
-        line = lines[j].strip()
-        if not line:
-            continue
-        line = re.sub(r"^(#+\s*|[-*]\s+)", "", line)
-        line = re.sub(r"^(file(name)?|path)\s*:\s*", "", line.strip("*_`'\" "), flags=re.I).strip("*_`'\" :")
-        if PATH_LINE.match(line) and ("/" in line or re.search(r"\.[A-Za-z0-9]+$", line) or line in known):
-            return line
-        return None
-    return None
-
-
-def parse_reply(reply: str, known: set[str] = frozenset()) -> tuple[list[tuple[str, str]], list[dict], str]:
-    """Whole-file edits in a model's reply: (path, content) pairs, blocks refused for being cut
-    off, and the prose outside the code blocks."""
-    lines = reply.split("\n")
-    edits, refused, prose = [], [], []
-    i = 0
-    while i < len(lines):
-        m = FENCE.match(lines[i])
-        if not m or (m.group(1)[0] == "`" and "`" in m.group(2)):
-            prose.append(lines[i])
-            i += 1
-            continue
-        fence, info = m.group(1), m.group(2).split()
-        end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() and set(lines[j].strip()) == {fence[0]}
-                    and len(lines[j].strip()) >= len(fence)), None)
-        path = next((pm.group(1) for tok in info if (pm := INFO_PATH.match(tok))), None) or path_before(lines, i, known)
-        if path and prose and prose[-1].strip() and path in prose[-1]:
-            prose.pop()
-        if end is None:
-            if path:
-                refused.append({"path": path, "reason": "its code block never closes (the reply was cut off?)"})
-            break
-        body = lines[i + 1:end]
-        if path:
-            edits.append((path, "\n".join(body) + "\n" if body else ""))
-        i = end + 1
-    return edits, refused, "\n".join(prose).strip()
-
-
-def apply_edits(root: Path, edits: list[tuple[str, str]]) -> tuple[list[str], list[dict]]:
-    written, refused = [], []
-    for rel, content in dict(edits).items():  # a path given twice: the last version wins
-        target, reason = safe_target(root, rel)
-        if target is None:
-            refused.append({"path": rel, "reason": reason})
-            note(f"refused {rel}: {reason}")
-            continue
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(content, encoding="utf-8")
-        except OSError as e:
-            refused.append({"path": rel, "reason": f"cannot write: {e.strerror or e}"})
-            continue
-        written.append(str(PurePosixPath(rel)))
-        note(f"wrote {rel}")
-    return written, refused
-
-
-def stream_chat(base_url: str, model: str, messages: list[dict], num_ctx: int) -> tuple[str, dict]:
+def stream_chat(base_url: str, model: str, messages: list[dict], options: dict) -> tuple[str, dict]:
     """POST /api/chat with streaming; returns the reply and the final `done` record. Every line is
     checked for {"error": ...}: Ollama reports a mid-stream failure with HTTP 200."""
-    body = {"model": model, "messages": messages, "stream": True, "options": {"num_ctx": num_ctx}}
+    body = {"model": model, "messages": messages, "stream": True, "options": options}
     parts: list[str] = []
     pending = ""
     timeout = httpx.Timeout(10.0, read=None)  # loading a model can take minutes: the engine's timeout bounds it
@@ -464,41 +471,112 @@ def stream_chat(base_url: str, model: str, messages: list[dict], num_ctx: int) -
                                          "stopped (see `ollama serve`'s log)")
 
 
+def cut_off(final: dict, options: dict) -> str | None:
+    """Why a reply stopped before the model finished (Ollama's done_reason "length"), naming the
+    limit that was hit: the output length (num_predict) or the context window (num_ctx)."""
+    if final.get("done_reason") != "length":
+        return None
+    out, used = final.get("eval_count") or 0, (final.get("prompt_eval_count") or 0) + (final.get("eval_count") or 0)
+    if out >= options["num_predict"] or used < options["num_ctx"] * 0.9:
+        return (f"the reply was cut off at the output limit ({out} tokens, num_predict {options['num_predict']}); "
+                "raise [agents.ollama] num_predict")
+    return (f"the reply was cut off when prompt and reply filled the context window ({used} tokens, num_ctx "
+            f"{options['num_ctx']}); raise [agents.ollama] num_ctx or lower context_chars")
+
+
+def fail(kind: ErrorKind, message: str) -> int:
+    print(ERROR + json.dumps({"kind": str(kind), "message": message}), flush=True)
+    print(f"ollama: {message}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m adapters.ollama",
-                                 description="Ask an Ollama model for whole-file edits and write them into the cwd. "
-                                             "The prompt comes on stdin.")
+                                 description="Ask an Ollama model for edits and apply them to the cwd. The task "
+                                             'comes on stdin as JSON: {"prompt": ..., "check": ...}.')
     ap.add_argument("--base-url", default=DEFAULT_URL)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--context-budget", type=int, default=DEFAULT_CONTEXT_CHARS, help="characters of files to send")
     ap.add_argument("--num-ctx", type=int, help="the model's context window (default: sized to the prompt)")
+    ap.add_argument("--num-predict", type=int, help="most tokens of reply (default: sized to the files shown)")
+    ap.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    ap.add_argument("--edit-format", choices=sorted(SYSTEM), default=DEFAULT_EDIT_FORMAT)
+    ap.add_argument("--repairs", type=int, default=1, help="follow-ups for a reply that was refused or changed nothing")
     a = ap.parse_args(argv)
     sys.stdout.reconfigure(encoding="utf-8", errors="replace")
     root = Path.cwd()
-    prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
-    files, skipped = gather_context(root, prompt, a.context_budget)
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user_message(prompt, files, skipped)}]
+    raw = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    task = json_object(raw) or {"prompt": raw}
+    tracked = tracked_files(root)
+    files, skipped = gather_context(root, task["prompt"], a.context_budget, tracked)
+    messages = [{"role": "system", "content": SYSTEM[a.edit_format]},
+                {"role": "user", "content": user_message(task, files, skipped, tracked, a.edit_format)}]
     chars = sum(len(m["content"]) for m in messages)
+    # A reply rewrites at most the files shown (about 3 characters a token) plus a sentence; a
+    # small model stuck in a loop stops there instead of running into the attempt's timeout.
+    num_predict = a.num_predict or min(8192, max(1024, sum(len(t) for _, t in files) // 3 + 512))
     # Ollama's default window (a few thousand tokens) silently drops the start of a long prompt;
-    # leave room for a reply as long as the prompt (whole files come back).
-    num_ctx = a.num_ctx or min(65536, max(8192, -(-(2 * chars // 3 + 2048) // 2048) * 2048))
+    # leave room for the prompt (about 3 characters a token), a reply and a repair round's reply.
+    num_ctx = a.num_ctx or min(65536, max(8192, -(-(chars // 3 + 2 * num_predict + 512) // 2048) * 2048))
+    options = {"num_ctx": num_ctx, "num_predict": num_predict, "temperature": a.temperature, "seed": a.seed}
     note(f"asking {a.model} at {a.base_url} with {len(files)} file(s), {chars} chars, num_ctx {num_ctx}")
-    try:
-        reply, final = stream_chat(a.base_url, a.model, messages, num_ctx)
-    except OllamaError as e:
-        print(ERROR + json.dumps({"kind": str(e.kind), "message": e.message}), flush=True)
-        print(f"ollama: {e.message}", file=sys.stderr)
-        return 1
-    edits, cut_off, prose = parse_reply(reply, set(tracked_files(root)))
-    if cut_off and final.get("done_reason") == "length":
-        for item in cut_off:
-            item["reason"] += "; the model hit its length limit, raise [agents.ollama] num_ctx"
-    written, refused = apply_edits(root, edits)
-    print(RESULT + json.dumps({"prompt_eval_count": final.get("prompt_eval_count"),
-                               "eval_count": final.get("eval_count"), "files": written,
-                               "refused": cut_off + refused, "summary": short(prose, 600) if prose else None}),
-          flush=True)
+    wanted = edits.new_files(task["prompt"], tracked)
+    counts = {"prompt_eval_count": 0, "eval_count": 0}
+    for round_ in range(1 + a.repairs):
+        try:
+            reply, final = stream_chat(a.base_url, a.model, messages, options)
+        except OllamaError as e:
+            return fail(e.kind, e.message)
+        for key in counts:
+            counts[key] += final.get(key) or 0
+        if why := cut_off(final, options):
+            return fail(ErrorKind.invalid_output, f"{why}; nothing was written")
+        parsed = edits.parse_reply(reply, set(tracked), dict(files), wanted)
+        todo = edits.plan(root, parsed.edits, task["prompt"], tracked, placeholder, safe_target)
+        problems = parsed.broken + todo.fatal
+        if round_ == a.repairs or (todo.writes and not problems):
+            break
+        note("the reply " + ("changed no file" if not problems else "was refused") + "; asking once more")
+        # Asked afresh rather than after its own reply: a small model at temperature 0 shown its
+        # reply repeats it word for word.
+        retry = user_message(task, files, skipped, tracked, a.edit_format, repair(problems))
+        messages = [messages[0], {"role": "user", "content": retry}]
+    if problems:
+        return fail(ErrorKind.invalid_output, "refused the reply, nothing was written: "
+                    + "; ".join(f"{x['path']}: {x['reason']}" for x in problems))
+    written, refused = apply(root, todo.writes)
+    for item in todo.dropped:
+        note(f"refused {item['path']}: {item['reason']}")
+    print(RESULT + json.dumps({**counts, "files": written, "refused": todo.dropped + refused,
+                               "summary": short(parsed.prose, 600) if parsed.prose else None}), flush=True)
     return 0
+
+
+def repair(problems: list[dict]) -> str:
+    """The note a second try gets after a reply that changed nothing or was refused (what aider
+    calls reflection): small models often get it right once told exactly what was wrong."""
+    if not problems:
+        return ("An earlier answer to this task changed no file: it had no fenced block with the file's path "
+                "alone on the line before it.")
+    return ("An earlier answer to this task was refused, and nothing was written: "
+            + "; ".join(f"{x['path']}: {x['reason']}" for x in problems)
+            + ". Keep all the other code of every file you change.")
+
+
+def apply(root: Path, writes: dict[str, str]) -> tuple[list[str], list[dict]]:
+    written, refused = [], []
+    for rel, content in writes.items():
+        target = root / rel
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content, encoding="utf-8")
+        except OSError as e:
+            refused.append({"path": rel, "reason": f"cannot write: {e.strerror or e}"})
+            continue
+        written.append(rel)
+        note(f"wrote {rel}")
+    return written, refused
 
 
 if __name__ == "__main__":

@@ -666,9 +666,11 @@ class Engine:
             return
         local = make_adapter(spec, self.environ)
         with anyio.move_on_after(30):
-            tier = await classify_tier(local.base_url, local.model, task.prompt)
-            if tier is not None:
-                task.tier_reason = f"local model {local.model} said {tier}; heuristic said {task.tier} ({task.tier_reason})"
+            said = await classify_tier(local.base_url, local.model, task.prompt)
+            if said is not None:
+                tier = routing.confirm(task.tier, said)
+                task.tier_reason = (f"local model {local.model} said {said} (it may only raise a task to complex); "
+                                    f"heuristic said {task.tier} ({task.tier_reason})")
                 task.tier = tier
                 plan = routing.stages(self.config, tier, None)
                 task.attempts = [Attempt(agent=a, stage=0) for a in plan[0]]

@@ -25,6 +25,14 @@ def classify(prompt: str) -> tuple[str, str]:
     return "standard", f"{words} words" + (f"; mentions {', '.join(hits)}" if hits else "")
 
 
+def confirm(tier: str, model_tier: str | None) -> str:
+    """The tier once the local model has had its say. The heuristic decides cheap or standard; the
+    model may only raise a task to complex. A small model answers "standard" to nearly everything,
+    and letting that overrule "cheap" meant the local model never ran; a wrong "complex" costs
+    money but never loses a task that needs the bigger agents."""
+    return "complex" if model_tier == "complex" else tier
+
+
 def stages(config: Config, tier: str, agents: list[str] | None) -> list[list[str]]:
     """The agents of each stage. Explicit agents form one stage and override routing."""
     if agents:
