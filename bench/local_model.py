@@ -176,10 +176,12 @@ def run_task(task: dict, agent: str, agent_table: dict, root: Path, timeout: flo
                 "succeeded": False, "check_passed": False, "junk": [], "lost": [], "unsafe_success": False,
                 "passed": False, "duration_s": took}
     attempt = doc["attempts"][0]
-    result = {"task": task["name"], **score(repo, task, attempt, doc["base"]), "state": attempt["state"],
-              "error": attempt.get("error"), "summary": attempt.get("summary"),
-              "tokens_in": attempt.get("tokens_in"), "tokens_out": attempt.get("tokens_out"), "duration_s": took}
-    return result
+    logs = subprocess.run([sys.executable, "-m", "server.cli", "logs", doc["task_id"]], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL).stdout
+    return {"task": task["name"], **score(repo, task, attempt, doc["base"]), "state": attempt["state"],
+            "error": attempt.get("error"), "summary": attempt.get("summary"),
+            "tokens_in": attempt.get("tokens_in"), "tokens_out": attempt.get("tokens_out"), "duration_s": took,
+            "log": logs[-4000:]}
 
 
 def machine() -> dict:

@@ -12,10 +12,12 @@ set and the scoring are tested without a model.
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +85,49 @@ def test_symbols_cover_functions_methods_names_and_the_main_block():
     assert LM.symbols(src) == {"Inventory", "Inventory.__init__", "Inventory.add", "Inventory.remove",
                                "Inventory.count", "format_item", "__main__ block"}
     assert LM.symbols("SETTINGS = {}\ndef f(:\n") == {"(module no longer parses)"}
+
+
+def server_missing() -> str | None:
+    reason = LM.missing("1.5b", CACHE)
+    return reason if reason and "is missing" not in reason else None  # the model itself is not needed
+
+
+@pytest.mark.skipif(bool(server_missing()), reason=f"real-model server: {server_missing()}")
+def test_server_speaks_ollamas_api_and_errors_without_loading_a_model(tmp_path):
+    with LM.model_server("tiny:1b", tmp_path / "never-loaded.gguf") as url:
+        assert httpx.get(f"{url}/").text == "Ollama is running"
+        assert httpx.get(f"{url}/api/version").json()["version"]
+        assert [m["name"] for m in httpx.get(f"{url}/api/tags").json()["models"]] == ["tiny:1b"]
+        for stream in (True, False):
+            r = httpx.post(f"{url}/api/chat", json={"model": "ghost", "stream": stream, "messages": []})
+            assert r.status_code == 404 and r.json() == {"error": 'model "ghost" not found, try pulling it first'}
+        assert httpx.post(f"{url}/api/chat", content=b"{nope").status_code == 400
+        r = httpx.post(f"{url}/api/chat", json={"model": "tiny:1b", "format": "yaml", "messages": []})
+        assert r.status_code == 400 and "format" in r.json()["error"]
+        assert httpx.get(f"{url}/api/pull").status_code == 404
+
+
+@pytest.mark.skipif(bool(LM.missing("1.5b", CACHE)), reason=f"real-model tier: {LM.missing('1.5b', CACHE)}")
+def test_server_chats_like_ollama_with_the_real_model():
+    name, file = LM.MODELS["1.5b"]
+    body = {"model": name, "messages": [{"role": "user", "content": "Write a Python function add(a, b)."}],
+            "options": {"temperature": 0, "seed": 7, "num_predict": 12, "num_ctx": 1024}}
+    with LM.model_server(name, CACHE / file) as url:
+        lines = []
+        with httpx.stream("POST", f"{url}/api/chat", json=body, timeout=300) as r:
+            lines = [json.loads(line) for line in r.iter_lines() if line.strip()]
+        *chunks, done = lines
+        assert chunks and not any(c["done"] for c in chunks) and done["done"]
+        assert done["done_reason"] == "length" and done["eval_count"] == 12 and done["prompt_eval_count"] > 0
+        whole = httpx.post(f"{url}/api/chat", json={**body, "stream": False}, timeout=300).json()
+        assert whole["message"]["content"] == "".join(c["message"]["content"] for c in chunks)  # repeatable
+        schema = {"type": "object", "properties": {"tier": {"type": "string", "enum": ["cheap", "standard"]}},
+                  "required": ["tier"]}
+        r = httpx.post(f"{url}/api/chat", timeout=300, json={
+            "model": name, "stream": False, "format": schema, "options": {"temperature": 0},
+            "messages": [{"role": "user", "content": "Is renaming a variable cheap or standard? Answer in JSON."}]})
+        assert json.loads(r.json()["message"]["content"])["tier"] in ("cheap", "standard")
+        assert r.json()["done_reason"] == "stop"
 
 
 def test_real_model_tier():
