@@ -54,7 +54,7 @@ function lookup(name) {
 
 const loaded = {name: null, model: null, context: null, ctxSize: 0};
 
-async function contextFor(name, numCtx, threads) {
+async function contextFor(name, numCtx) {
     let loadMs = 0;
     if (loaded.name !== name) {
         const t0 = Date.now();
@@ -68,7 +68,7 @@ async function contextFor(name, numCtx, threads) {
     const size = Math.max(256, Math.min(numCtx, loaded.model.trainContextSize));
     if (loaded.ctxSize !== size) {
         await loaded.context?.dispose();
-        loaded.context = await loaded.model.createContext({contextSize: size, threads: threads || args.threads});
+        loaded.context = await loaded.model.createContext({contextSize: size, threads: args.threads});
         loaded.ctxSize = size;
     }
     return {context: loaded.context, loadMs};
@@ -118,7 +118,7 @@ async function chat(body, onChunk, signal) {
     const chatHistory = history(body.messages ?? []);
     const grammar = await grammarFor(body.format);
     const t0 = Date.now();
-    const {context, loadMs} = await contextFor(name, num(options, "num_ctx", 2048), num(options, "num_thread", 0));
+    const {context, loadMs} = await contextFor(name, num(options, "num_ctx", 2048));
     const sequence = context.getSequence();
     const limit = new AbortController();
     const stop = () => limit.abort();
