@@ -122,6 +122,7 @@ class Engine:
         self._avail: dict[str, tuple[float, Availability]] = {}
         self._hosted: dict[str, Task] = {}
         self._scopes: dict[str, anyio.CancelScope] = {}
+        self._tops: dict[str, str] = {}  # repo path as given: its toplevel (see _toplevel)
         self._secrets: dict[str, list[str]] = {}  # per task: the values its agents' env holds as secrets
         # Our own secrets (API keys, tokens, passwords): never stored or shown, whoever prints them.
         self._own_secrets = secret_values(self.environ, min_len=8)
@@ -590,13 +591,21 @@ class Engine:
             if must_exist:
                 raise CouncilError(f"repo {str(repo)!r} is not an existing directory")
             return None
+        key = str(path)
+        if (cached := self._tops.get(key)) and (path / ".git").exists():
+            return cached
         top = await git(path, "rev-parse", "--show-toplevel", check=False)
         if not top:
             if must_exist:
                 raise CouncilError(f"repo {str(repo)!r} is not a git repository with a working tree "
                                    "(run `git init` there first; bare repositories are not supported)")
             return None
-        return str(Path(top).resolve())
+        top = str(Path(top).resolve())
+        if top == str(path.resolve()):
+            # Only a repo's own top is remembered: while `.git` is there, git says the same of it
+            # whatever else changes (a subdirectory's answer would change with a `git init` inside it).
+            self._tops[key] = top
+        return top
 
     # running a task
 

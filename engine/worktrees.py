@@ -8,7 +8,7 @@ from pathlib import Path
 
 import anyio
 
-from .gitcmd import COUNCIL_ENV, COUNCIL_IDENTITY, GitError, git
+from .gitcmd import COUNCIL_ENV, COUNCIL_IDENTITY, GitError, git, git_ok
 
 
 async def scratch_excludes(path: Path, scratch: tuple[str, ...]) -> list[str]:
@@ -84,10 +84,15 @@ class Worktrees:
         if base and scratch and await git(path, "diff", "--cached", "--name-only", "--no-renames", base, "--",
                                           *scratch):
             await git(path, "reset", "-q", base, "--", *scratch)
-        if not await git(path, "diff", "--cached", "--name-only"):
-            return False
+        # Committed straight away (one git process, not a `diff --cached` first): commit exits 1 when
+        # nothing is staged, and only then is the index asked whether that was the reason.
         # The variables beat a repo's author.name / committer.name, which beat user.name.
-        await git(path, *COUNCIL_IDENTITY, "commit", "--quiet", "--no-verify", "-m", message, env=COUNCIL_ENV)
+        try:
+            await git(path, *COUNCIL_IDENTITY, "commit", "--quiet", "--no-verify", "-m", message, env=COUNCIL_ENV)
+        except GitError as e:
+            if e.code == 1 and await git_ok(path, "diff", "--cached", "--quiet"):
+                return False
+            raise
         return True
 
     async def reset(self, path: Path, base: str, keep: tuple[str, ...] = ()) -> None:
