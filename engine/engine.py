@@ -32,7 +32,7 @@ from . import ports as ports_mod
 from . import pool as pool_mod
 from .config import Config, ConfigError, LiveConfig, config_path, home_dir
 from .events import Events, wait_for
-from .gitcmd import GitError, diff_stat, git, resolve_commit
+from .gitcmd import GitError, git, resolve_commit
 from .inputs import CouncilError, NotFound
 from .merge import STRATEGIES, MergeRefused, check_target, merge_branch
 from .models import (ACTIVE_TASK, AgentList, Attempt, AttemptState, CheckResult, Diff, GcReport, LogChunk,
@@ -833,10 +833,9 @@ class Engine:
                 await self.worktrees.reset(path, task.base, tuple(work.keep_out))
         finally:
             with anyio.CancelScope(shield=True):  # whatever the agent did is kept, even when cancelled
-                await self.worktrees.commit_all(path, f"council {task.task_id}: {attempt.agent}\n\n{task.prompt.splitlines()[0][:200]}",
-                                                adapter.scratch + tuple(p.rstrip("/") for p in work.keep_out),
-                                                base=task.base)
-                files, attempt.insertions, attempt.deletions = await diff_stat(path, task.base, "HEAD")
+                files, attempt.insertions, attempt.deletions = await self.worktrees.commit_and_count(
+                    path, f"council {task.task_id}: {attempt.agent}\n\n{task.prompt.splitlines()[0][:200]}",
+                    adapter.scratch + tuple(p.rstrip("/") for p in work.keep_out), task.base)
                 attempt.files_changed = len(files)
         attempt.exit_code = result.exit_code
         attempt.error = outcome.error

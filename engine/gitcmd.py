@@ -139,8 +139,9 @@ async def concurrently(*calls: Callable[[], Awaitable]) -> list:
 
 
 async def numstat(cwd: str | Path, a: str, b: str) -> list[tuple[str, int | None, int | None]]:
-    """(path, insertions, deletions) of every file changed between two commits; a binary file's counts
-    are None. No textconv program runs (an agent can configure one) and paths are from the top."""
+    """(path, insertions, deletions) of every file changed between two commits (or, with a="--cached",
+    between commit b and the index); a binary file's counts are None. No textconv program runs (an
+    agent can configure one) and paths are from the top."""
     out = await git(cwd, "diff", "--numstat", "-z", "--no-renames", "--no-relative", "--no-textconv", a, b)
     found = []
     for rec in out.split("\0"):

@@ -112,3 +112,24 @@ async def test_a_repo_that_stops_being_one_is_refused_again(tmp_path):
         shutil.rmtree(path / ".git")
         with pytest.raises(CouncilError, match="not a git repository"):
             await engine.submit(str(path), "p", agents=["fake"])
+
+
+async def test_commit_and_count_counts_what_the_branch_records_since_base(repo, root):
+    base = g(repo, "rev-parse", "main")
+    _, wt = attempt(repo, root, "t1", "claude", {"a.txt": edited(0, "agent")})  # one change committed by the agent
+    (wt / "new.txt").write_text("one\ntwo\n")                                  # one left uncommitted
+    (wt / "b.txt").unlink()
+    (wt / ".scratch").mkdir()
+    (wt / ".scratch" / "notes").write_text("the CLI's own\n")                 # never part of the result
+
+    files, ins, dels = await Worktrees(root).commit_and_count(wt, "council t1: claude", (".scratch",), base)
+
+    assert g(wt, "status", "--porcelain", "--untracked-files=no") == ""
+    numstat = g(wt, "diff", "--numstat", base, "HEAD").splitlines()
+    assert sorted(files) == ["a.txt", "b.txt", "new.txt"] == sorted(line.split("\t")[2] for line in numstat)
+    assert (ins, dels) == (sum(int(line.split("\t")[0]) for line in numstat),
+                           sum(int(line.split("\t")[1]) for line in numstat)) == (3, 11)
+    # nothing left to commit: the same counts, no new commit
+    head = g(wt, "rev-parse", "HEAD")
+    assert await Worktrees(root).commit_and_count(wt, "again", (".scratch",), base) == (files, ins, dels)
+    assert g(wt, "rev-parse", "HEAD") == head
