@@ -342,7 +342,8 @@ class Engine:
         try:
             result = await merge_branch(task.repo, branch=attempt.branch, base=task.base, into=into, strategy=strategy,
                                         message=message, task_id=task_id, agent=agent,
-                                        run_hooks=self.config.merge.run_hooks, dry_run=dry_run)
+                                        run_hooks=self.config.merge.run_hooks, dry_run=dry_run,
+                                        target_checked=True)
         except MergeRefused as e:
             return refuse(str(e))
         except GitError as e:  # e.g. another process merged or cleaned this task at the same moment

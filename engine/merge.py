@@ -229,6 +229,13 @@ def _in_the_way(worktree: str, added: list[str], deleted: set[str]) -> list[str]
     return sorted(set(blocked))
 
 
+async def _checkout_or_refusal(repo: str | Path, into: str) -> tuple[str | None, MergeRefused | None]:
+    try:
+        return await _find_checkout(repo, into), None
+    except MergeRefused as e:
+        return None, e
+
+
 async def _check_checkout(worktree: str, into: str, old: str, new: str) -> None:
     """Refuse unless moving `into` from old to new in `worktree` is certain to lose nothing."""
     git_dir, status, changes = await concurrently(
@@ -316,7 +323,7 @@ async def _save_old_tip(repo: str | Path, task_id: str, old: str, reflog: str,
 
 async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, strategy: str = "squash",
                        message: str, task_id: str, agent: str | None = None, run_hooks: bool = False,
-                       dry_run: bool = False) -> MergeResult:
+                       dry_run: bool = False, target_checked: bool = False) -> MergeResult:
     """Bring `branch` (an attempt that started at `base`) into the local branch `into`.
 
     squash: one council commit on into's tip with the attempt's own changes (base..branch);
@@ -326,6 +333,7 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     given `agent`, `Council-Agent: <agent>`. `run_hooks` lets the update of a checkout run its hooks.
     Returns merged=True with `commit` the new tip and `backup_ref` at the old one, or merged=False
     with the reason (and `conflicts`); raises MergeRefused when the target can't move safely now.
+    `target_checked`: `into` is what check_target just returned (the caller asked it already).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
@@ -336,17 +344,19 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     for name in (branch, base):
         if "\0" in name or len(name.encode()) > _MAX_NAME:
             raise MergeRefused(f"{name[:80]!r} is not a commit or branch name")
-    into = await check_target(repo, into)
+    if not target_checked:
+        into = await check_target(repo, into)
     ref = f"refs/heads/{into}"
     branch_tip, base_c, old = await resolve_many(repo, *(f"{rev}^{{commit}}" for rev in (branch, base, ref)))
     for name, value in ((branch, branch_tip), (base, base_c), (into, old)):
         if value is None:
             raise MergeRefused(f"{name} is not a commit or branch in {repo}")
-    # The trees of the commits just read (not of the names again: a ref may move meanwhile), and
-    # the identity, asked at once.
-    (base_tree, tip_tree, old_tree), who = await concurrently(
+    # The trees of the commits just read (not of the names again: a ref may move meanwhile), the
+    # identity and where `into` is checked out, asked at once; a refusal from the last is raised
+    # where it always was, after the outcomes that need no checkout (no changes, conflicts).
+    (base_tree, tip_tree, old_tree), who, (checkout, refused) = await concurrently(
         lambda: resolve_many(repo, *(f"{c}^{{tree}}" for c in (base_c, branch_tip, old))),
-        lambda: user_identity(repo))
+        lambda: user_identity(repo), lambda: _checkout_or_refusal(repo, into))
 
     def result(merged: bool, text: str, **fields) -> MergeResult:
         return MergeResult(merged=merged, task_id=task_id, strategy=strategy, into=into,
@@ -370,10 +380,15 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
             tree, conflicts = await _three_way(repo, base_c, old, branch_tip)
         unchanged = not conflicts and tree == old_tree
         parents = [old] if strategy == "squash" else [old, branch_tip]
-        new = await _commit(repo, tree, parents, message, env=who) if not (conflicts or unchanged) else old
+        if conflicts or unchanged:
+            new = old
+        else:  # the counts come from the tree the commit will have, while it is written
+            new, stat = await concurrently(lambda: _commit(repo, tree, parents, message, env=who),
+                                           lambda: diff_stat(repo, old, tree))
     else:
         new, conflicts, note = await _rebase(repo, base_c, branch_tip, old, who, trailers)
         unchanged = not conflicts and await _tree(repo, new) == old_tree
+        stat = None if conflicts or unchanged else await diff_stat(repo, old, new)
 
     if conflicts:
         files, ins, dels = await diff_stat(repo, base_c, branch_tip)
@@ -383,17 +398,11 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     if unchanged:
         return result(False, f"{into} already has the changes of {branch}; nothing to merge")
 
-    try:
-        (files, ins, dels), checkout = await concurrently(lambda: diff_stat(repo, old, new),
-                                                          lambda: _find_checkout(repo, into))
-    except MergeRefused as e:
-        if not dry_run:
-            raise
-        files, ins, dels = await diff_stat(repo, old, new)
-        return result(False, f"dry run: {strategy} would apply cleanly, but right now {e}",
-                      files=files, insertions=ins, deletions=dels)
+    files, ins, dels = stat
     counts = dict(files=files, insertions=ins, deletions=dels)
     try:
+        if refused:
+            raise refused
         if checkout:
             await _check_checkout(checkout, into, old, new)
     except MergeRefused as e:
