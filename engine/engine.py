@@ -605,6 +605,8 @@ class Engine:
         if top == str(path.resolve()):
             # Only a repo's own top is remembered: while `.git` is there, git says the same of it
             # whatever else changes (a subdirectory's answer would change with a `git init` inside it).
+            if len(self._tops) >= 1000:  # bounded, however many repos one server is asked about
+                self._tops.clear()
             self._tops[key] = top
         return top
 
