@@ -121,23 +121,28 @@ async def changes_in(repo: str | Path, branch: str, into: str, base: str | None 
                                               f"{base}^{{commit}}" if base else "")
     if tip is None or target is None:
         return False
-    ancestor, base = await concurrently(lambda: git_ok(repo, "merge-base", "--is-ancestor", tip, target),
-                                        lambda: _merge_base(repo, target, tip) if not base else _none(base_c))
-    if ancestor:
-        return True
-    if base is None:
-        return False  # unrelated histories (or a base that names no commit)
+    is_ancestor = lambda: git_ok(repo, "merge-base", "--is-ancestor", tip, target)  # noqa: E731
+    if base and base_c is None:
+        return await is_ancestor()  # a base that names no commit
     # Enough, and far cheaper than a merge: no path the branch changed differs between its tip and
     # `into`. Then applying base..tip onto `into` changes nothing, so `into` has every change.
-    changed, differ = await concurrently(lambda: _paths(repo, base, tip), lambda: _paths(repo, tip, target))
-    if not changed & differ:
+    # Asked together with the ancestry when the base is known.
+    differ = lambda: _paths(repo, tip, target)  # noqa: E731
+    if base_c is None:
+        ancestor, base_c = await concurrently(is_ancestor, lambda: _merge_base(repo, target, tip))
+        if ancestor:
+            return True
+        if base_c is None:
+            return False  # unrelated histories
+        changed, differs = await concurrently(lambda: _paths(repo, base_c, tip), differ)
+    else:
+        ancestor, changed, differs = await concurrently(is_ancestor, lambda: _paths(repo, base_c, tip), differ)
+        if ancestor:
+            return True
+    if not changed & differs:
         return True
-    tree, conflicts = await _three_way(repo, base, target, tip)
+    tree, conflicts = await _three_way(repo, base_c, target, tip)
     return not conflicts and tree == await _tree(repo, target)
-
-
-async def _none(value: str | None) -> str | None:
-    return value
 
 
 async def _paths(repo: str | Path, a: str, b: str) -> set[str]:

@@ -133,3 +133,15 @@ async def test_commit_and_count_counts_what_the_branch_records_since_base(repo, 
     head = g(wt, "rev-parse", "HEAD")
     assert await Worktrees(root).commit_and_count(wt, "again", (".scratch",), base) == (files, ins, dels)
     assert g(wt, "rev-parse", "HEAD") == head
+
+
+async def test_changes_in_without_a_base_uses_the_merge_base_and_refuses_unrelated_or_unknown(repo, root):
+    branch, wt = attempt(repo, root, "t1", "claude", {"a.txt": edited(0, "agent")})
+    assert not await changes_in(repo, branch, "main")
+    g(repo, "cherry-pick", branch)
+    commit(repo, {"b.txt": "user\n"})
+    assert await changes_in(repo, branch, "main")
+    assert not await changes_in(repo, branch, "main", "no-such-base")
+    g(repo, "checkout", "-q", "--orphan", "lone")
+    commit(repo, {"a.txt": edited(0, "agent")}, "unrelated")
+    assert not await changes_in(repo, branch, "lone")  # no merge base: nothing can be shown to be in it
