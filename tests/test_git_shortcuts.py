@@ -138,8 +138,8 @@ async def test_commit_and_count_counts_what_the_branch_records_since_base(repo, 
 async def test_changes_in_without_a_base_uses_the_merge_base_and_refuses_unrelated_or_unknown(repo, root):
     branch, wt = attempt(repo, root, "t1", "claude", {"a.txt": edited(0, "agent")})
     assert not await changes_in(repo, branch, "main")
+    commit(repo, {"b.txt": "user\n"})  # first, so the cherry-pick is a new commit whatever the clock says
     g(repo, "cherry-pick", branch)
-    commit(repo, {"b.txt": "user\n"})
     assert await changes_in(repo, branch, "main")
     assert not await changes_in(repo, branch, "main", "no-such-base")
     g(repo, "checkout", "-q", "--orphan", "lone")
