@@ -188,9 +188,9 @@ async def _subdirs(path: Path) -> list[Path]:
 async def _repo_of(worktree: Path) -> Path | None:
     """The repository a worktree belongs to, or None when it is no (intact) git worktree."""
     try:
-        common = Path(await git(worktree, "rev-parse", "--path-format=absolute", "--git-common-dir"))
-        top = Path(await git(worktree, "rev-parse", "--show-toplevel"))
-    except GitError:
+        common, top = map(Path, (await git(worktree, "rev-parse", "--path-format=absolute", "--git-common-dir",
+                                           "--show-toplevel")).splitlines())
+    except (GitError, ValueError):
         return None
     if top != worktree:
         return None  # a plain directory inside some enclosing repository

@@ -32,7 +32,7 @@ from . import ports as ports_mod
 from . import pool as pool_mod
 from .config import Config, ConfigError, LiveConfig, config_path, home_dir
 from .events import Events, wait_for
-from .gitcmd import GitError, diff_stat, git, resolve_commit
+from .gitcmd import GitError, git, resolve_commit
 from .inputs import CouncilError, NotFound
 from .merge import STRATEGIES, MergeRefused, check_target, merge_branch
 from .models import (ACTIVE_TASK, AgentList, Attempt, AttemptState, CheckResult, Diff, GcReport, LogChunk,
@@ -122,6 +122,7 @@ class Engine:
         self._avail: dict[str, tuple[float, Availability]] = {}
         self._hosted: dict[str, Task] = {}
         self._scopes: dict[str, anyio.CancelScope] = {}
+        self._tops: dict[str, str] = {}  # repo path as given: its toplevel (see _toplevel)
         self._secrets: dict[str, list[str]] = {}  # per task: the values its agents' env holds as secrets
         # Our own secrets (API keys, tokens, passwords): never stored or shown, whoever prints them.
         self._own_secrets = secret_values(self.environ, min_len=8)
@@ -341,7 +342,8 @@ class Engine:
         try:
             result = await merge_branch(task.repo, branch=attempt.branch, base=task.base, into=into, strategy=strategy,
                                         message=message, task_id=task_id, agent=agent,
-                                        run_hooks=self.config.merge.run_hooks, dry_run=dry_run)
+                                        run_hooks=self.config.merge.run_hooks, dry_run=dry_run,
+                                        target_checked=True)
         except MergeRefused as e:
             return refuse(str(e))
         except GitError as e:  # e.g. another process merged or cleaned this task at the same moment
@@ -590,13 +592,23 @@ class Engine:
             if must_exist:
                 raise CouncilError(f"repo {str(repo)!r} is not an existing directory")
             return None
+        key = str(path)
+        if (cached := self._tops.get(key)) and (path / ".git").exists():
+            return cached
         top = await git(path, "rev-parse", "--show-toplevel", check=False)
         if not top:
             if must_exist:
                 raise CouncilError(f"repo {str(repo)!r} is not a git repository with a working tree "
                                    "(run `git init` there first; bare repositories are not supported)")
             return None
-        return str(Path(top).resolve())
+        top = str(Path(top).resolve())
+        if top == str(path.resolve()):
+            # Only a repo's own top is remembered: while `.git` is there, git says the same of it
+            # whatever else changes (a subdirectory's answer would change with a `git init` inside it).
+            if len(self._tops) >= 1000:  # bounded, however many repos one server is asked about
+                self._tops.clear()
+            self._tops[key] = top
+        return top
 
     # running a task
 
@@ -826,10 +838,9 @@ class Engine:
                 await self.worktrees.reset(path, task.base, tuple(work.keep_out))
         finally:
             with anyio.CancelScope(shield=True):  # whatever the agent did is kept, even when cancelled
-                await self.worktrees.commit_all(path, f"council {task.task_id}: {attempt.agent}\n\n{task.prompt.splitlines()[0][:200]}",
-                                                adapter.scratch + tuple(p.rstrip("/") for p in work.keep_out),
-                                                base=task.base)
-                files, attempt.insertions, attempt.deletions = await diff_stat(path, task.base, "HEAD")
+                files, attempt.insertions, attempt.deletions = await self.worktrees.commit_and_count(
+                    path, f"council {task.task_id}: {attempt.agent}\n\n{task.prompt.splitlines()[0][:200]}",
+                    adapter.scratch + tuple(p.rstrip("/") for p in work.keep_out), task.base)
                 attempt.files_changed = len(files)
         attempt.exit_code = result.exit_code
         attempt.error = outcome.error

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import anyio
@@ -42,6 +42,7 @@ _GIT_PASS = ("GIT_EXEC_PATH", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM", "GIT_CON
              "GIT_CEILING_DIRECTORIES")
 _GIT_FIXED = {"GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
 _IDENT = re.compile(r"(.+) <(.*)> \d+ [+-]\d{4}")
+_OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
 def git_env(environ: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
@@ -85,10 +86,12 @@ async def user_identity(cwd: str | Path) -> dict[str, str] | None:
     committer.* from the repo's, global and system config), as GIT_AUTHOR_* / GIT_COMMITTER_*
     variables; None when none is configured. git's guess from the host (root@host.(none)) is never
     taken, and the server's own GIT_AUTHOR_* variables never reach git (allow-listed environment)."""
+    roles = ("AUTHOR", "COMMITTER")
+    answers = await concurrently(*(lambda role=role: git(cwd, "-c", "user.useConfigOnly=true", "var",
+                                                         f"GIT_{role}_IDENT", check=False) for role in roles))
     env = {}
-    for role in ("AUTHOR", "COMMITTER"):
-        ident = _IDENT.fullmatch(await git(cwd, "-c", "user.useConfigOnly=true", "var", f"GIT_{role}_IDENT",
-                                           check=False))
+    for role, answer in zip(roles, answers):
+        ident = _IDENT.fullmatch(answer)
         if not ident:
             return None
         env[f"GIT_{role}_NAME"], env[f"GIT_{role}_EMAIL"] = ident.groups()
@@ -101,9 +104,44 @@ async def resolve_commit(cwd: str | Path, rev: str) -> str | None:
     return sha or None
 
 
+async def resolve_many(cwd: str | Path, *revs: str) -> list[str | None]:
+    """The object each rev names (`x^{commit}`, `x^{tree}` peel as in rev-parse), or None, from one
+    git process instead of one per rev: they sit on the path of every merge. A rev is read whole from
+    its own line, never as an option; one holding a newline or NUL names nothing."""
+    ok = [r for r in revs if r and "\n" not in r and "\0" not in r]
+    found: dict[str, str | None] = {}
+    if ok:
+        out = await git(cwd, "cat-file", "--batch-check=%(objectname)", input="".join(f"{r}\n" for r in ok).encode())
+        for rev, line in zip(ok, out.split("\n")):
+            found[rev] = line if _OID.fullmatch(line) else None
+    return [found.get(r) for r in revs]
+
+
+async def concurrently(*calls: Callable[[], Awaitable]) -> list:
+    """Each call's result, in order, the calls run at once (independent git questions: each is a
+    process start, so waiting for one before asking the next only adds their latencies). A failing
+    call's exception is raised as itself (the first in call order), once all have ended."""
+    results: list = [None] * len(calls)
+    errors: list[tuple[int, Exception]] = []
+
+    async def one(i: int) -> None:
+        try:
+            results[i] = await calls[i]()
+        except Exception as e:
+            errors.append((i, e))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(calls)):
+            tg.start_soon(one, i)
+    if errors:
+        raise min(errors, key=lambda pair: pair[0])[1]
+    return results
+
+
 async def numstat(cwd: str | Path, a: str, b: str) -> list[tuple[str, int | None, int | None]]:
-    """(path, insertions, deletions) of every file changed between two commits; a binary file's counts
-    are None. No textconv program runs (an agent can configure one) and paths are from the top."""
+    """(path, insertions, deletions) of every file changed between two commits (or, with a="--cached",
+    between commit b and the index); a binary file's counts are None. No textconv program runs (an
+    agent can configure one) and paths are from the top."""
     out = await git(cwd, "diff", "--numstat", "-z", "--no-renames", "--no-relative", "--no-textconv", a, b)
     found = []
     for rec in out.split("\0"):

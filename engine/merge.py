@@ -33,7 +33,8 @@ from pathlib import Path
 
 import anyio
 
-from engine.gitcmd import COUNCIL_ENV, COUNCIL_IDENTITY, GitError, diff_stat, git, git_ok, resolve_commit, user_identity
+from engine.gitcmd import (COUNCIL_ENV, COUNCIL_IDENTITY, GitError, concurrently, diff_stat, git, git_ok,
+                           resolve_many, user_identity)
 from engine.models import MergeResult
 
 __all__ = ["MergeRefused", "STRATEGIES", "check_target", "merge_branch", "changes_in"]
@@ -116,16 +117,39 @@ async def _three_way(repo: str | Path, base: str, ours: str, theirs: str) -> tup
 async def changes_in(repo: str | Path, branch: str, into: str, base: str | None = None) -> bool:
     """True when every change of base..branch is already in `into`, however it got there
     (merge, rebase, squash, cherry-pick). `base` defaults to their merge base."""
-    tip, target = await resolve_commit(repo, branch), await resolve_commit(repo, into)
+    tip, target, base_c = await resolve_many(repo, f"{branch}^{{commit}}", f"{into}^{{commit}}",
+                                              f"{base}^{{commit}}" if base else "")
     if tip is None or target is None:
         return False
-    if await git_ok(repo, "merge-base", "--is-ancestor", tip, target):
+    is_ancestor = lambda: git_ok(repo, "merge-base", "--is-ancestor", tip, target)  # noqa: E731
+    if base and base_c is None:
+        return await is_ancestor()  # a base that names no commit
+    # Enough, and far cheaper than a merge: no path the branch changed differs between its tip and
+    # `into`. Then applying base..tip onto `into` changes nothing, so `into` has every change.
+    # Asked together with the ancestry when the base is known.
+    differ = lambda: _paths(repo, tip, target)  # noqa: E731
+    if base_c is None:
+        ancestor, base_c = await concurrently(is_ancestor, lambda: _merge_base(repo, target, tip))
+        if ancestor:
+            return True
+        if base_c is None:
+            return False  # unrelated histories
+        changed, differs = await concurrently(lambda: _paths(repo, base_c, tip), differ)
+    else:
+        ancestor, changed, differs = await concurrently(is_ancestor, lambda: _paths(repo, base_c, tip), differ)
+        if ancestor:
+            return True
+    if not changed & differs:
         return True
-    base = await resolve_commit(repo, base) if base else await _merge_base(repo, target, tip)
-    if base is None:
-        return False  # unrelated histories
-    tree, conflicts = await _three_way(repo, base, target, tip)
+    tree, conflicts = await _three_way(repo, base_c, target, tip)
     return not conflicts and tree == await _tree(repo, target)
+
+
+async def _paths(repo: str | Path, a: str, b: str) -> set[str]:
+    """Paths that differ between two commits (content, mode or type)."""
+    out = await git(repo, "diff", "--name-only", "-z", "--no-renames", "--no-relative", "--no-ext-diff",
+                    "--no-textconv", a, b)
+    return {p for p in out.split("\0") if p}
 
 
 async def _rebase(repo: str | Path, base: str, branch_tip: str, onto: str, who: dict[str, str],
@@ -210,19 +234,29 @@ def _in_the_way(worktree: str, added: list[str], deleted: set[str]) -> list[str]
     return sorted(set(blocked))
 
 
+async def _checkout_or_refusal(repo: str | Path, into: str) -> tuple[str | None, MergeRefused | None]:
+    try:
+        return await _find_checkout(repo, into), None
+    except MergeRefused as e:
+        return None, e
+
+
 async def _check_checkout(worktree: str, into: str, old: str, new: str) -> None:
     """Refuse unless moving `into` from old to new in `worktree` is certain to lose nothing."""
-    busy = await _in_progress(await _git_dir(worktree))
+    git_dir, status, changes = await concurrently(
+        lambda: _git_dir(worktree),
+        lambda: git(worktree, "status", "--porcelain=v1", "-z", "--untracked-files=no", "--no-renames"),
+        lambda: git(worktree, "diff", "--name-status", "-z", "--no-renames", old, new))
+    busy = await _in_progress(git_dir)
     if busy:
         raise MergeRefused(f"{worktree} (on {into}) has an operation in progress ({', '.join(busy)}): "
                            "finish or abort it, then merge again")
-    dirty = [p for p in (await git(worktree, "status", "--porcelain=v1", "-z", "--untracked-files=no",
-                                   "--no-renames")).split("\0") if p]
+    dirty = [p for p in status.split("\0") if p]
     if dirty:
         shown = ", ".join(p[3:] for p in dirty[:5]) + (" ..." if len(dirty) > 5 else "")
         raise MergeRefused(f"{worktree} (on {into}) has uncommitted changes ({shown}): "
                            "commit or stash them, then merge again (or merge with --dry-run to preview)")
-    status = (await git(worktree, "diff", "--name-status", "-z", "--no-renames", old, new)).split("\0")
+    status = changes.split("\0")
     pairs = list(zip(status[0::2], status[1::2]))
     added = [p for s, p in pairs if s == "A"]
     deleted = {p for s, p in pairs if s == "D"}
@@ -244,13 +278,19 @@ async def check_target(repo: str | Path, into: str) -> str:
     if name.split("/", 1)[0].casefold() == "council" and "/" in name:
         raise MergeRefused(f"into {name!r} is one of the council's own attempt branches; "
                            "merge into a branch of yours (such as main) instead")
-    if await git(repo, "check-ref-format", "--branch", name, check=False) != name:
+    # Asked at once; the listing is only read once the name is known to be a valid branch name
+    # (which has no glob character, so the pattern matches that ref and the refs under it).
+    formatted, listed = await concurrently(
+        lambda: git(repo, "check-ref-format", "--branch", name, check=False),
+        lambda: git(repo, "for-each-ref", "--format=%(refname) %(symref)", f"refs/heads/{name}", check=False))
+    if formatted != name:
         raise MergeRefused(f"into {into!r} is not a valid branch name (no ~ ^ : .. @{{ or spaces); "
                            "give a local branch such as main")
-    if not await git_ok(repo, "show-ref", "--verify", "--quiet", f"refs/heads/{name}"):
+    found = dict(line.partition(" ")[::2] for line in listed.splitlines())
+    if f"refs/heads/{name}" not in found:
         raise MergeRefused(f"into {name!r}: there is no local branch of that name in {repo}; "
                            "create it first or pick another")
-    points_to = await git(repo, "symbolic-ref", "--quiet", f"refs/heads/{name}", check=False)
+    points_to = found[f"refs/heads/{name}"]
     if points_to:  # moving it would move another branch, behind the back of any checkout of that one
         raise MergeRefused(f"{name} is a symbolic ref to {points_to}; merge into that branch instead")
     return name
@@ -267,12 +307,12 @@ async def _save_old_tip(repo: str | Path, task_id: str, old: str, reflog: str,
     With `move` (ref, new) the target moves from `old` to `new` in the same transaction: both or
     neither. Raises GitError when git refuses for another reason than the name being taken.
     """
-    taken = set((await git(repo, "for-each-ref", "--format=%(refname)", BACKUP_PREFIX)).splitlines())
+    taken: set[str] | None = None  # listed only once the first name turns out to be taken
     n = 1
     while True:
         name = _backup_name(task_id, n)
         n += 1
-        if name in taken:
+        if taken is not None and name in taken:
             continue
         commands = f"create {name} {old}\n" + (f"update {move[0]} {move[1]} {old}\n" if move else "")
         try:
@@ -281,12 +321,14 @@ async def _save_old_tip(repo: str | Path, task_id: str, old: str, reflog: str,
         except GitError:
             if not await git_ok(repo, "show-ref", "--verify", "--quiet", name):
                 raise  # not a race for the name: the target moved, or git can't write refs
-            taken.add(name)  # another merge of this task took the name meanwhile
+            if taken is None:
+                taken = set((await git(repo, "for-each-ref", "--format=%(refname)", BACKUP_PREFIX)).splitlines())
+            taken.add(name)  # an earlier merge of this task, or one at the same moment, has the name
 
 
 async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, strategy: str = "squash",
                        message: str, task_id: str, agent: str | None = None, run_hooks: bool = False,
-                       dry_run: bool = False) -> MergeResult:
+                       dry_run: bool = False, target_checked: bool = False) -> MergeResult:
     """Bring `branch` (an attempt that started at `base`) into the local branch `into`.
 
     squash: one council commit on into's tip with the attempt's own changes (base..branch);
@@ -296,6 +338,7 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     given `agent`, `Council-Agent: <agent>`. `run_hooks` lets the update of a checkout run its hooks.
     Returns merged=True with `commit` the new tip and `backup_ref` at the old one, or merged=False
     with the reason (and `conflicts`); raises MergeRefused when the target can't move safely now.
+    `target_checked`: `into` is what check_target just returned (the caller asked it already).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
@@ -306,48 +349,65 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     for name in (branch, base):
         if "\0" in name or len(name.encode()) > _MAX_NAME:
             raise MergeRefused(f"{name[:80]!r} is not a commit or branch name")
-    into = await check_target(repo, into)
+    if not target_checked:
+        into = await check_target(repo, into)
     ref = f"refs/heads/{into}"
-    branch_tip, base_c, old = [await resolve_commit(repo, rev) for rev in (branch, base, ref)]
+    branch_tip, base_c, old = await resolve_many(repo, *(f"{rev}^{{commit}}" for rev in (branch, base, ref)))
     for name, value in ((branch, branch_tip), (base, base_c), (into, old)):
         if value is None:
             raise MergeRefused(f"{name} is not a commit or branch in {repo}")
+    # The trees of the commits just read (not of the names again: a ref may move meanwhile), the
+    # identity and where `into` is checked out, asked at once; a refusal from the last is raised
+    # where it always was, after the outcomes that need no checkout (no changes, conflicts).
+    (base_tree, tip_tree, old_tree), who, (checkout, refused) = await concurrently(
+        lambda: resolve_many(repo, *(f"{c}^{{tree}}" for c in (base_c, branch_tip, old))),
+        lambda: user_identity(repo), lambda: _checkout_or_refusal(repo, into))
 
     def result(merged: bool, text: str, **fields) -> MergeResult:
         return MergeResult(merged=merged, task_id=task_id, strategy=strategy, into=into,
                            dry_run=dry_run, message=text, **fields)
 
-    if await _tree(repo, base_c) == await _tree(repo, branch_tip):
+    if base_tree == tip_tree:
         return result(False, f"{branch} has no changes relative to the task's base; nothing to merge")
 
     trailers = [("Council-Task", task_id)] + ([("Council-Agent", agent)] if agent else [])
     message = with_trailers(message.strip() or f"cli-council: {strategy} {branch} (task {task_id})", trailers)
-    who = await user_identity(repo)
     as_council = "" if who else (f"; committed as cli-council <cli-council@localhost>: {repo} has no "
                                  "user.name/user.email configured (git config user.name/user.email sets them)")
     who = who or COUNCIL_ENV
     note = ""
-    if strategy == "squash":
-        tree, conflicts = await _three_way(repo, base_c, old, branch_tip)
-        new = await _commit(repo, tree, [old], message, env=who) if not conflicts else old
-    elif strategy == "merge":
-        tree, conflicts = await _merge_trees(repo, old, branch_tip)
-        new = await _commit(repo, tree, [old, branch_tip], message, env=who) if not conflicts else old
+    if strategy in ("squash", "merge"):
+        if strategy == "merge":
+            tree, conflicts = await _merge_trees(repo, old, branch_tip)
+        elif old == base_c:  # into has not moved since the task began: the result is the attempt's tree
+            tree, conflicts = tip_tree, []
+        else:
+            tree, conflicts = await _three_way(repo, base_c, old, branch_tip)
+        unchanged = not conflicts and tree == old_tree
+        parents = [old] if strategy == "squash" else [old, branch_tip]
+        if conflicts or unchanged:
+            new = old
+        else:  # the counts come from the tree the commit will have, while it is written
+            new, stat = await concurrently(lambda: _commit(repo, tree, parents, message, env=who),
+                                           lambda: diff_stat(repo, old, tree))
     else:
         new, conflicts, note = await _rebase(repo, base_c, branch_tip, old, who, trailers)
+        unchanged = not conflicts and await _tree(repo, new) == old_tree
+        stat = None if conflicts or unchanged else await diff_stat(repo, old, new)
 
     if conflicts:
         files, ins, dels = await diff_stat(repo, base_c, branch_tip)
         return result(False, f"{branch} conflicts with {into} in {len(conflicts)} file(s)"
                              f"{' (' + note + ')' if note else ''}; nothing was changed",
                       conflicts=conflicts, files=files, insertions=ins, deletions=dels)
-    if await _tree(repo, new) == await _tree(repo, old):
+    if unchanged:
         return result(False, f"{into} already has the changes of {branch}; nothing to merge")
 
-    files, ins, dels = await diff_stat(repo, old, new)
+    files, ins, dels = stat
     counts = dict(files=files, insertions=ins, deletions=dels)
     try:
-        checkout = await _find_checkout(repo, into)
+        if refused:
+            raise refused
         if checkout:
             await _check_checkout(checkout, into, old, new)
     except MergeRefused as e:

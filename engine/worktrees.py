@@ -8,7 +8,7 @@ from pathlib import Path
 
 import anyio
 
-from .gitcmd import COUNCIL_ENV, COUNCIL_IDENTITY, GitError, git
+from .gitcmd import COUNCIL_ENV, COUNCIL_IDENTITY, GitError, concurrently, diff_stat, git, git_ok
 
 
 async def scratch_excludes(path: Path, scratch: tuple[str, ...]) -> list[str]:
@@ -80,14 +80,35 @@ class Worktrees:
         itself (Auto-Claude's coder commits with `git add . ':!.auto-claude'`, which takes its root
         bookkeeping files along) are taken back to their state in base, so the branch's tree
         differs from base by the work alone."""
+        await self._stage(path, scratch, base)
+        return await self._commit_staged(path, message)
+
+    async def commit_and_count(self, path: Path, message: str, scratch: tuple[str, ...],
+                               base: str) -> tuple[list[str], int, int]:
+        """commit_all, then what the branch changed since `base`: (files, insertions, deletions).
+        The counts are read from the staged index, which is the tree the commit records, while the
+        commit is written: one git process less on the path from an agent's end to its result."""
+        await self._stage(path, scratch, base)
+        _, stat = await concurrently(lambda: self._commit_staged(path, message),
+                                     lambda: diff_stat(path, "--cached", base))
+        return stat
+
+    async def _stage(self, path: Path, scratch: tuple[str, ...], base: str | None) -> None:
         await git(path, "add", "-A", "--", ".", *await scratch_excludes(path, scratch))
         if base and scratch and await git(path, "diff", "--cached", "--name-only", "--no-renames", base, "--",
                                           *scratch):
             await git(path, "reset", "-q", base, "--", *scratch)
-        if not await git(path, "diff", "--cached", "--name-only"):
-            return False
+
+    async def _commit_staged(self, path: Path, message: str) -> bool:
+        # Committed straight away (one git process, not a `diff --cached` first): commit exits 1 when
+        # nothing is staged, and only then is the index asked whether that was the reason.
         # The variables beat a repo's author.name / committer.name, which beat user.name.
-        await git(path, *COUNCIL_IDENTITY, "commit", "--quiet", "--no-verify", "-m", message, env=COUNCIL_ENV)
+        try:
+            await git(path, *COUNCIL_IDENTITY, "commit", "--quiet", "--no-verify", "-m", message, env=COUNCIL_ENV)
+        except GitError as e:
+            if e.code == 1 and await git_ok(path, "diff", "--cached", "--quiet"):
+                return False
+            raise
         return True
 
     async def reset(self, path: Path, base: str, keep: tuple[str, ...] = ()) -> None:
