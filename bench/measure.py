@@ -7,6 +7,7 @@ over stdio, and returns plain figures (seconds, MB, counts) for the report.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -80,24 +81,59 @@ async def fanout(world: World, repos: dict[str, Path], samples: int) -> dict:
     async with world.serve("fanout", config) as s:
         for size, src in repos.items():
             floors, engine, submits = [], [], []
-            for k in range(samples):  # interleaved: floor, engine, floor, engine, ...
+            for k in range(samples):  # interleaved, the order alternating: floor, engine, engine, floor, ...
                 where = world.root / f"fan-{size}-{k}"
                 where.mkdir()
                 floor_repo = fresh_clone(src, where / "floor-repo", world.env)
-                floors.append(await anyio.to_thread.run_sync(parallel_floor, floor_repo, where, world.env))
                 repo = fresh_clone(src, where / "repo", world.env)
-                for n in names:
-                    (stamps / n).unlink(missing_ok=True)
-                t0 = time.time()
-                call_s, task = await s.timed("submit_task", repo=str(repo), prompt="start", agents=names)
-                engine.append(await _stamps([stamps / n for n in names]) - t0)
-                submits.append(call_s)
-                await s.finish(task["task_id"])
-                await s.call("discard_task", task_id=task["task_id"])
+
+                async def floor() -> None:
+                    await anyio.to_thread.run_sync(settle)
+                    floors.append(await anyio.to_thread.run_sync(parallel_floor, floor_repo, where, world.env))
+
+                async def ours() -> None:
+                    for n in names:
+                        (stamps / n).unlink(missing_ok=True)
+                    await anyio.to_thread.run_sync(settle)
+                    t0 = time.time()
+                    call_s, task = await s.timed("submit_task", repo=str(repo), prompt="start", agents=names)
+                    engine.append(await _stamps([stamps / n for n in names]) - t0)
+                    submits.append(call_s)
+                    await s.finish(task["task_id"])
+                    await s.call("discard_task", task_id=task["task_id"])
+
+                for part in ((floor, ours) if k % 2 == 0 else (ours, floor)):
+                    await part()
                 await anyio.to_thread.run_sync(shutil.rmtree, where)  # 20,000-file checkouts add up
             out[size] = {"floor_s": median(floors), "engine_s": median(engine), "submit_s": median(submits),
                          "floor_samples": floors, "engine_samples": engine}
     return out
+
+
+def settle() -> None:
+    """Write back what earlier steps left dirty (clones, removed checkouts), so that a sample pays
+    for its own disk writes only, whichever ran before it."""
+    os.sync()
+
+
+async def pool_full(home: Path, size: int, within: float = 300) -> None:
+    """Until the server's warm pool holds `size` checked-out entries (worktrees/pool/<owner>/<id>)
+    and no git is still writing one, plus a moment for the pool to note them ready."""
+    deadline = time.monotonic() + within
+    entries = home / "worktrees" / "pool"
+    while time.monotonic() < deadline:
+        ready = [e for e in entries.glob("*/*") if (e / ".git").is_file()]
+        if len(ready) >= size and not any(_locked(e) for e in ready):
+            await anyio.sleep(0.3)
+            return
+        await anyio.sleep(0.05)
+    raise TimeoutError(f"the warm pool did not fill to {size} within {within:g} s")
+
+
+def _locked(worktree: Path) -> bool:
+    """Whether git still holds the worktree's index lock (its checkout is running)."""
+    gitdir = Path(worktree.joinpath(".git").read_text().split(":", 1)[1].strip())
+    return (gitdir / "index.lock").exists() or not (gitdir / "index").exists()
 
 
 async def warm_fanout(world: World, repos: dict[str, Path], samples: int) -> dict:
@@ -115,7 +151,9 @@ async def warm_fanout(world: World, repos: dict[str, Path], samples: int) -> dic
             for k in range(samples + 1):  # the first task makes the pool; it is not counted
                 for n in names:
                     (stamps / n).unlink(missing_ok=True)
-                await anyio.sleep(2 if k else 0)  # let the pool refill in the background
+                if k:  # the pool refills in the background: measure a full one
+                    await pool_full(s.home, AGENTS)
+                await anyio.to_thread.run_sync(settle)
                 t0 = time.time()
                 task = await s.call("submit_task", repo=str(repo), prompt="start", agents=names)
                 started = await _stamps([stamps / n for n in names]) - t0

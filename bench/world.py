@@ -78,12 +78,12 @@ class World:
     @asynccontextmanager
     async def serve(self, name: str, config: dict) -> AsyncIterator["Session"]:
         """A fresh `cli-council serve` (its own council home) with `config`, and a client session to it."""
-        params = StdioServerParameters(command=PY, args=["-m", "server.cli", "serve"],
-                                       env=self.server_env(name, config), cwd=str(ROOT))
+        env = self.server_env(name, config)
+        params = StdioServerParameters(command=PY, args=["-m", "server.cli", "serve"], env=env, cwd=str(ROOT))
         before = set(_children())
         async with Client(params) as client:
             pids = [p for p in _children() if p not in before] or _children()
-            yield Session(client, pids[0] if pids else None)
+            yield Session(client, pids[0] if pids else None, Path(env["CLI_COUNCIL_HOME"]))
 
 
 class ToolFailed(RuntimeError):
@@ -91,9 +91,10 @@ class ToolFailed(RuntimeError):
 
 
 class Session:
-    def __init__(self, client: Client, pid: int | None):
+    def __init__(self, client: Client, pid: int | None, home: Path):
         self.client = client
         self.pid = pid
+        self.home = home  # the server's CLI_COUNCIL_HOME
 
     async def call(self, tool: str, **args) -> dict:
         r = await self.client.call_tool(tool, args)
