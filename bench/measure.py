@@ -136,6 +136,12 @@ def _locked(worktree: Path) -> bool:
     return (gitdir / "index.lock").exists() or not (gitdir / "index").exists()
 
 
+async def _pool_hits(s, task_id: str) -> int:
+    """How many of the task's attempts say in their log that their worktree came from the pool."""
+    chunk = await s.call("stream_logs", task_id=task_id, limit=5000)
+    return len({line["agent"] for line in chunk["lines"] if "ready from the warm pool" in line["text"]})
+
+
 async def warm_fanout(world: World, repos: dict[str, Path], samples: int) -> dict:
     """As fanout, with `[pool] size = 4`: ready worktrees made ahead."""
     stamps = world.root / "warm-stamps"
@@ -147,7 +153,7 @@ async def warm_fanout(world: World, repos: dict[str, Path], samples: int) -> dic
     async with world.serve("warm", config) as s:
         for size, src in repos.items():
             repo = fresh_clone(src, world.root / f"warm-{size}", world.env)
-            times = []
+            times, hits = [], []
             for k in range(samples + 1):  # the first task makes the pool; it is not counted
                 for n in names:
                     (stamps / n).unlink(missing_ok=True)
@@ -157,11 +163,15 @@ async def warm_fanout(world: World, repos: dict[str, Path], samples: int) -> dic
                 t0 = time.time()
                 task = await s.call("submit_task", repo=str(repo), prompt="start", agents=names)
                 started = await _stamps([stamps / n for n in names]) - t0
+                await s.finish(task["task_id"])
                 if k:
                     times.append(started)
-                await s.finish(task["task_id"])
+                    hits.append(await _pool_hits(s, task["task_id"]))
                 await s.call("discard_task", task_id=task["task_id"])
-            out[size] = {"engine_s": median(times), "samples": times}
+            # The figure is of takes from the pool: a sample where an agent got a fresh worktree
+            # (the pool had not verified its entries yet) is reported beside it, not in it.
+            warm = [t for t, h in zip(times, hits) if h == AGENTS]
+            out[size] = {"engine_s": median(warm), "samples": times, "pool_hits": hits}
     return out
 
 
