@@ -4,7 +4,8 @@ A fresh worktree of a real project costs a checkout plus the repo's setup (`npm 
 The pool keeps `[pool] size` worktrees per repo made ahead at the repo's HEAD with the setup
 already run, refilled in the background (in the Engine's task group) after each take. Taking one
 moves it to the attempt's path and branch (`git worktree move`, then `git checkout -b BRANCH BASE`,
-which rewrites only the files that differ) and verifies it clean before the agent starts: HEAD at
+which rewrites only the files that differ; an entry whose setup ran is only used at the commit it
+ran at, as its output may depend on any file) and verifies it clean before the agent starts: HEAD at
 the base, and `git status` showing exactly what its setup left. Anything else (a stray file, a
 setup that changed since the entry was made, git refusing) discards the entry and the attempt gets
 a fresh worktree. An entry is used once: a taken worktree never returns to the pool.
@@ -163,7 +164,7 @@ class Pool:
                 if (repo, head, ws.setup) in self._failed:
                     return  # it would fail again: the attempts run it themselves and say why
                 entries = self._entries.setdefault(repo, [])
-                for old in [e for e in entries if e.setup != ws.setup]:  # made with another setup: never used
+                for old in [e for e in entries if not _fits(e, head, ws)]:  # another setup, or its output is stale
                     entries.remove(old)
                     await self._discard(old.repo, old.path)
                 if len(entries) >= config.pool.size:
@@ -224,8 +225,8 @@ class Pool:
 
     async def _take(self, repo: str, task_id: str, agent: str, base: str, ws: WorktreeSetup) -> Workspace | None:
         entries = self._entries.get(repo, [])
-        fits = [e for e in entries if e.setup == ws.setup]
-        for old in [e for e in entries if e.setup != ws.setup]:  # made with another setup: never used
+        fits = [e for e in entries if _fits(e, base, ws)]
+        for old in [e for e in entries if not _fits(e, base, ws)]:  # never used: the refill replaces them
             entries.remove(old)
             if self._tg is not None:
                 self._tg.start_soon(self._discard, old.repo, old.path)
@@ -285,6 +286,12 @@ class Pool:
         for left in await _subdirs(self.dir):
             await _remove_dir(left)
         await anyio.to_thread.run_sync(_rmdirs, self.dir)
+
+
+def _fits(entry: Entry, base: str, ws: WorktreeSetup) -> bool:
+    """Made with this setup, and at this base unless there is no setup: what a setup made (say
+    node_modules from a lockfile) may depend on any file, so it is not carried to another commit."""
+    return entry.setup == ws.setup and (entry.base == base or not ws.setup)
 
 
 async def _retried(repo: str, *args: str) -> str:

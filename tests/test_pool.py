@@ -158,22 +158,36 @@ async def test_entries_made_with_another_setup_are_not_used(council_home, repo):
 
 
 async def test_an_entry_made_at_an_older_base_is_moved_touching_only_the_files_that_differ(council_home, repo, tmp_path):
-    stamps = tmp_path / "stamps"
-    probe = "import os; print(*(os.stat(f).st_mtime_ns for f in ('README.md', 'app.py')))"
-    commit_repo_file(repo, f"[worktree]\nsetup = \"{sys.executable} -c \\\"{probe}\\\" >> {stamps}\"\n")
     async with pool_engine(council_home, {"obs": observer()}) as engine:
         top = (await run(engine, repo)).repo
         await until(lambda: engine.pool.ready(top) == 2, "the pool filled")
-        # the cold attempt's and the pool entries' stamps, in any order
-        made = [tuple(map(int, line.split())) for line in stamps.read_text().splitlines()]
+        made = {p: os.stat(p / "README.md").st_mtime_ns for p in pool_entries(council_home)}
         (repo / "app.py").write_text("def add(a, b):\n    return a + b\n")
         git(repo, "commit", "-qam", "fix add")
         task = await run(engine, repo)
         assert any(AHEAD in n for n in await notes(engine, task.task_id))
         files = seen(repo, task.attempt("obs").branch)["files"]
         assert files["app.py"]["text"].endswith("a + b\n"), "the entry was moved to the task's base"
-        assert files["README.md"]["mtime_ns"] in {m[0] for m in made}, "an unchanged file was not rewritten"
-        assert files["app.py"]["mtime_ns"] not in {m[1] for m in made}
+        assert files["README.md"]["mtime_ns"] in made.values(), "an unchanged file was not rewritten"
+
+
+async def test_an_entry_whose_setup_ran_is_not_carried_to_another_commit(council_home, repo):
+    """What a setup made (node_modules from a lockfile) may depend on any file: a new base gets a
+    fresh worktree and setup, and the refill replaces the stale entries."""
+    commit_repo_file(repo, '[worktree]\nsetup = "mkdir -p node_modules; cat app.py > node_modules/built"\n')
+    async with pool_engine(council_home, {"obs": observer()}) as engine:
+        top = (await run(engine, repo)).repo
+        await until(lambda: engine.pool.ready(top) == 2, "the pool filled")
+        (repo / "app.py").write_text("def add(a, b):\n    return a + b\n")
+        git(repo, "commit", "-qam", "fix add")
+        task = await run(engine, repo)
+        assert not any(AHEAD in n for n in await notes(engine, task.task_id))
+        built = seen(repo, task.attempt("obs").branch)["files"]["node_modules/built"]["text"]
+        assert built.endswith("a + b\n"), "the setup ran at the task's base"
+        await until(lambda: engine.pool.ready(top) == 2 and not engine.pool.filling(top), "the pool refilled")
+        task = await run(engine, repo)
+        assert any(AHEAD in n for n in await notes(engine, task.task_id))
+        assert seen(repo, task.attempt("obs").branch)["files"]["node_modules/built"]["text"].endswith("a + b\n")
 
 
 CRASHING_SERVER = textwrap.dedent("""
