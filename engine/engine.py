@@ -775,6 +775,7 @@ class Engine:
                     attempt.duration_s = round(time.monotonic() - t0, 3)
                     attempt.finished_at = now()
                 task.total_cost_usd = round(sum(a.cost_usd or 0.0 for a in task.attempts), 6)
+                self.pool.want(self.config, task.repo)  # also when its agent never started
                 if leased := self._leases.pop((task.task_id, attempt.agent), None):
                     await anyio.to_thread.run_sync(self.ports.release, leased)
                 if attempt.state in (AttemptState.succeeded, AttemptState.failed, AttemptState.timed_out):
@@ -935,6 +936,8 @@ class Engine:
         marker = f"{task.task_id}.{agent}.{role}.{uuid.uuid4().hex[:8]}"
 
         async def on_start(pgid: int) -> None:
+            if role == "agent":  # the refill's checkout waits until it no longer slows this start
+                self.pool.want(self.config, task.repo)
             await self.store.set_proc(task.task_id, agent, pgid, runner.proc_start_time(pgid), marker=marker, role=role)
 
         try:

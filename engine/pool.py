@@ -18,6 +18,7 @@ gone, and stops any setup it left running (its run marker is `pool.<owner>.<id>`
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 import uuid
@@ -92,9 +93,9 @@ class Pool:
     async def checkout(self, config: Config, repo: str, task_id: str, agent: str, base: str,
                        ws: WorktreeSetup) -> Workspace:
         """The attempt's worktree at `base` on its branch: a verified pool entry when one fits, else
-        a fresh `Worktrees.add`. Either way the pool is refilled in the background."""
+        a fresh `Worktrees.add`. The caller asks for the refill (`want`) once its agent has started:
+        a refill's checkout beside the agents' starts slows them down."""
         taken = await self._take(repo, task_id, agent, base, ws)
-        self.want(config, repo)
         if taken is not None:
             return taken
         path, branch = await self.worktrees.add(repo, task_id, agent, base)
@@ -215,6 +216,12 @@ class Pool:
             except setup.SetupFailed as e:
                 logger.warning("warm pool for %s: %s", repo, e)
                 return None
+            # git trusts a file's cached stat only when the file is older than the index, to the second:
+            # an index written in the second of the checkout leaves every file "racily clean", re-read
+            # by each later status (40 ms on 3,000 files, at the take, on the path of the agent's
+            # start). Refreshed in a later second, the index makes the take's check a stat per file.
+            await anyio.sleep(math.floor(time.time()) + 1.01 - time.time())
+            await git(path, "update-index", "-q", "--refresh", check=False)  # 1 when the setup changed files
             output = await setup.untracked_and_changed(path)
             ok = True
             return Entry(repo=repo, base=base, path=path, setup=ws.setup, output=output, lines=lines)
