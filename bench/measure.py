@@ -20,7 +20,7 @@ import anyio
 
 from . import load
 from .repos import fresh_clone
-from .world import EDITOR, FLOOD, PY, QUICK, SLEEPER, STAMP, TICKER, World, agent
+from .world import EDITOR, FLOOD, QUICK, SLEEPER, STAMP, TICKER, World, agent, run_program
 
 AGENTS = 4
 
@@ -64,7 +64,7 @@ def parallel_floor(repo: Path, root: Path, env: dict[str, str]) -> float:
             subprocess.run(["git", "branch", "-D", f"floor/{i}"], cwd=repo, env=env, capture_output=True)
         else:
             raise RuntimeError(done.stderr.decode())
-        subprocess.run([PY, "-c", STAMP, str(stamps[i])], cwd=wt, env=env, check=True)
+        subprocess.run(run_program(STAMP, str(stamps[i])), cwd=wt, env=env, check=True)
 
     t0 = time.time()
     with ThreadPoolExecutor(AGENTS) as pool:
@@ -116,24 +116,33 @@ def settle() -> None:
     os.sync()
 
 
-async def pool_full(home: Path, size: int, within: float = 300) -> None:
-    """Until the server's warm pool holds `size` checked-out entries (worktrees/pool/<owner>/<id>)
-    and no git is still writing one, plus a moment for the pool to note them ready."""
+async def pool_full(home: Path, repo: Path, size: int, within: float = 300) -> None:
+    """Until the server's warm pool holds `size` checked-out entries of `repo` (worktrees/pool/<owner>/<id>)
+    and no git is still writing one, plus the moment the pool takes to note them ready (it refreshes
+    an entry's index in the second after its checkout, then checks it)."""
     deadline = time.monotonic() + within
     entries = home / "worktrees" / "pool"
     while time.monotonic() < deadline:
-        ready = [e for e in entries.glob("*/*") if (e / ".git").is_file()]
+        ready = [e for e in entries.glob("*/*") if _git_dir(e) and _git_dir(e).is_relative_to(repo / ".git")]
         if len(ready) >= size and not any(_locked(e) for e in ready):
-            await anyio.sleep(0.3)
+            await anyio.sleep(1.5)
             return
         await anyio.sleep(0.05)
     raise TimeoutError(f"the warm pool did not fill to {size} within {within:g} s")
 
 
+def _git_dir(worktree: Path) -> Path | None:
+    """The worktree's private git dir (under its repo's .git/worktrees), from its `.git` file."""
+    try:
+        return Path(worktree.joinpath(".git").read_text().split(":", 1)[1].strip())
+    except (OSError, IndexError):
+        return None
+
+
 def _locked(worktree: Path) -> bool:
     """Whether git still holds the worktree's index lock (its checkout is running)."""
-    gitdir = Path(worktree.joinpath(".git").read_text().split(":", 1)[1].strip())
-    return (gitdir / "index.lock").exists() or not (gitdir / "index").exists()
+    gitdir = _git_dir(worktree)
+    return gitdir is None or (gitdir / "index.lock").exists() or not (gitdir / "index").exists()
 
 
 async def _pool_hits(s, task_id: str) -> int:
@@ -158,7 +167,7 @@ async def warm_fanout(world: World, repos: dict[str, Path], samples: int) -> dic
                 for n in names:
                     (stamps / n).unlink(missing_ok=True)
                 if k:  # the pool refills in the background: measure a full one
-                    await pool_full(s.home, AGENTS)
+                    await pool_full(s.home, repo, AGENTS)
                 await anyio.to_thread.run_sync(settle)
                 t0 = time.time()
                 task = await s.call("submit_task", repo=str(repo), prompt="start", agents=names)
@@ -236,7 +245,7 @@ async def logs(world: World, repo_src: Path, ticks: int, flood_lines: int) -> di
 async def pipe_latency(ticks: int, cwd: Path) -> list[float]:
     """The floor of log latency: the same ticker read straight from its pipe by this process."""
     got = []
-    async with await anyio.open_process([PY, "-c", TICKER, str(ticks), "0.02"], cwd=cwd) as proc:
+    async with await anyio.open_process(run_program(TICKER, str(ticks), "0.02"), cwd=cwd) as proc:
         buf = b""
         async for chunk in proc.stdout:
             now = time.time()
