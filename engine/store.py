@@ -277,30 +277,14 @@ class Store:
     # figures for /metrics and `cli-council stats`
 
     async def figures(self) -> dict[str, Any]:
-        """Aggregates over every stored task, computed by SQLite (JSON1) without building a Task per row:
-        tasks by state, attempts by agent and state (count, cost, tokens, retries), finished attempts'
-        durations, escalated tasks, worktrees of running attempts and stored log lines. A row whose
-        JSON is damaged is left out."""
-        attempts = ("SELECT json_extract(a.value, '$.agent') AS agent, json_extract(a.value, '$.state') AS state,"
-                    " json_extract(a.value, '$.stage') AS stage, json_extract(a.value, '$.cost_usd') AS cost,"
-                    " json_extract(a.value, '$.tokens_in') AS tin, json_extract(a.value, '$.tokens_out') AS tout,"
-                    " json_extract(a.value, '$.retries') AS retries, json_extract(a.value, '$.duration_s') AS dur,"
-                    " json_extract(a.value, '$.worktree') AS wt, t.task_id AS task_id, t.state AS task_state"
-                    " FROM tasks t, json_each(t.data, '$.attempts') a WHERE json_valid(t.data)")
-
+        """What /metrics and `stats` aggregate, read in one go: tasks by state, each readable task's state
+        with its attempts as JSON (SQLite cuts them out of the row: prompts stay in the database), and
+        the stored log lines. A row whose JSON is damaged is left out."""
         def read(db) -> dict[str, Any]:
             return {
                 "tasks": db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall(),
-                "attempts": db.execute(
-                    f"SELECT agent, state, COUNT(*), COALESCE(SUM(cost), 0), COALESCE(SUM(tin), 0),"
-                    f" COALESCE(SUM(tout), 0), COALESCE(SUM(retries), 0) FROM ({attempts}) GROUP BY agent, state"
-                ).fetchall(),
-                "durations": db.execute(f"SELECT agent, dur FROM ({attempts}) WHERE dur IS NOT NULL").fetchall(),
-                "escalations": db.execute(
-                    f"SELECT COUNT(DISTINCT task_id) FROM ({attempts}) WHERE stage > 0").fetchone()[0],
-                "worktrees_in_use": db.execute(
-                    f"SELECT COUNT(*) FROM ({attempts}) WHERE wt IS NOT NULL AND state = 'running'"
-                    " AND task_state IN ('queued', 'running')").fetchone()[0],
+                "attempts": db.execute("SELECT state, json_extract(data, '$.attempts') FROM tasks"
+                                       " WHERE json_valid(data)").fetchall(),
                 # seqs run 1..n per task, so the last is the count: one index seek per task, no log scan
                 "log_lines": db.execute("SELECT COALESCE(SUM((SELECT MAX(seq) FROM logs WHERE logs.task_id ="
                                         " tasks.task_id)), 0) FROM tasks").fetchone()[0],
