@@ -34,6 +34,7 @@ logger = logging.getLogger("cli_council.events")
 
 OTHERS_POLL_S = 0.25  # how soon a subscriber hears of a change another process made
 MAX_PENDING = 256  # distinct (kind, task) events a subscriber may have waiting before one is dropped
+CHANGES_PAGE = 500  # task rows read per query by the store watcher
 MAX_KNOWN = 10_000  # tasks whose last published rev/seq is remembered (forgetting one only risks a repeat)
 ACTIVE = frozenset({"queued", "running"})
 
@@ -206,22 +207,27 @@ class Events:
     async def _publish_others(self, store: "Store", rev: int, running: set[str], merged: set[str]) -> int:
         from .models import Task  # a lazy import keeps this module free of the models at import time
 
-        rows = await store.changed_since(rev)
-        for task_id, row_rev, state, data in rows:
-            rev = max(rev, row_rev)
-            (running.add if state in ACTIVE else running.discard)(task_id)
-            if self._revs.get(task_id, 0) >= row_rev:
-                continue  # published here when it was written
-            try:
-                task = Task.model_validate_json(data)
-            except ValueError:
-                continue  # a row this version cannot read: nobody here can show it either
-            _remember(self._revs, task_id, row_rev)
-            self.emit(Event.of_task(task, local=False))
-            if state == "merged" and task_id not in merged:
-                merged.add(task_id)
-                self.emit(Event("merge", task_id, commit=task.merge_commit, local=False))
-        for task_id, seq in (await store.last_seqs(sorted(running | {r[0] for r in rows}))).items():
+        changed: set[str] = set()
+        while True:  # a page at a time, until the newest row
+            page = await store.changed_since(rev, CHANGES_PAGE)
+            changed.update(row[0] for row in page)
+            for task_id, row_rev, state, data in page:
+                rev = max(rev, row_rev)
+                (running.add if state in ACTIVE else running.discard)(task_id)
+                if self._revs.get(task_id, 0) >= row_rev:
+                    continue  # published here when it was written
+                try:
+                    task = Task.model_validate_json(data)
+                except ValueError:
+                    continue  # a row this version cannot read: nobody here can show it either
+                _remember(self._revs, task_id, row_rev)
+                self.emit(Event.of_task(task, local=False))
+                if state == "merged" and task_id not in merged:
+                    merged.add(task_id)
+                    self.emit(Event("merge", task_id, commit=task.merge_commit, local=False))
+            if len(page) < CHANGES_PAGE:
+                break
+        for task_id, seq in (await store.last_seqs(sorted(running | changed))).items():
             if seq > self._seqs.get(task_id, 0):
                 self.emit(Event("logs", task_id, seq=seq, local=False))
         return rev
