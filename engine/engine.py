@@ -31,7 +31,7 @@ from . import diffs, inputs, judge, routing, runner
 from . import ports as ports_mod
 from . import pool as pool_mod
 from .config import Config, ConfigError, LiveConfig, config_path, home_dir
-from .events import Events, wait_for
+from .events import Event, Events, wait_for
 from .gitcmd import GitError, git, resolve_commit
 from .inputs import CouncilError, NotFound
 from .merge import STRATEGIES, MergeRefused, check_target, merge_branch
@@ -105,10 +105,12 @@ class Engine:
         self.home = home or home_dir(self.environ)
         self.store = Store(self.home / "council.db")
         self.others_poll_s = OTHERS_POLL_S
-        self.events = Events()  # a task id is published when its record or its stored lines change here
+        # Wake-ups and the event stream: task records, stored log batches and merges, here and elsewhere.
+        self.events = Events()
         self.logbook = Logbook(self.store, max_bytes=self.config.engine.log_max_bytes,
                                max_lines=self.config.engine.log_max_lines, on_flush=self.events.publish,
-                               hurry=self.events.waited_on)
+                               hurry=self.events.waited_on,
+                               on_stored=lambda tid, seq: self.events.emit(Event("logs", tid, seq=seq), wake=False))
         self.worktrees = Worktrees(self.home / "worktrees")
         self.owner = _self_owner()
         self.repo_configs = RepoConfigs()
@@ -157,6 +159,7 @@ class Engine:
             self.pool.start(self._tg)
         self._tg.start_soon(self._watch_cancel_requests)
         self._tg.start_soon(self.logbook.run)
+        self._tg.start_soon(self.events.follow_store, self.store)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -190,7 +193,7 @@ class Engine:
             await self.store.clear_procs(task_id)
             task.state = TaskState.interrupted
             task.finished_at = now()
-            await self.store.save_task(task)
+            self.events.emit(Event.of_task(task), rev=await self.store.save_task(task))
             found.append(task_id)
         return found
 
@@ -204,7 +207,8 @@ class Engine:
             raise RuntimeError("Engine must be entered (async with Engine() as engine) before submit")
         task = await self._new_task(repo, prompt, agents, tier, base, check, timeout_s, budget_usd)
         self._hosted[task.task_id] = task
-        await self.store.save_task(task, owner=self.owner)
+        rev = await self.store.save_task(task, owner=self.owner)
+        self.events.emit(Event.of_task(task), rev=rev)
         self._tg.start_soon(self._run_task, task, agents)
         return task.model_copy(deep=True)
 
@@ -356,6 +360,7 @@ class Engine:
         task.state, task.merge_commit = TaskState.merged, result.commit
         await self._note(task, f"merged {agent} into {into} ({strategy}): {result.commit}")
         await self._save(task)
+        self.events.emit(Event("merge", task_id, agent=agent, commit=result.commit))
         if cleanup:
             for a in task.attempts:
                 try:
@@ -980,8 +985,8 @@ class Engine:
 
     async def _save(self, task: Task) -> None:
         self._scrub(task)
-        await self.store.save_task(task)
-        self.events.publish(task.task_id)
+        rev = await self.store.save_task(task)
+        self.events.emit(Event.of_task(task), rev=rev)
 
     async def _host_alive(self, task_id: str) -> bool:
         for tid, pid, start in await self.store.owners([s.value for s in ACTIVE_TASK]):

@@ -81,12 +81,15 @@ class Tail:
 
 class Logbook:
     def __init__(self, store: Store, *, max_bytes: int, max_lines: int, on_flush: Callable[[str], None],
-                 hurry: Callable[[str], bool] = lambda task_id: False):
-        """on_flush(task_id) after a task's lines are stored; hurry(task_id): someone waits for them."""
+                 hurry: Callable[[str], bool] = lambda task_id: False,
+                 on_stored: Callable[[str, int], None] | None = None):
+        """on_flush(task_id) after a task's lines are stored, then on_stored(task_id, last seq) (the
+        event stream); hurry(task_id): someone waits for them."""
         self.store = store
         self.max_bytes = max_bytes
         self.max_lines = max_lines
         self.on_flush = on_flush
+        self.on_stored = on_stored
         self.hurry = hurry
         self._tails: OrderedDict[str, Tail] = OrderedDict()
         self._buf: dict[str, list[LogRow]] = {}
@@ -171,6 +174,8 @@ class Logbook:
                     while len(self._tails) > TAIL_TASKS:
                         self._tails.popitem(last=False)
                     self.on_flush(tid)
+                    if self.on_stored is not None:
+                        self.on_stored(tid, last)
 
     async def close(self) -> None:
         """Write everything still buffered; call it after cancelling run(), before the store closes."""

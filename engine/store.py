@@ -29,7 +29,7 @@ logger = logging.getLogger("cli_council.store")
 # (agent, stream, text, ts) as the engine hands lines to append_logs.
 LogRow = tuple[str, str, str, "datetime | str"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -79,7 +79,14 @@ def _migrate_v1(db: sqlite3.Connection) -> None:
         db.execute("DROP TABLE procs_v0")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1]  # MIGRATIONS[n] takes version n to n+1
+def _migrate_v2(db: sqlite3.Connection) -> None:
+    """Each task row gets a revision, the highest in the table at each save: another process finds
+    what changed since its last look with one index range (Events.follow_store)."""
+    db.execute("ALTER TABLE tasks ADD COLUMN rev INTEGER NOT NULL DEFAULT 0")
+    db.execute("CREATE INDEX IF NOT EXISTS tasks_by_rev ON tasks (rev)")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1, _migrate_v2]  # MIGRATIONS[n] takes version n to n+1
 
 
 class UnreadableTask(ValueError):
@@ -161,15 +168,19 @@ class Store:
 
     # tasks
 
-    async def save_task(self, task: Task, owner: tuple[int, int | None] | None = None) -> None:
-        def save(db, data, state):
-            db.execute(
-                "INSERT INTO tasks (task_id, repo, state, created_at, data, owner_pid, owner_start)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(task_id) DO UPDATE SET"
-                " state=excluded.state, data=excluded.data",
-                (task.task_id, task.repo, state, task.created_at.isoformat(), data,
-                 owner[0] if owner else None, owner[1] if owner else None))
-        await self._call(save, task.model_dump_json(), task.state.value)
+    async def save_task(self, task: Task, owner: tuple[int, int | None] | None = None) -> int:
+        """Insert or update the task; returns the revision the row now has."""
+        def save(db, data, state) -> int:
+            with _write(db):  # the revision is read and used under one write lock
+                rev = db.execute("SELECT COALESCE(MAX(rev), 0) + 1 FROM tasks").fetchone()[0]
+                db.execute(
+                    "INSERT INTO tasks (task_id, repo, state, created_at, data, owner_pid, owner_start, rev)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(task_id) DO UPDATE SET"
+                    " state=excluded.state, data=excluded.data, rev=excluded.rev",
+                    (task.task_id, task.repo, state, task.created_at.isoformat(), data,
+                     owner[0] if owner else None, owner[1] if owner else None, rev))
+            return rev
+        return await self._call(save, task.model_dump_json(), task.state.value)
 
     async def get_task(self, task_id: str) -> Task | None:
         """The task, None if there is none; UnreadableTask if its stored row cannot be read."""
@@ -242,6 +253,43 @@ class Store:
         while await self._call(delete_chunk) >= chunk:
             pass
         await self._call(delete_rest)
+
+    # changes, for a process following what others write (Events.follow_store)
+
+    async def data_version(self) -> int:
+        """A number that changes when another connection (process) commits, and only then."""
+        return await self._call(lambda db: db.execute("PRAGMA data_version").fetchone()[0])
+
+    async def max_rev(self) -> int:
+        return await self._call(lambda db: db.execute("SELECT COALESCE(MAX(rev), 0) FROM tasks").fetchone()[0])
+
+    async def changed_since(self, rev: int, limit: int = 1000) -> list[tuple[str, int, str, str]]:
+        """(task_id, rev, state, data) of the rows saved after revision `rev`, oldest first."""
+        return await self._call(lambda db: db.execute(
+            "SELECT task_id, rev, state, data FROM tasks WHERE rev > ? ORDER BY rev LIMIT ?", (rev, limit)).fetchall())
+
+    async def last_seqs(self, task_ids: list[str]) -> dict[str, int]:
+        """The last stored log seq of each task that has lines (one index seek each)."""
+        def read(db) -> dict[str, int]:
+            return {tid: seq for tid in task_ids if (seq := _last_seq(db, tid))}
+        return await self._call(read) if task_ids else {}
+
+    # figures for /metrics and `cli-council stats`
+
+    async def figures(self) -> dict[str, Any]:
+        """What /metrics and `stats` aggregate, read in one go: tasks by state, each readable task's state
+        with its attempts as JSON (SQLite cuts them out of the row: prompts stay in the database), and
+        the stored log lines. A row whose JSON is damaged is left out."""
+        def read(db) -> dict[str, Any]:
+            return {
+                "tasks": db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall(),
+                "attempts": db.execute("SELECT state, json_extract(data, '$.attempts') FROM tasks"
+                                       " WHERE json_valid(data)").fetchall(),
+                # seqs run 1..n per task, so the last is the count: one index seek per task, no log scan
+                "log_lines": db.execute("SELECT COALESCE(SUM((SELECT MAX(seq) FROM logs WHERE logs.task_id ="
+                                        " tasks.task_id)), 0) FROM tasks").fetchone()[0],
+            }
+        return await self._call(read)
 
     # logs
 

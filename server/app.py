@@ -2,8 +2,9 @@
 
 Each tool is a thin typed wrapper over an Engine method and returns the engine's pydantic model as
 its structured result, so the MCP surface and `cli-council ... --json` are the same documents.
-The Engine lives in the server's lifespan: one per process, shared by every client, and leaving the
-lifespan (stdin closed, SIGINT/SIGTERM, HTTP shutdown) stops the attempts that are still running.
+The Engine lives in the server's lifespan (on HTTP, the outer app's, so that /metrics and other routes
+reach it too): one per process, shared by every client, and leaving the lifespan (stdin closed,
+SIGINT/SIGTERM, HTTP shutdown) stops the attempts that are still running.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import signal
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -34,13 +35,16 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 from mcp.shared.exceptions import MCPError
 from mcp.server.mcpserver.tools import Tool
 from pydantic import ConfigDict, Field
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp
 
 from engine.config import Config, load_config
 from engine.engine import CouncilError, Engine, NotFound
 from engine.diffs import MAX_BYTES as MAX_DIFF_BYTES
 from engine.models import ACTIVE_TASK, AgentList, Diff, GcReport, LogChunk, MergeResult, Task, TaskList
 
-from . import auth, http_transport, stdio_transport, text
+from . import auth, http_transport, metrics, stdio_transport, text
 
 logger = logging.getLogger("cli_council.server")
 
@@ -115,21 +119,22 @@ class Updates:
                 self.subscribers[uri].discard(conn)
 
     async def _follow(self, task: Task) -> None:
-        cursor = 0
+        """Announce the task's changes from the engine's event stream, at most every NOTIFY_MIN_INTERVAL_S
+        (events meanwhile coalesce in the subscription), until it ends."""
         try:
-            while True:
-                # Lines stay batched for a follower (it coalesces anyway); a stream_logs reader hurries them.
-                chunk = await self.engine.logs(task.task_id, cursor=cursor, wait_s=1, limit=5000, hurry=False)
+            async with self.engine.events.subscribe(task.task_id) as sub:
+                # Subscribed: a change from here on is an event; one made before is read now.
                 now = await self.engine.get(task.task_id)
-                if chunk.lines:
-                    cursor = chunk.next_cursor
-                    await self.announce(logs_uri(task.task_id))
                 if now != task:
-                    task = now
                     await self.announce(task_uri(task.task_id))
-                if task.state not in ACTIVE_TASK:
-                    return
-                await anyio.sleep(NOTIFY_MIN_INTERVAL_S)
+                while now.state in ACTIVE_TASK:
+                    kinds = {e.kind for e in await sub.batch()}
+                    if kinds & {"logs", "gap"}:
+                        await self.announce(logs_uri(task.task_id))
+                    if kinds & {"task", "merge", "gap"}:
+                        now = await self.engine.get(task.task_id)
+                        await self.announce(task_uri(task.task_id))
+                    await anyio.sleep(NOTIFY_MIN_INTERVAL_S)
         except Exception:  # notifications are best effort; they must never take the server down
             logger.exception("following task %s for resource notifications failed", task.task_id)
         finally:
@@ -458,17 +463,22 @@ class CouncilServer(MCPServer):
         return await super().read_resource(uri, context)
 
 
-def build_server(config: Config | None = None, home: Path | None = None, require_roots: bool = False) -> MCPServer:
+def build_server(config: Config | None = None, home: Path | None = None, require_roots: bool = False,
+                 engine: Callable[[], Engine] | None = None) -> MCPServer:
     """The server, not yet running. Config and state directory default to the environment's, read when the
-    lifespan starts (never at import); tests pass their own. require_roots: see Engine."""
+    lifespan starts (never at import); tests pass their own. require_roots: see Engine.
+    engine: the running Engine of an outer lifespan that enters it before this one and leaves it after
+    (build_http_app); None: this server's lifespan runs its own."""
     bus = InMemorySubscriptionBus()
 
     @asynccontextmanager
     async def lifespan(_server: MCPServer):
-        async with Engine(config=config, home=home, require_roots=require_roots) as engine, \
-                anyio.create_task_group() as tg:
-            yield Council(engine=engine, updates=Updates(engine=engine, bus=bus, tg=tg))
-            tg.cancel_scope.cancel()  # stop following tasks before the engine stops them
+        async with AsyncExitStack() as stack:
+            running = engine() if engine is not None else await stack.enter_async_context(
+                Engine(config=config, home=home, require_roots=require_roots))
+            async with anyio.create_task_group() as tg:
+                yield Council(engine=running, updates=Updates(engine=running, bus=bus, tg=tg))
+                tg.cancel_scope.cancel()  # stop following tasks before the engine stops them
 
     server = CouncilServer("cli-council", title="cli-council", version=_version(), instructions=INSTRUCTIONS,
                        lifespan=lifespan, subscriptions=bus, log_level="WARNING")
@@ -487,6 +497,44 @@ def build_server(config: Config | None = None, home: Path | None = None, require
     lowlevel.add_request_handler("resources/subscribe", types.SubscribeRequestParams, _subscribe)
     lowlevel.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, _unsubscribe)
     return server
+
+
+def routes(get_engine: Callable[[], Engine], token: str | None) -> list[BaseRoute]:
+    """The HTTP routes beside /mcp, each reaching the Engine through get_engine(). The one place to add one."""
+    return [metrics.route(get_engine)]
+
+
+def build_http_app(host: str, token: str | None, *, config: Config | None = None, home: Path | None = None,
+                   require_roots: bool = False,
+                   extra_routes: Callable[[Callable[[], Engine], str | None], list[BaseRoute]] = routes) -> ASGIApp:
+    """The ASGI app `serve --transport http` runs: /mcp and extra_routes(get_engine, token), behind the
+    Host/Origin check, the message vetting and, when a token is set, the bearer token (every route).
+    The Engine lives in this app's lifespan: entered before the MCP sessions start and left after
+    they stop, so every route reaches the same one; get_engine() fails outside that span."""
+    holder: list[Engine] = []
+
+    def get_engine() -> Engine:
+        if not holder:
+            raise RuntimeError("the engine is not running (the server is starting or stopping)")
+        return holder[0]
+
+    server = build_server(config=config, home=home, require_roots=require_roots, engine=get_engine)
+    security = auth.security_settings(host)
+    mcp_app = server.streamable_http_app(host=host, transport_security=security,
+                                         max_request_body_size=http_transport.MAX_BODY_BYTES)
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette):
+        async with Engine(config=config, home=home, require_roots=require_roots) as engine:
+            holder.append(engine)
+            try:
+                async with mcp_app.router.lifespan_context(mcp_app):
+                    yield
+            finally:
+                holder.clear()
+
+    app = Starlette(routes=[*mcp_app.routes, *extra_routes(get_engine, token)], lifespan=lifespan)
+    return auth.protect(http_transport.VetMessages(http_transport.CheckHost(app, security)), token)
 
 
 # Running it.
@@ -541,12 +589,10 @@ def serve(transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -
     auth.check_bind(host, token, config.server.allowed_roots)
     header_timeout_s, body_timeout_s = http_transport.timeouts(os.environ)
     sockets = http_transport.bind(host, port)
-    server = build_server(require_roots=not auth.is_loopback(host))
-    app = server.streamable_http_app(host=host, transport_security=auth.security_settings(host),
-                                     max_request_body_size=http_transport.MAX_BODY_BYTES)
+    app = build_http_app(host, token, require_roots=not auth.is_loopback(host))
     shown = f"[{host}]" if ":" in host else host
     banner = (f"cli-council: MCP on http://{shown}:{sockets[0].getsockname()[1]}/mcp"
               + (" (bearer token required)" if token else ""))
-    return http_transport.run(auth.protect(http_transport.VetMessages(app), token), sockets,
+    return http_transport.run(app, sockets,
                               header_timeout_s=header_timeout_s,
                               body_timeout_s=body_timeout_s, banner=banner)

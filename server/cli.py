@@ -19,9 +19,10 @@ from pydantic import BaseModel
 
 from engine import agents as agents_mod
 from engine import diffs
-from engine.config import TIERS, ConfigError, load_config
+from engine.config import TIERS, ConfigError, home_dir, load_config
 from engine.engine import CouncilError, Engine
 from engine.models import ACTIVE_TASK, Task, TaskState
+from engine.store import Store
 
 from . import text
 
@@ -109,6 +110,9 @@ def parser() -> argparse.ArgumentParser:
     dc = sub.add_parser("discard", help="remove a finished task's worktrees and branches (cancel it first)")
     dc.add_argument("task_id")
     dc.add_argument("--json", action="store_true")
+
+    sa = sub.add_parser("stats", help="the council's figures (tasks, attempts, cost, tokens), as /metrics serves them")
+    sa.add_argument("--json", action="store_true", help="print them as one JSON document")
 
     g = sub.add_parser("gc", help="prune finished worktrees, orphaned branches and dead processes")
     g.add_argument("--older-than", type=float, dest="older_than_s", metavar="SECONDS",
@@ -287,9 +291,22 @@ async def cmd_doctor(args) -> int:
     return 0 if any(r["ok"] and r["enabled"] for r in rows) else 1
 
 
+async def cmd_stats(args) -> int:
+    """Reads the store only: no engine, so nothing is recovered or started by looking."""
+    from . import metrics  # prometheus_client is loaded only by the commands that use it
+
+    store = Store(home_dir() / "council.db")
+    try:
+        figures = await metrics.stats(store)
+    finally:
+        await store.close()
+    emit(figures) if args.json else print(metrics.table(figures))
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "status": cmd_status, "logs": cmd_logs, "merge": cmd_merge,
             "cancel": cmd_cancel, "gc": cmd_gc, "diff": cmd_diff, "discard": cmd_discard}
-NO_ENGINE = {"doctor": cmd_doctor, "agents": cmd_agents}  # they read the config, not the store
+NO_ENGINE = {"doctor": cmd_doctor, "agents": cmd_agents, "stats": cmd_stats}  # no engine: they start nothing
 
 
 async def amain(args) -> int:

@@ -22,7 +22,9 @@ import anyio
 import h11
 import mcp_types as types
 import uvicorn
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from starlette.datastructures import Headers
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -228,6 +230,22 @@ class VetMessages:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+class CheckHost:
+    """ASGI middleware: the SDK's Host/Origin check (against DNS rebinding) for every route, not only /mcp
+    (which checks again): a page a browser loads from a rebound name must not read /metrics either."""
+
+    def __init__(self, app: ASGIApp, settings: TransportSecuritySettings):
+        self.app = app
+        self.check = TransportSecurityMiddleware(settings)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refused = await self.check.validate_request(Request(scope))
+            if refused is not None:
+                return await refused(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 async def _reply(error: types.JSONRPCError, status: int, scope: Scope, receive: Receive, send: Send) -> None:
