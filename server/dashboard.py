@@ -98,7 +98,7 @@ def _count(value: str | None, name: str, default: int) -> int:
     """A non-negative integer query value (a cursor, a limit); CouncilError (400) if it is not one."""
     if value is None:
         return default
-    if not (value.isdigit() and len(value) <= 15):
+    if not (value.isascii() and value.isdigit() and len(value) <= 15):
         raise CouncilError(f"{name} must be a whole number, got {value[:40]!r}")
     return int(inputs.number(name, int(value), low=0, high=inputs.MAX_CURSOR))
 
