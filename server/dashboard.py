@@ -35,7 +35,6 @@ from engine.config import ConfigError, load_config
 from engine.engine import Engine
 from engine import inputs
 from engine.inputs import CouncilError, NotFound
-from engine.models import ACTIVE_TASK
 
 from . import auth, http_transport
 

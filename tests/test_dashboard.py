@@ -17,7 +17,6 @@ from pathlib import Path
 
 import anyio
 import httpx
-import pytest
 import uvicorn
 
 from engine.models import TaskState

@@ -200,7 +200,7 @@ function taskPage() {
     if (task.check) bits.push("check: " + task.check);
     if (task.merge_commit) bits.push("merged as " + task.merge_commit.slice(0, 12));
     $("meta").textContent = bits.join(" · ");
-    $("best").textContent = task.best ? "Best: " + task.best + (task.best_reason ? ", " + task.best_reason : "")
+    $("best").textContent = task.best ? "Best: " + task.best + (task.best_reason ? ". Why: " + task.best_reason : "")
       : task.best_reason ? "No best attempt: " + task.best_reason : "";
     $("problem").hidden = !task.error;
     $("problem").textContent = task.error ? task.error.kind + ": " + task.error.message : "";
@@ -220,7 +220,7 @@ function taskPage() {
     for (const ln of lines) {
       log.append(h("div", { class: "line stream-" + token(ln.stream), "data-agent": ln.agent, "data-seq": ln.seq,
                             hidden: !!only && ln.agent !== only, title: ln.ts },
-        h("span", { class: "who", text: ln.agent + (ln.stream === "stdout" ? "" : "/" + ln.stream) }),
+        h("span", { class: "who", text: ln.agent + (ln.stream === "stdout" || ln.stream === ln.agent ? "" : "/" + ln.stream) }),
         h("span", { class: "text", text: ln.text })));
     }
     while (log.childElementCount > MAX_LOG_LINES) log.firstElementChild.remove();
@@ -263,7 +263,7 @@ function taskPage() {
     notice("merging…");
     try {
       const result = await post(api + "/attempts/" + encodeURIComponent(agent) + "/merge");
-      notice(result.message, !result.merged);
+      notice((result.merged ? "merged: " : "not merged: ") + result.message, !result.merged);
     } catch (e) {
       notice("merge refused: " + e.message, true);
     }
