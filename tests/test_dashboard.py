@@ -309,3 +309,29 @@ def test_dashboard_command_refuses_a_public_bind_without_a_token():
     done = subprocess.run([sys.executable, "-m", "server.cli", "dashboard", "--host", "0.0.0.0", "--port", "0"],
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "CLI_COUNCIL_TOKEN" in done.stderr, done.stderr
+
+
+async def test_open_event_streams_are_capped_and_a_closed_one_frees_its_place(make_engine, repo, tmp_path, monkeypatch):
+    monkeypatch.setattr(dashboard, "MAX_STREAMS", 2)
+    release = tmp_path / "release"
+    async with make_engine({"slow": gated(release)}) as engine, dashboard_on(engine) as http:
+        task = await engine.submit(str(repo), "take your time", agents=["slow"])
+        url = f"/api/tasks/{task.task_id}/events"
+
+        async def first_event(r: httpx.Response) -> str:
+            async for event, _, _ in sse(r):
+                return event
+
+        with anyio.fail_after(60):
+            async with http.stream("GET", url) as one, http.stream("GET", url) as two:
+                assert await first_event(one) == await first_event(two) == "task"  # both streams are open
+                r = await http.get(url)
+                assert r.status_code == 503 and "live views" in r.json()["error"]
+            for _ in range(3):  # a closed stream gives its place back (once the server hears it close)
+                while True:
+                    async with http.stream("GET", url) as again:
+                        if again.status_code != 503:
+                            assert again.status_code == 200 and await first_event(again) == "task"
+                            break
+                    await anyio.sleep(0.05)
+        release.touch()
