@@ -31,9 +31,9 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine import inputs
 from engine.config import ConfigError, load_config
 from engine.engine import Engine
-from engine import inputs
 from engine.inputs import CouncilError, NotFound
 
 from . import auth, http_transport
