@@ -54,6 +54,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=port_number, default=8765, help="TCP port for http (0: any free port)")
 
+    db = sub.add_parser("dashboard", help="serve the live dashboard on its own (what `serve --transport http` has at /)",
+                        description="Serve the dashboard (task list, live logs, diffs; cancel and merge when signed "
+                                    "in with CLI_COUNCIL_TOKEN) over the tasks every process on this machine shares.")
+    db.add_argument("--host", default="127.0.0.1")
+    db.add_argument("--port", type=port_number, default=8766, help="TCP port (0: any free port)")
+
     d = sub.add_parser("doctor", help="which agents are usable here, and what to do about the rest")
     d.add_argument("--json", action="store_true")
 
@@ -322,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "serve":
             from .app import serve
             return serve(args.transport, args.host, args.port)
+        if args.cmd == "dashboard":
+            from .dashboard import serve as serve_dashboard
+            return serve_dashboard(args.host, args.port)
         return anyio.run(amain, args)
     except (CouncilError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
