@@ -44,7 +44,7 @@ from engine.engine import CouncilError, Engine, NotFound
 from engine.diffs import MAX_BYTES as MAX_DIFF_BYTES
 from engine.models import ACTIVE_TASK, AgentList, Diff, GcReport, LogChunk, MergeResult, Task, TaskList
 
-from . import auth, http_transport, metrics, stdio_transport, text
+from . import auth, dashboard, http_transport, metrics, stdio_transport, text
 
 logger = logging.getLogger("cli_council.server")
 
@@ -499,16 +499,17 @@ def build_server(config: Config | None = None, home: Path | None = None, require
     return server
 
 
-def routes(get_engine: Callable[[], Engine], token: str | None) -> list[BaseRoute]:
+def routes(get_engine: Callable[[], Engine], token: str | None, host: str) -> list[BaseRoute]:
     """The HTTP routes beside /mcp, each reaching the Engine through get_engine(). The one place to add one."""
-    return [metrics.route(get_engine)]
+    return [metrics.route(get_engine), *dashboard.routes(get_engine, token, host=host)]
 
 
 def build_http_app(host: str, token: str | None, *, config: Config | None = None, home: Path | None = None,
                    require_roots: bool = False,
-                   extra_routes: Callable[[Callable[[], Engine], str | None], list[BaseRoute]] = routes) -> ASGIApp:
-    """The ASGI app `serve --transport http` runs: /mcp and extra_routes(get_engine, token), behind the
-    Host/Origin check, the message vetting and, when a token is set, the bearer token (every route).
+                   extra_routes: Callable[[Callable[[], Engine], str | None, str], list[BaseRoute]] = routes) -> ASGIApp:
+    """The ASGI app `serve --transport http` runs: /mcp and extra_routes(get_engine, token, host), behind the
+    Host/Origin check, the message vetting and, when a token is set, the bearer token (every route but the
+    dashboard's, which reads without it and checks it itself for what changes anything).
     The Engine lives in this app's lifespan: entered before the MCP sessions start and left after
     they stop, so every route reaches the same one; get_engine() fails outside that span."""
     holder: list[Engine] = []
@@ -533,8 +534,9 @@ def build_http_app(host: str, token: str | None, *, config: Config | None = None
             finally:
                 holder.clear()
 
-    app = Starlette(routes=[*mcp_app.routes, *extra_routes(get_engine, token)], lifespan=lifespan)
-    return auth.protect(http_transport.VetMessages(http_transport.CheckHost(app, security)), token)
+    app = Starlette(routes=[*mcp_app.routes, *extra_routes(get_engine, token, host)], lifespan=lifespan)
+    return auth.protect(http_transport.VetMessages(http_transport.CheckHost(app, security)), token,
+                        own_auth=dashboard.own_path)
 
 
 # Running it.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mcp.server.transport_security import TransportSecuritySettings
@@ -71,14 +71,16 @@ def security_settings(host: str) -> TransportSecuritySettings:
 
 
 class BearerToken:
-    """ASGI middleware: every HTTP request must carry `Authorization: Bearer <token>`, else 401."""
+    """ASGI middleware: every HTTP request must carry `Authorization: Bearer <token>`, else 401; except
+    paths for which `own_auth(path)` is true: their routes check the token themselves (the dashboard)."""
 
-    def __init__(self, app: ASGIApp, token: str):
+    def __init__(self, app: ASGIApp, token: str, own_auth: Callable[[str], bool] = lambda path: False):
         self.app = app
         self.expected = f"Bearer {token}".encode()
+        self.own_auth = own_auth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not self.own_auth(scope["path"]):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 # A JSON-RPC error body: MCP clients show its message instead of a bare "error response".
@@ -91,5 +93,5 @@ class BearerToken:
         await self.app(scope, receive, send)
 
 
-def protect(app: ASGIApp, token: str | None) -> ASGIApp:
-    return BearerToken(app, token) if token else app
+def protect(app: ASGIApp, token: str | None, own_auth: Callable[[str], bool] = lambda path: False) -> ASGIApp:
+    return BearerToken(app, token, own_auth) if token else app

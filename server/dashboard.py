@@ -138,6 +138,11 @@ async def task_stream(engine: Engine, task_id: str, cursor: int) -> AsyncIterato
             return
 
 
+def own_path(path: str) -> bool:
+    """Whether a request path is the dashboard's: its routes check the token themselves (reading needs none)."""
+    return path == "/" or path.startswith(("/tasks/", "/api/", "/static/"))
+
+
 def routes(get_engine: Callable[[], Engine], token: str | None, host: str = "127.0.0.1") -> list[BaseRoute]:
     """The dashboard's pages and API. `host` is the bound host: it decides which Host headers are answered
     (as for /mcp). Mount these where no other auth middleware runs: reading needs no token."""

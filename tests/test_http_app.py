@@ -4,6 +4,8 @@ and Host check guard that route as they guard /mcp."""
 
 from __future__ import annotations
 
+import json
+
 import anyio
 import httpx
 import httpx2
@@ -22,12 +24,12 @@ from tests.conftest import fake
 TOKEN = "token-for-the-http-app"
 
 
-def with_hosted(get_engine, token):
+def with_hosted(get_engine, token, host):
     """The default routes plus one that shows which tasks the running Engine hosts."""
     async def hosted(_request: Request) -> JSONResponse:
         return JSONResponse(sorted(get_engine()._hosted))
 
-    return [*routes(get_engine, token), Route("/hosted", hosted)]
+    return [*routes(get_engine, token, host), Route("/hosted", hosted)]
 
 
 async def test_a_route_beside_mcp_reaches_the_engine_the_tools_use(council_home, repo):
@@ -56,6 +58,13 @@ async def test_a_route_beside_mcp_reaches_the_engine_the_tools_use(council_home,
                         metrics = await http.get("/metrics", headers=auth)
                         assert 'council_tasks_total{state="running"} 1.0' in metrics.text or \
                                'council_tasks_total{state="queued"} 1.0' in metrics.text
+                        # The dashboard rides on the same Engine: it reads without the token, and
+                        # refuses to change anything without it.
+                        assert (await http.get("/")).status_code == 200
+                        listed = (await http.get("/api/tasks")).json()
+                        assert task_id in json.dumps(listed)
+                        assert (await http.post(f"/api/tasks/{task_id}/cancel")).status_code == 401
+                        assert (await http.get("/metrics")).status_code == 401
                         await client.call_tool("cancel_task", {"task_id": task_id})
         finally:
             server.should_exit = True
