@@ -210,6 +210,12 @@ class Engine:
         rev = await self.store.save_task(task, owner=self.owner)
         self.events.emit(Event.of_task(task), rev=rev)
         self._tg.start_soon(self._run_task, task, agents)
+        # Asked while the attempts take their worktrees, not before: a status of the user's checkout
+        # stats every file (23 ms on 3,000, 56 ms on 20,000), and only warns. Later saves record it.
+        if base is None and await git(task.repo, "status", "--porcelain", "--untracked-files=no", check=False):
+            task.warnings.append(f"the checkout has uncommitted changes; the agents start from the last commit "
+                                 f"({task.base[:12]}) and do not see them: commit them first if they matter")
+            await self._save(task)  # the run may already have saved its last state
         return task.model_copy(deep=True)
 
     async def get(self, task_id: str) -> Task:
@@ -539,7 +545,7 @@ class Engine:
         repo = inputs.repo_path(repo, config.server.allowed_roots)
         top = await self._toplevel(repo)
         ref = base or "HEAD"
-        # Three questions to git at once: they are on the path of every submit_task call.
+        # Two questions to git at once: they are on the path of every submit_task call.
         found: dict[str, str | None] = {}
 
         async def ask(key: str, question) -> None:
@@ -548,8 +554,6 @@ class Engine:
         async with anyio.create_task_group() as tg:
             tg.start_soon(ask, "commit", lambda: resolve_commit(top, ref))
             tg.start_soon(ask, "into", lambda: git(top, "symbolic-ref", "--quiet", "--short", "HEAD", check=False))
-            if base is None:
-                tg.start_soon(ask, "dirty", lambda: git(top, "status", "--porcelain", "--untracked-files=no", check=False))
         commit = found["commit"]
         if not commit:
             raise CouncilError(f"base {ref!r} does not resolve to a commit in {top}" if base else
@@ -559,10 +563,6 @@ class Engine:
             await self.repo_configs.settings(config, top, commit)
         except ConfigError as e:
             raise CouncilError(str(e)) from None
-        warnings = []
-        if found.get("dirty"):
-            warnings.append(f"the checkout has uncommitted changes; the agents start from the last commit "
-                            f"({commit[:12]}) and do not see them: commit them first if they matter")
         why = "explicit agents" if agents else "given"
         if tier is None and not agents:
             tier, why = routing.classify(prompt)
@@ -576,7 +576,7 @@ class Engine:
             self._check_command_line(config, agent, prompt, check, timeout_s, budget_usd, tier)
         return Task(task_id=uuid.uuid4().hex[:12], repo=top, base=commit, into=into, prompt=prompt, tier=tier, tier_reason=why,
                     agents=[a for stage in plan for a in stage], check=check,
-                    timeout_s=timeout_s, budget_usd=budget_usd, warnings=warnings,
+                    timeout_s=timeout_s, budget_usd=budget_usd,
                     attempts=[Attempt(agent=a, stage=0) for a in plan[0]])
 
     def _check_command_line(self, config: Config, agent: str, prompt: str, check, timeout_s: float, budget_usd,

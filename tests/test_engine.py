@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from engine.engine import CouncilError, NotFound
-from engine.models import AttemptState, TaskState
+from engine.models import ACTIVE_TASK, AttemptState, TaskState
 
 from conftest import fake, git, pid_running
 
@@ -259,3 +259,18 @@ async def test_a_prompt_too_large_for_one_argument_is_refused(make_engine, repo)
     async with make_engine({"one": fake("--write", "x=1")}) as engine:
         with pytest.raises(CouncilError, match="limit is 120000"):
             await engine.submit(str(repo), "x" * 130_000, agents=["one"])
+
+
+async def test_a_dirty_checkout_is_warned_of_in_the_answer_and_in_the_stored_task(make_engine, repo):
+    """The dirty check runs beside the attempts' start: its warning still reaches the caller and the
+    stored task; a task on an explicit base is not warned."""
+    (repo / "README.md").write_text("# changed, not committed\n")
+    agents = {"gone": {"kind": "command", "argv": ["/nonexistent/agent"]}}
+    async with make_engine(agents) as engine:
+        task = await engine.submit(str(repo), "do it", agents=["gone"])
+        assert any("uncommitted changes" in w for w in task.warnings), task.warnings
+        done = await engine.wait(task.task_id, wait_s=30)
+        assert done.state not in ACTIVE_TASK
+        assert any("uncommitted changes" in w for w in done.warnings), done.warnings
+        clean = await engine.submit(str(repo), "do it", agents=["gone"], base="HEAD")
+        assert clean.warnings == []
