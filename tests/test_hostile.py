@@ -134,7 +134,9 @@ class McpWorld(World):
     """The in-memory server plus the tasks some cases need: two finished ones and a running one."""
 
     def start(self) -> None:
-        cfg = parse_config({"engine": {"kill_grace_s": 1}, "agents": AGENTS,
+        # No warm pool: its refills run on their own schedule (after each attempt) and would land in
+        # the snapshots that prove a refused call changed nothing; tests/test_pool.py covers it.
+        cfg = parse_config({"engine": {"kill_grace_s": 1}, "agents": AGENTS, "pool": {"size": 0},
                             "server": {"allowed_roots": [str(self.allowed)]}})
         self.mem = InMemory(cfg, self.home)
         self._done: list[str] = []
