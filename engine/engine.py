@@ -212,7 +212,11 @@ class Engine:
         self._tg.start_soon(self._run_task, task, agents)
         # Asked while the attempts take their worktrees, not before: a status of the user's checkout
         # stats every file (23 ms on 3,000, 56 ms on 20,000), and only warns. Later saves record it.
-        if base is None and await git(task.repo, "status", "--porcelain", "--untracked-files=no", check=False):
+        try:
+            dirty = base is None and await git(task.repo, "status", "--porcelain", "--untracked-files=no", check=False)
+        except OSError:  # the checkout went away meanwhile: the task is started, the warning moot
+            dirty = False
+        if dirty:
             task.warnings.append(f"the checkout has uncommitted changes; the agents start from the last commit "
                                  f"({task.base[:12]}) and do not see them: commit them first if they matter")
             await self._save(task)  # the run may already have saved its last state
