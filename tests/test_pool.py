@@ -171,6 +171,19 @@ async def test_an_entry_made_at_an_older_base_is_moved_touching_only_the_files_t
         assert files["README.md"]["mtime_ns"] in made.values(), "an unchanged file was not rewritten"
 
 
+async def test_a_ready_entry_has_no_racily_clean_file(council_home, repo):
+    """git re-reads, at every status, a file whose mtime is not older than the index to the second: an
+    entry's index is refreshed in a later second than its checkout, so the take's check only stats files."""
+    async with pool_engine(council_home, {"obs": observer()}) as engine:
+        top = (await run(engine, repo)).repo
+        await until(lambda: engine.pool.ready(top) == 2 and not engine.pool.filling(top), "the pool filled")
+        for entry in pool_entries(council_home):
+            gitdir = Path((entry / ".git").read_text().split(":", 1)[1].strip())
+            index_s = int(os.stat(gitdir / "index").st_mtime)
+            files = [entry / f for f in git(entry, "ls-files", "-z").split("\0") if f]
+            assert files and all(int(os.stat(f).st_mtime) < index_s for f in files), entry
+
+
 async def test_an_entry_whose_setup_ran_is_not_carried_to_another_commit(council_home, repo):
     """What a setup made (node_modules from a lockfile) may depend on any file: a new base gets a
     fresh worktree and setup, and the refill replaces the stale entries."""
