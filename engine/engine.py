@@ -209,6 +209,7 @@ class Engine:
         self._hosted[task.task_id] = task
         rev = await self.store.save_task(task, owner=self.owner)
         self.events.emit(Event.of_task(task), rev=rev)
+        answer = task.model_copy(deep=True)  # the task as submitted: the run changes `task` from now on
         self._tg.start_soon(self._run_task, task, agents)
         # Asked while the attempts take their worktrees, not before: a status of the user's checkout
         # stats every file (23 ms on 3,000, 56 ms on 20,000), and only warns. Later saves record it.
@@ -217,10 +218,12 @@ class Engine:
         except OSError:  # the checkout went away meanwhile: the task is started, the warning moot
             dirty = False
         if dirty:
-            task.warnings.append(f"the checkout has uncommitted changes; the agents start from the last commit "
-                                 f"({task.base[:12]}) and do not see them: commit them first if they matter")
+            warning = (f"the checkout has uncommitted changes; the agents start from the last commit "
+                       f"({task.base[:12]}) and do not see them: commit them first if they matter")
+            answer.warnings.append(warning)
+            task.warnings.append(warning)
             await self._save(task)  # the run may already have saved its last state
-        return task.model_copy(deep=True)
+        return answer
 
     async def get(self, task_id: str) -> Task:
         task_id = inputs.task_id(task_id)
