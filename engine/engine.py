@@ -15,6 +15,8 @@ import shlex
 import shutil
 import time
 import uuid
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -379,12 +381,18 @@ class Engine:
                 try:
                     report = await cleanup_mod.remove_attempt(
                         task.repo, root=self.worktrees.root, worktree=a.worktree, branch=a.branch, into=into,
-                        base=task.base, discard=a.agent != agent, check_until=cleanup_mod.check_output_until(a))
+                        base=task.base, discard=a.agent != agent, check_until=cleanup_mod.check_output_until(a),
+                        merged_tip=result.source_commit if a.agent == agent else None, defer=self._defer)
                 except GitError as e:  # the merge landed; what is left behind, gc reclaims later
                     result.message += f"; cleanup of {a.agent} incomplete ({e.stderr or e})"
                     continue
                 result.removed += report.removed
         return result
+
+    def _defer(self, fn: Callable[[], None]) -> None:
+        """Run a blocking cleanup step in a worker thread after the caller has its answer (deleting a
+        removed worktree's files); the engine waits for it when it stops."""
+        self._tg.start_soon(partial(anyio.to_thread.run_sync, fn))
 
     async def gc(self, older_than_s: float | None = None) -> GcReport:
         """Reap what crashed hosts left running, then reclaim finished tasks' worktrees and branches."""

@@ -171,6 +171,7 @@ class MergeResult(BaseModel):
     strategy: str
     into: str | None = None
     commit: str | None = None
+    source_commit: str | None = Field(None, description="the attempt's commit that was (or would be) merged")
     files: list[str] = Field(default_factory=list)
     insertions: int = 0
     deletions: int = 0
