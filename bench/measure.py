@@ -319,7 +319,7 @@ async def http_load(clients: int, calls: int) -> dict:
     return await load.run(argparse.Namespace(clients=clients, calls=calls, max_seconds=900, seed=8))
 
 
-def settle(checkouts: list[Path], env: dict[str, str]) -> None:
+def refresh_indexes(checkouts: list[Path], env: dict[str, str]) -> None:
     """Make fresh clones' indexes trustworthy, as a user's checkout is: an index written in the same
     second as the files it lists makes git re-read every file at its next look ("racily clean")."""
     time.sleep(1.1)
@@ -349,14 +349,14 @@ async def merge(world: World, repo_src: Path, samples: int, files: int = 100) ->
         for part, cleanup in (("cleanup", True), ("merge_only", False)):
             engine, raw = [], []
             clones = [fresh_clone(repo_src, world.root / f"merge-{part}-{k}", world.env) for k in range(samples)]
-            settle(clones, world.env)
+            refresh_indexes(clones, world.env)
             for k, repo in enumerate(clones):
                 task = await s.call("submit_task", repo=str(repo), prompt="edit", agents=["editor"])
                 task = await s.finish(task["task_id"])
                 branch = task["attempts"][0]["branch"]
                 assert task["attempts"][0]["files_changed"] == files, task["attempts"][0]
                 other = fresh_clone(repo, world.root / f"merge-raw-{part}-{k}", world.env)
-                settle([other], world.env)
+                refresh_indexes([other], world.env)
                 subprocess.run(["git", "fetch", "-q", "origin", f"{branch}:{branch}"], cwd=other, env=world.env,
                                check=True)
                 wt = None
