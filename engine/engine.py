@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import random
 import shlex
 import shutil
 import time
@@ -22,12 +21,12 @@ import anyio.lowlevel
 
 from adapters import make_adapter
 from adapters.ollama import classify_tier
-from adapters.base import (TIERS, TRANSIENT, Adapter, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome,
+from adapters.base import (TIERS, Adapter, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome,
                            allowed_env, redact, secret_values)
 
 from . import agents as agents_mod
 from . import cleanup as cleanup_mod
-from . import diffs, inputs, judge, routing, runner
+from . import diffs, inputs, judge, routing, runner, tries
 from . import ports as ports_mod
 from . import pool as pool_mod
 from .config import Config, ConfigError, LiveConfig, config_path, home_dir
@@ -831,24 +830,9 @@ class Engine:
         path = work.path
         job = Job(prompt=task.prompt, worktree=path, timeout_s=task.timeout_s, check=task.check,
                   budget_usd=task.budget_usd, tier=task.tier)
-        deadline = time.monotonic() + task.timeout_s
-        retries_left = self.config.engine.retries
         try:
-            while True:
-                outcome, result = await self._run_agent(task, attempt, adapter, job, deadline - time.monotonic(),
-                                                        work.env)
-                self._account(attempt, outcome)
-                if result.timed_out or outcome.error is None or outcome.error.kind not in TRANSIENT or retries_left <= 0:
-                    break
-                delay = min(self.config.engine.retry_max_s, self.config.engine.retry_base_s * 2 ** attempt.retries)
-                delay *= random.uniform(0.5, 1.0)  # jitter: retries of parallel attempts do not stampede
-                if time.monotonic() + delay >= deadline:
-                    break
-                attempt.retries += 1
-                retries_left -= 1
-                await self._note(task, f"{outcome.error.kind}: {outcome.error.message}; retry {attempt.retries} in {delay:.1f}s", attempt.agent)
-                await anyio.sleep(delay)
-                await self.worktrees.reset(path, task.base, tuple(work.keep_out))
+            outcome, result = await tries.run(self, task, attempt, adapter, job, time.monotonic() + task.timeout_s,
+                                              work.env, task.base, tuple(work.keep_out))
         finally:
             with anyio.CancelScope(shield=True):  # whatever the agent did is kept, even when cancelled
                 files, attempt.insertions, attempt.deletions = await self.worktrees.commit_and_count(
