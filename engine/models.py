@@ -66,7 +66,8 @@ class Round(BaseModel):
     """One prompt an attempt was given (continue_task adds rounds) and the agent's answer to it."""
 
     prompt: str
-    check: str | None = Field(None, description="the round's own check; None: the task's")
+    check: str | None = Field(None, description="the check the round ran")
+    timeout_s: float | None = Field(None, description="the round's own timeout; None: the task's")
     summary: str | None = Field(None, description="the agent's final message for this round")
     started_at: datetime = Field(default_factory=now)
 
