@@ -244,7 +244,7 @@ def redact(text: str, secrets: list[str]) -> str:
 # quota errors often mention the API key too.
 _TEXT_KINDS = (
     (ErrorKind.rate_limit, re.compile(r"\b429\b|\b529\b|rate.?limit|quota|resource.?exhausted|too many requests"
-                                      r"|overloaded", re.I)),
+                                      r"|overloaded|usage limit|hit your limit", re.I)),
     (ErrorKind.auth, re.compile(r"\b40[13]\b|unauthori[sz]ed|authenticat|invalid.{0,12}key|api key not valid"
                                 r"|not logged in|/login|oauth token|permission_denied|forbidden", re.I)),
     (ErrorKind.network, re.compile(r"unable to connect|connection.?(refused|reset|error)|econn|enotfound|eai_again"
