@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import pytest
+from mcp import Client
 
+from engine.config import parse_config
 from engine.engine import Engine
 from engine.inputs import CouncilError
-from engine.models import ACTIVE_TASK, Attempt, AttemptState, TaskState
+from engine.models import ACTIVE_TASK, Attempt, AttemptState, Task, TaskState
+from server.app import build_server
 
 from conftest import FAKES, git
 from fakes.ollama_http import MODEL, OllamaStandin
+from test_cli import cli, write_config
 
 SESSION = "33f10894-2508-4607-a4ab-55f2726bfd60"  # the session id in the recorded claude-success run
 
@@ -175,3 +180,45 @@ async def test_a_round_in_flight_when_the_host_stops_is_interrupted_and_can_cont
 def test_a_stored_attempt_without_rounds_reads_as_one_round():
     a = Attempt.model_validate_json('{"agent": "claude", "state": "succeeded"}')
     assert a.rounds == 1 and a.history == []
+
+
+def test_cli_continue_and_undo(repo, tmp_path):
+    """`cli-council continue` hosts the round in the foreground; `undo` takes a merge back."""
+    write_config(tmp_path / "config.toml", {"py": python_agent()})
+    assert os.environ["CLI_COUNCIL_CONFIG"] == str(tmp_path / "config.toml")
+    task = json.loads(cli("run", "--repo", str(repo), "--agents", "py", "--json",
+                          "open('a.txt', 'w').write('a')").stdout)
+    done = cli("continue", task["task_id"], "--agent", "py", "--json", "open('b.txt', 'w').write('b')")
+    assert "round 2 of py" in done.stderr
+    task = json.loads(done.stdout)
+    assert task["state"] == "succeeded" and task["attempts"][0]["rounds"] == 2
+    refused = cli("continue", task["task_id"], "--agent", "nobody", "x", check_code=2)
+    assert "no attempt by 'nobody'" in refused.stderr
+    cli("merge", task["task_id"])
+    assert (repo / "b.txt").exists()
+    undone = cli("undo", task["task_id"])
+    assert "undid the merge" in undone.stdout and not (repo / "b.txt").exists()
+    assert cli("undo", task["task_id"], check_code=2).stderr.startswith("error: ")
+    assert git(repo, "status", "--porcelain") == ""
+
+
+async def test_mcp_continue_task_and_undo_merge(repo, council_home):
+    cfg = parse_config({"engine": {"kill_grace_s": 1}, "agents": {"py": python_agent()}})
+    async with Client(build_server(config=cfg, home=council_home)) as client:
+        async def call(name: str, **args) -> dict:
+            r = await client.call_tool(name, args)
+            assert not r.is_error, r.content
+            return r.structured_content
+
+        task = await call("submit_task", repo=str(repo), prompt="open('a.txt', 'w').write('a')", agents=["py"])
+        await call("get_status", task_id=task["task_id"], wait_s=30)
+        started = Task.model_validate(await call("continue_task", task_id=task["task_id"], agent="py",
+                                                 prompt="open('b.txt', 'w').write('b')", timeout_s=30))
+        assert started.attempt("py").rounds == 2
+        done = Task.model_validate(await call("get_status", task_id=task["task_id"], wait_s=30))
+        assert done.state == TaskState.succeeded and done.attempt("py").history[1].timeout_s == 30
+        assert (await call("merge_result", task_id=task["task_id"]))["merged"]
+        undone = await call("undo_merge", task_id=task["task_id"])
+        assert undone["commit"] == done.base and undone["backup_ref"].startswith("refs/council/undone/")
+        refused = await client.call_tool("undo_merge", {"task_id": task["task_id"]})
+        assert refused.is_error and "not merged" in refused.content[0].text
