@@ -68,7 +68,15 @@ async def start(engine: "Engine", task_id: str, agent: str, prompt: str, check: 
     if not avail.ok:
         raise CouncilError(f"{agent} cannot run here now: {avail.message}")
     timeout_s = timeout_s or task.timeout_s
-    engine._check_command_line(config, agent, prompt, check or task.check, timeout_s, task.budget_usd, task.tier)
+    earlier = [(r.prompt, r.summary) for r in attempt.history] or [(task.prompt, attempt.summary)]
+    try:  # the command line as the round will build it: a retold history can outgrow what exec accepts
+        inv = adapter.invocation(Job(prompt=prompt, worktree=Path(attempt.worktree), timeout_s=timeout_s,
+                                     check=check or task.check, budget_usd=task.budget_usd, tier=task.tier,
+                                     session_id=attempt.session_id, earlier=earlier))
+    except (ValueError, OSError):  # the round records what is wrong with the agent
+        inv = None
+    if inv is not None:
+        inputs.argv_fits(agent, inv)
     if task_id in engine._hosted or not await engine.store.claim(task_id, engine.owner):
         raise CouncilError(f"task {task_id} was started again meanwhile (another continue_task); wait for it")
     engine._hosted[task_id] = task

@@ -222,3 +222,13 @@ async def test_mcp_continue_task_and_undo_merge(repo, council_home):
         assert undone["commit"] == done.base and undone["backup_ref"].startswith("refs/council/undone/")
         refused = await client.call_tool("undo_merge", {"task_id": task["task_id"]})
         assert refused.is_error and "not merged" in refused.content[0].text
+
+
+async def test_a_retold_history_too_long_for_one_argument_is_refused(make_engine, repo, tmp_path):
+    log = tmp_path / "runs.jsonl"
+    async with make_engine({"gemini": recording("gemini", log, "gemini-success", FAKE_WRITE="g{n}.txt")}) as engine:
+        task = await engine.wait((await engine.submit(str(repo), "a" * 70_000, agents=["gemini"])).task_id, 60)
+        before = await snapshot(engine, repo, task.task_id)
+        with pytest.raises(CouncilError, match="too long for gemini"):
+            await engine.continue_task(task.task_id, "gemini", "b" * 70_000)
+        assert await snapshot(engine, repo, task.task_id) == before and len(runs(log)) == 1
