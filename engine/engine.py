@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import random
 import shlex
 import shutil
 import time
@@ -24,14 +23,15 @@ import anyio.lowlevel
 
 from adapters import make_adapter
 from adapters.ollama import classify_tier
-from adapters.base import (TIERS, TRANSIENT, Adapter, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome,
+from adapters.base import (TIERS, Adapter, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome,
                            allowed_env, redact, secret_values)
 
 from . import agents as agents_mod
 from . import cleanup as cleanup_mod
-from . import diffs, inputs, judge, routing, runner
+from . import diffs, inputs, judge, rounds, routing, runner, tries
 from . import ports as ports_mod
 from . import pool as pool_mod
+from . import undo as undo_mod
 from .config import Config, ConfigError, LiveConfig, config_path, home_dir
 from .events import Event, Events, wait_for
 from .gitcmd import GitError, git, resolve_commit
@@ -373,6 +373,7 @@ class Engine:
         if not result.merged:
             return result
         task.state, task.merge_commit = TaskState.merged, result.commit
+        task.merge_into, task.merge_backup_ref = into, result.backup_ref  # what undo_merge needs
         await self._note(task, f"merged {agent} into {into} ({strategy}): {result.commit}")
         await self._save(task)
         self.events.emit(Event("merge", task_id, agent=agent, commit=result.commit))
@@ -393,6 +394,19 @@ class Engine:
         """Run a blocking cleanup step in a worker thread after the caller has its answer (deleting a
         removed worktree's files); the engine waits for it when it stops."""
         self._tg.start_soon(partial(anyio.to_thread.run_sync, fn))
+
+    async def continue_task(self, task_id: str, agent: str, prompt: str, check: str | None = None,
+                            timeout_s: float | None = None) -> Task:
+        """A follow-up prompt to a finished attempt, in its worktree and session (rounds.py); returns at once."""
+        if check is not None:
+            inputs.text("check", check, max_bytes=inputs.MAX_CHECK_BYTES,
+                        hint="put a long check in a script in the repo and run that")
+            await _shell_syntax(check)
+        return await rounds.start(self, task_id, agent, prompt, check, timeout_s, MAX_PROMPT_BYTES)
+
+    async def undo_merge(self, task_id: str) -> MergeResult:
+        """Put the merge's target back where it was before the task's merge (undo.py)."""
+        return await undo_mod.undo_merge(self, inputs.task_id(task_id))
 
     async def gc(self, older_than_s: float | None = None) -> GcReport:
         """Reap what crashed hosts left running, then reclaim finished tasks' worktrees and branches."""
@@ -632,11 +646,12 @@ class Engine:
 
     # running a task
 
-    async def _run_task(self, task: Task, explicit_agents: list[str] | None) -> None:
+    async def _run_task(self, task: Task, explicit_agents: list[str] | None, body=None) -> None:
+        """body: what to run instead of the task's stages (a follow-up round, see rounds.py)."""
         with anyio.CancelScope() as scope:
             self._scopes[task.task_id] = scope
             try:
-                await self._run_stages(task, explicit_agents)
+                await (body() if body else self._run_stages(task, explicit_agents))
             except Exception as e:  # failures are results: a broken task ends failed, the engine goes on
                 logger.exception("task %s failed inside the engine", task.task_id)
                 task.error = ErrorInfo(kind=ErrorKind.crash, message=f"{type(e).__name__}: {e}")
@@ -833,30 +848,17 @@ class Engine:
         return work
 
     async def _attempt_body(self, task: Task, attempt: Attempt, adapter: Adapter) -> None:
+        if attempt.rounds > 1:  # a follow-up in the worktree it already has
+            return await rounds.body(self, task, attempt, adapter)
         work = await self._workspace(task, attempt)
         if work is None:
             return
         path = work.path
         job = Job(prompt=task.prompt, worktree=path, timeout_s=task.timeout_s, check=task.check,
                   budget_usd=task.budget_usd, tier=task.tier)
-        deadline = time.monotonic() + task.timeout_s
-        retries_left = self.config.engine.retries
         try:
-            while True:
-                outcome, result = await self._run_agent(task, attempt, adapter, job, deadline - time.monotonic(),
-                                                        work.env)
-                self._account(attempt, outcome)
-                if result.timed_out or outcome.error is None or outcome.error.kind not in TRANSIENT or retries_left <= 0:
-                    break
-                delay = min(self.config.engine.retry_max_s, self.config.engine.retry_base_s * 2 ** attempt.retries)
-                delay *= random.uniform(0.5, 1.0)  # jitter: retries of parallel attempts do not stampede
-                if time.monotonic() + delay >= deadline:
-                    break
-                attempt.retries += 1
-                retries_left -= 1
-                await self._note(task, f"{outcome.error.kind}: {outcome.error.message}; retry {attempt.retries} in {delay:.1f}s", attempt.agent)
-                await anyio.sleep(delay)
-                await self.worktrees.reset(path, task.base, tuple(work.keep_out))
+            outcome, result = await tries.run(self, task, attempt, adapter, job, time.monotonic() + task.timeout_s,
+                                              work.env, task.base, tuple(work.keep_out))
         finally:
             with anyio.CancelScope(shield=True):  # whatever the agent did is kept, even when cancelled
                 files, attempt.insertions, attempt.deletions = await self.worktrees.commit_and_count(

@@ -18,7 +18,7 @@ from adapters.base import ErrorInfo, ErrorKind
 __all__ = [
     "AttemptState", "TaskState", "ErrorInfo", "ErrorKind", "CheckResult", "Attempt", "Task",
     "TaskSummary", "AttemptSummary", "TaskList", "LogLine", "LogChunk", "MergeResult", "GcReport", "AgentInfo",
-    "AgentList", "DiffFile", "Diff", "now", "ACTIVE_TASK", "FINISHED_ATTEMPT",
+    "AgentList", "DiffFile", "Diff", "now", "ACTIVE_TASK", "FINISHED_ATTEMPT", "Round",
 ]
 
 
@@ -62,6 +62,16 @@ class CheckResult(BaseModel):
         return self.error or f"exit {self.exit_code}"
 
 
+class Round(BaseModel):
+    """One prompt an attempt was given (continue_task adds rounds) and the agent's answer to it."""
+
+    prompt: str
+    check: str | None = Field(None, description="the check the round ran")
+    timeout_s: float | None = Field(None, description="the round's own timeout; None: the task's")
+    summary: str | None = Field(None, description="the agent's final message for this round")
+    started_at: datetime = Field(default_factory=now)
+
+
 class Attempt(BaseModel):
     agent: str
     state: AttemptState = AttemptState.queued
@@ -83,6 +93,9 @@ class Attempt(BaseModel):
     duration_s: float | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    rounds: int = Field(1, description="how many prompts the attempt has had (continue_task adds one)")
+    history: list[Round] = Field(default_factory=list, description="every round once there is a second; "
+                                                                   "empty while the task's prompt is the only one")
 
 
 class Task(BaseModel):
@@ -105,6 +118,8 @@ class Task(BaseModel):
     best_reason: str | None = None
     total_cost_usd: float = 0.0
     merge_commit: str | None = None
+    merge_into: str | None = Field(None, description="the branch the merge moved (undo_merge moves it back)")
+    merge_backup_ref: str | None = Field(None, description="the ref holding that branch's tip before the merge")
     discarded_at: datetime | None = Field(None, description="discard_task removed its worktrees and branches; "
                                                             "what it kept is in its log")
     error: ErrorInfo | None = Field(None, description="what broke the task itself (its attempts record their own)")

@@ -226,6 +226,17 @@ class Store:
         rows = await self._call(lambda db: db.execute(q, states).fetchall())
         return [(tid, pid, start) for tid, pid, start, data in rows if _readable(tid, data) is not None]
 
+    async def claim(self, task_id: str, owner: tuple[int, int | None]) -> bool:
+        """Take a finished task over to run it again (a follow-up round): it becomes `running`, owned
+        by `owner`, with no cancel request left from before. False when it is not finished (another
+        process claimed it first): one row update decides between racing callers."""
+        def claim(db) -> bool:
+            with _write(db):
+                return db.execute(
+                    "UPDATE tasks SET state = 'running', owner_pid = ?, owner_start = ?, cancel_requested = 0"
+                    " WHERE task_id = ? AND state NOT IN ('queued', 'running')", (*owner, task_id)).rowcount == 1
+        return await self._call(claim)
+
     async def request_cancel(self, task_id: str) -> None:
         await self._call(lambda db: db.execute(
             "UPDATE tasks SET cancel_requested = 1 WHERE task_id = ?", (task_id,)))

@@ -62,6 +62,8 @@ Workflow: submit_task returns a task_id at once -> follow it with stream_logs (p
 as cursor, with wait_s to long-poll) until done is true, or get_status with wait_s -> read the
 attempts and `best`, and each attempt's changes with get_diff -> merge_result (dry_run first if unsure)
 -> or cancel_task; discard_task throws a finished task's worktrees and branches away.
+continue_task sends a finished attempt a follow-up prompt (same worktree, branch and session);
+undo_merge takes a merge back while nothing came after it.
 list_agents tells which agents are configured and usable here (names for submit_task's `agents`).
 Resources: council://tasks/{task_id} (the task as JSON), council://tasks/{task_id}/logs (its log) and
 council://tasks/{task_id}/attempts/{agent}/diff (an attempt's patch)."""
@@ -344,6 +346,43 @@ async def discard_task(task_id: TaskId, ctx: Context) -> GcReport:
     return report
 
 
+@_errors
+async def continue_task(
+    task_id: TaskId,
+    agent: Annotated[str, Field(description="Whose attempt gets the follow-up (one of the task's attempts).")],
+    prompt: Annotated[str, Field(description=(
+        'The follow-up, as you would tell the same developer ("now also handle the empty case"). Not empty.'))],
+    ctx: Context,
+    check: Annotated[str | None, Field(description=(
+        "A new check command for this round and the task from now on; omit to run the task's check again."))] = None,
+    timeout_s: Annotated[float | None, Field(gt=0, description=(
+        "This round's time limit in seconds; default: the task's."))] = None,
+) -> Task:
+    """Send a follow-up prompt to one attempt of a finished task: a new round in the same worktree and branch,
+    resuming the agent's own session where its CLI has one (claude), or telling it the earlier rounds. Returns
+    at once with the task running again; the round's lines follow a "round N" marker in the log, its changes
+    are committed on the same branch, the check runs again and the best attempt is picked again. `rounds` on
+    the attempt counts its prompts. Refused while the task runs, once it is merged (undo_merge first), or when
+    the attempt's worktree was removed (merged with cleanup, discarded, gc)."""
+    council = _council(ctx)
+    task = await council.engine.continue_task(task_id, agent, prompt, check=check, timeout_s=timeout_s)
+    council.updates.follow(task)
+    return task
+
+
+@_errors
+async def undo_merge(task_id: TaskId, ctx: Context) -> MergeResult:
+    """Take a task's merge back: the branch it merged into returns to its tip from before the merge (and its
+    checkout with it). Refused, changing nothing, when commits came after the merge (they are listed) or the
+    checkout has uncommitted changes. The undone merge commit stays reachable under the ref named in
+    `backup_ref`; `commit` is the branch's tip again (null when refused). The task is finished again and can
+    be merged again."""
+    council = _council(ctx)
+    result = await council.engine.undo_merge(task_id)
+    await council.updates.announce(task_uri(task_id))
+    return result
+
+
 def _strict(tool: Tool) -> None:
     """Refuse unknown arguments (a misspelt `agnets` must not be silently dropped), non-finite numbers
     (`1e309`, "inf", NaN) and coercions ("yes" as true, true as 1 second), instead of the SDK's default
@@ -376,6 +415,10 @@ TOOLS = [
     (get_diff, _annotations("Attempt diff", read_only=True, idempotent=True)),
     # discard_task deletes branches that may hold the only copy of an attempt's work; a second call finds nothing.
     (discard_task, _annotations("Discard a task", read_only=False, destructive=True, idempotent=True)),
+    # continue_task runs an agent again (it reaches the network) and adds commits to its branch.
+    (continue_task, _annotations("Continue an attempt", read_only=False, open_world=True)),
+    # undo_merge moves the user's branch back; the undone commit stays under a ref of its own.
+    (undo_merge, _annotations("Undo a merge", read_only=False, destructive=True)),
 ]
 
 
