@@ -64,26 +64,23 @@ async def undo_merge(engine: "Engine", task_id: str) -> MergeResult:
     reflog = f"cli-council: undo the merge of task {task_id}"
     keep = await _free_name(repo, task_id)
     try:
-        if checkout:
-            await git(repo, "update-ref", "-m", reflog, keep, merged, "")
-            # Asked again right before the move: a commit made since the checks is never reset away.
-            if await resolve_commit(checkout, "HEAD") != merged:
-                await git(repo, "update-ref", "-d", keep, merged, check=False)
-                return refuse(f"{into} moved while the undo was checked; look again", into)
-            try:
-                await git(checkout, "reset", "--keep", "--quiet", old, env={"GIT_REFLOG_ACTION": reflog})
-            except GitError:
-                await git(repo, "update-ref", "-d", keep, merged, check=False)
-                raise
-        else:
-            await git(repo, "update-ref", "-m", reflog, "--stdin",
-                      input=f"create {keep} {merged}\nupdate refs/heads/{into} {old} {merged}\n".encode())
+        # One transaction, only from the merge commit: a commit made on `into` since the checks makes
+        # it fail instead of being dropped (a reset of the checkout would drop it).
+        await git(repo, "update-ref", "-m", reflog, "--stdin",
+                  input=f"create {keep} {merged}\nupdate refs/heads/{into} {old} {merged}\n".encode())
     except GitError as e:
-        return refuse(f"git would not move {into} ({e.stderr or e})", into)
+        return refuse(f"git would not move {into}, it may have moved meanwhile ({e.stderr or e})", into)
+    if checkout:
+        try:  # the files follow the branch; git refuses to overwrite a change made since the checks
+            await git(checkout, "read-tree", "-m", "-u", merged, old)
+        except GitError as e:
+            await git(repo, "update-ref", "-m", f"{reflog}: taken back", "--stdin", check=False,
+                      input=f"update refs/heads/{into} {merged} {old}\ndelete {keep} {merged}\n".encode())
+            return refuse(f"git would not update the files of {checkout} ({e.stderr or e})", into)
     restored = await _restore_branch(task, agent, old, merged)
     task.state = _finished_state(task)
     task.merge_commit = task.merge_into = task.merge_backup_ref = None
-    where = f"and reset {checkout} with it" if checkout else "(not checked out; only the branch moved)"
+    where = f"and moved the files of {checkout} with it" if checkout else "(not checked out; only the branch moved)"
     message = (f"undid the merge: {into} is back at {old[:12]} {where}; the undone merge commit "
                f"{merged[:12]} stays reachable at {keep}{restored}; the task is {task.state} again "
                "and can be merged again")

@@ -100,6 +100,23 @@ async def test_undo_refuses_a_dirty_checkout_and_changes_nothing(make_engine, re
         assert (await engine.undo_merge(task_id)).commit  # clean again: the undo goes through
 
 
+async def test_when_the_files_cannot_follow_the_branch_is_put_back(make_engine, repo):
+    """The branch moves first (only from the merge commit), then the files; if git will not update
+    the files (here another git holds the index), the branch goes back and no undone ref stays."""
+    async with make_engine({"py": python_agent()}) as engine:
+        task_id = await finished(engine, repo, write("new.txt", "agent"))
+        merged = await engine.merge(task_id)
+        before = refs(repo)
+        (repo / ".git" / "index.lock").write_text("")
+        undone = await engine.undo_merge(task_id)
+        assert not undone.commit and "would not update the files" in undone.message, undone.message
+        assert refs(repo) == before and git(repo, "rev-parse", "main") == merged.commit
+        assert (repo / "new.txt").exists() and (await engine.get(task_id)).state == TaskState.merged
+        (repo / ".git" / "index.lock").unlink()
+        assert git(repo, "status", "--porcelain") == ""
+        assert (await engine.undo_merge(task_id)).commit and not (repo / "new.txt").exists()
+
+
 def reachable(repo) -> set[str]:
     """Every commit some ref (branches, tags, the council's backup and undone refs) reaches."""
     return set(git(repo, "rev-list", "--all").split())
