@@ -18,7 +18,7 @@ from adapters.base import ErrorInfo, ErrorKind
 __all__ = [
     "AttemptState", "TaskState", "ErrorInfo", "ErrorKind", "CheckResult", "Attempt", "Task",
     "TaskSummary", "AttemptSummary", "TaskList", "LogLine", "LogChunk", "MergeResult", "GcReport", "AgentInfo",
-    "AgentList", "DiffFile", "Diff", "now", "ACTIVE_TASK", "FINISHED_ATTEMPT",
+    "AgentList", "DiffFile", "Diff", "now", "ACTIVE_TASK", "FINISHED_ATTEMPT", "Review",
 ]
 
 
@@ -62,6 +62,18 @@ class CheckResult(BaseModel):
         return self.error or f"exit {self.exit_code}"
 
 
+class Review(BaseModel):
+    """One council member's verdict on another's attempt (cross-review), or why it gave none."""
+
+    reviewer: str
+    score: float | None = Field(None, description="0-10; None when the review failed")
+    verdict: str | None = Field(None, description="approve or request_changes; None when the review failed")
+    issues: list[str] = Field(default_factory=list)
+    summary: str | None = None
+    cost_usd: float | None = None
+    error: str | None = Field(None, description="why this review gave no verdict (timeout, malformed answer...)")
+
+
 class Attempt(BaseModel):
     agent: str
     state: AttemptState = AttemptState.queued
@@ -83,6 +95,13 @@ class Attempt(BaseModel):
     duration_s: float | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    # the verdict's evidence: comparison (always) and cross-review (opt-in)
+    files_touched: list[str] = Field(default_factory=list, description="paths it changed (at most 200 listed)")
+    agreement: float | None = Field(None, description="0-1: how much its change matches the other candidates' "
+                                                      "(same files, same changed lines); None without another")
+    agrees_with: list[str] = Field(default_factory=list, description="candidates that reached much the same change")
+    reviews: list[Review] = Field(default_factory=list)
+    review_score: float | None = Field(None, description="median score of its successful reviews")
 
 
 class Task(BaseModel):

@@ -61,7 +61,8 @@ in parallel. The user's checkout is not touched until merge_result.
 Workflow: submit_task returns a task_id at once -> follow it with stream_logs (pass next_cursor back
 as cursor, with wait_s to long-poll) until done is true, or get_status with wait_s -> read the
 attempts and `best`, and each attempt's changes with get_diff -> merge_result (dry_run first if unsure)
--> or cancel_task; discard_task throws a finished task's worktrees and branches away.
+-> or cancel_task; discard_task throws a finished task's worktrees and branches away. review_task (or
+submit_task with review=true) has other agents judge each attempt anonymously before the pick.
 list_agents tells which agents are configured and usable here (names for submit_task's `agents`).
 Resources: council://tasks/{task_id} (the task as JSON), council://tasks/{task_id}/logs (its log) and
 council://tasks/{task_id}/attempts/{agent}/diff (an attempt's patch)."""
@@ -223,6 +224,9 @@ async def submit_task(
         "Per-attempt time limit in seconds; default from the config (30 min)."))] = None,
     budget_usd: Annotated[float | None, Field(ge=0, description=(
         "Stop escalating to more agents once this much USD is spent."))] = None,
+    review: Annotated[bool | None, Field(description=(
+        "Cross-review the candidates (other agents judge each diff, anonymously, read-only) before the best "
+        "is picked; costs their runs. Omit for the config's [review] enabled (default false)."))] = None,
 ) -> Task:
     """Start a coding task on a council of AI coding agents, each in its own git worktree and branch, in parallel.
 
@@ -231,7 +235,7 @@ async def submit_task(
     """
     council = _council(ctx)
     task = await council.engine.submit(repo, prompt, agents=agents, tier=tier, base=base, check=check,
-                                       timeout_s=timeout_s, budget_usd=budget_usd)
+                                       timeout_s=timeout_s, budget_usd=budget_usd, review=review)
     council.updates.follow(task)
     return task
 
@@ -344,6 +348,40 @@ async def discard_task(task_id: TaskId, ctx: Context) -> GcReport:
     return report
 
 
+@_errors
+async def review_task(
+    task_id: TaskId,
+    ctx: Context,
+    reviewers: Annotated[list[str] | None, Field(description=(
+        'Agents that review, e.g. ["gemini", "ollama"]; never an attempt\'s own author. Omit for the config\'s '
+        "[review] reviewers (default: every enabled agent that can run here)."))] = None,
+) -> Task:
+    """Cross-review a finished task: each attempt's diff (with the task and its check result) is judged by
+    other agents under an anonymous label, read-only, as {score 0-10, verdict, issues, summary}; then the best
+    is picked again (check passed, then median review score, then agreement). Returns once every review has
+    ended (each is bounded by [review] timeout_s); attempts carry `reviews` and `review_score`."""
+    council = _council(ctx)
+    done: list[Task | Exception] = []
+
+    async def run(scope: anyio.CancelScope) -> None:
+        try:
+            done.append(await council.engine.review(task_id, reviewers=reviewers))
+        except Exception as e:  # raised below as itself, not inside an ExceptionGroup
+            done.append(e)
+        scope.cancel()
+
+    t0 = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, tg.cancel_scope)
+        while True:  # progress keeps clients that reset their timeout on it waiting for the reviewers
+            await anyio.sleep(PROGRESS_SLICE_S)
+            await ctx.report_progress(round(time.monotonic() - t0, 1), None, f"reviewing task {task_id}")
+    if isinstance(done[0], Exception):
+        raise done[0]
+    await council.updates.announce(task_uri(task_id))
+    return done[0]
+
+
 def _strict(tool: Tool) -> None:
     """Refuse unknown arguments (a misspelt `agnets` must not be silently dropped), non-finite numbers
     (`1e309`, "inf", NaN) and coercions ("yes" as true, true as 1 second), instead of the SDK's default
@@ -376,6 +414,8 @@ TOOLS = [
     (get_diff, _annotations("Attempt diff", read_only=True, idempotent=True)),
     # discard_task deletes branches that may hold the only copy of an attempt's work; a second call finds nothing.
     (discard_task, _annotations("Discard a task", read_only=False, destructive=True, idempotent=True)),
+    # review_task runs other agents (they reach the network) and rewrites the task's best; it changes no branch.
+    (review_task, _annotations("Cross-review a task", read_only=False, open_world=True)),
 ]
 
 
