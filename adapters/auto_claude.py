@@ -123,7 +123,7 @@ class AutoClaudeAdapter(Adapter):
                 "--project-dir", str(job.worktree), "--complexity", complexity, "--max-iterations", str(iterations)]
         if self.spec.model:
             argv += ["--model", self.spec.model]
-        argv += ["--task", f"{job.context()}\n\nTask:\n{job.prompt}"]
+        argv += ["--task", f"{job.context()}\n\nTask:\n{job.with_earlier()}"]
         inv = self.make(argv, job, GRAPHITI_ENABLED="false", ENABLE_FANCY_UI="false", PYTHONUNBUFFERED="1")
         inv.env["PYTHONPATH"] = module_pythonpath(inv.env)
         return inv

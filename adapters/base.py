@@ -13,9 +13,11 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import ClassVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
@@ -81,11 +83,26 @@ class Job:
     check: str | None = None
     budget_usd: float | None = None
     tier: str | None = None  # cheap|standard|complex, for CLIs that size their own effort
+    # A follow-up round (continue_task): the CLI's session to resume, and the earlier rounds'
+    # (prompt, final message) for CLIs that cannot resume one.
+    session_id: str | None = None
+    earlier: list[tuple[str, str | None]] = field(default_factory=list)
 
     def context(self) -> str:
         if self.check:
             return f"{COUNCIL_CONTEXT} Before you finish, run `{self.check}` and make it pass."
         return COUNCIL_CONTEXT
+
+    def with_earlier(self) -> str:
+        """The prompt, preceded by the earlier rounds when there were any (a CLI without a session)."""
+        if not self.earlier:
+            return self.prompt
+        parts = ["This is a follow-up. Earlier rounds of this task ran in this same checkout; their changes "
+                 "are already in the files."]
+        for n, (prompt, summary) in enumerate(self.earlier, 1):
+            parts.append(f"Round {n}, you were asked:\n{prompt}" + (f"\nYou answered:\n{summary}" if summary else ""))
+        parts.append(f"Now:\n{self.prompt}")
+        return "\n\n".join(parts)
 
 
 @dataclass
@@ -106,6 +123,7 @@ class Outcome:
     tokens_out: int | None = None
     session_id: str | None = None
     summary: str | None = None
+    retry_at: float | None = None  # a rate limit's reset as the agent reported it (epoch seconds)
 
 
 @dataclass
@@ -234,7 +252,7 @@ def redact(text: str, secrets: list[str]) -> str:
 # quota errors often mention the API key too.
 _TEXT_KINDS = (
     (ErrorKind.rate_limit, re.compile(r"\b429\b|\b529\b|rate.?limit|quota|resource.?exhausted|too many requests"
-                                      r"|overloaded", re.I)),
+                                      r"|overloaded|usage limit|hit your limit", re.I)),
     (ErrorKind.auth, re.compile(r"\b40[13]\b|unauthori[sz]ed|authenticat|invalid.{0,12}key|api key not valid"
                                 r"|not logged in|/login|oauth token|permission_denied|forbidden", re.I)),
     (ErrorKind.network, re.compile(r"unable to connect|connection.?(refused|reset|error)|econn|enotfound|eai_again"
@@ -270,6 +288,43 @@ def classify_text(text: str) -> ErrorKind | None:
     for kind, pattern in _TEXT_KINDS:
         if pattern.search(text):
             return kind
+    return None
+
+
+_RESET_EPOCH = re.compile(r"limit reached\|(\d{10})\b", re.I)  # claude: "Claude AI usage limit reached|1767225600"
+_RESET_AFTER = re.compile(r"(?:retry|try again|reset)s?\s+(?:in|after)\s+((?:\d+(?:\.\d+)?\s*[hms]\w*\s*)+)"
+                          r"|retry-?after\W+(\d+(?:\.\d+)?)|retryDelay\W+(\d+(?:\.\d+)?)s", re.I)
+_RESET_CLOCK = re.compile(r"resets?\s+(?:at\s+)?(\d{1,2})(?::(\d{2}))?\s*([ap]m)?(?:\s*\(([\w/+-]+)\))?", re.I)
+_UNIT = re.compile(r"(\d+(?:\.\d+)?)\s*([hms])", re.I)
+
+
+def reset_time(text: str, now: float) -> float | None:
+    """When a rate limit resets, from an agent's error text (epoch seconds), or None when it does not say.
+
+    Shapes: claude's `usage limit reached|EPOCH` and `resets 3pm (Europe/Berlin)`; Google's
+    `Please retry in 24.5s`, `retryDelay: "24s"` and `reset after 1h2m3s`; a Retry-After header's seconds."""
+    if found := _RESET_EPOCH.search(text):
+        return float(found.group(1))
+    if found := _RESET_AFTER.search(text):
+        if found.group(1):
+            scale = {"h": 3600, "m": 60, "s": 1}
+            return now + sum(float(n) * scale[u.lower()] for n, u in _UNIT.findall(found.group(1)))
+        return now + float(found.group(2) or found.group(3))
+    if found := _RESET_CLOCK.search(text):
+        hour, minute, half, zone = int(found.group(1)), int(found.group(2) or 0), found.group(3), found.group(4)
+        if half:
+            hour = hour % 12 + (12 if half.lower() == "pm" else 0)
+        if hour > 23 or minute > 59:
+            return None
+        try:
+            tz = ZoneInfo(zone) if zone else None
+        except (ZoneInfoNotFoundError, ValueError):
+            tz = None
+        current = datetime.fromtimestamp(now, tz)
+        at = current.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if at <= current:
+            at += timedelta(days=1)
+        return at.timestamp()
     return None
 
 

@@ -8,12 +8,13 @@ line only (usage on `assistant` lines is a start-of-message snapshot), and succe
 from __future__ import annotations
 
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from .base import (Adapter, AgentSpec, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
-                   classify_text, json_object, short, status_kind)
+                   classify_text, json_object, reset_time, short, status_kind)
 
 AUTH_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
 OLLAMA_PORT = 11434
@@ -53,9 +54,12 @@ class ClaudeAdapter(Adapter):
 
     def invocation(self, job: Job) -> Invocation:
         # The prompt is claude's positional argument: one starting with "-" would be read as an option.
-        prompt = " " + job.prompt if job.prompt.startswith("-") else job.prompt
+        prompt = job.prompt if job.session_id else job.with_earlier()  # a follow-up without a session: retold
+        prompt = " " + prompt if prompt.startswith("-") else prompt
         argv = [*self.command, "-p", prompt, "--output-format", "stream-json", "--verbose",
                 "--permission-mode", "acceptEdits"]
+        if job.session_id:  # a follow-up round: the same conversation, its earlier turns in claude's own session
+            argv += ["--resume", job.session_id]
         if job.check:
             # acceptEdits allows edits, not commands: let it run the check the context asks for.
             # (--allowedTools takes several values; the next flag ends the list.)
@@ -239,6 +243,8 @@ class ClaudeParser(Parser):
             ErrorKind.network: f"check the network or proxy{self._base_hint()}",
         }
         message = detail if detail.startswith("claude") else f"claude: {detail}"
+        if kind == ErrorKind.rate_limit:
+            out.retry_at = reset_time(detail, time.time())
         if kind in fixes:
             message = f"{message.rstrip('. ')}; {fixes[kind]}"
         out.ok = False

@@ -8,6 +8,7 @@ failure kind; an HTTP error exits with the status mod 256 (403 -> 147), seen in 
 from __future__ import annotations
 
 import re
+import time
 from collections import deque
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +16,7 @@ from typing import Annotated
 from pydantic import Field
 
 from .base import (Adapter, AgentSpec, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
-                   classify_text, json_object, short, status_kind)
+                   classify_text, json_object, reset_time, short, status_kind)
 
 AUTH_VARS = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_GCA")
 # Banners and stack-dump lines that never explain a failure (kept out of error messages).
@@ -59,7 +60,8 @@ class GeminiAdapter(Adapter):
                             "GOOGLE_APPLICATION_CREDENTIALS")
 
     def invocation(self, job: Job) -> Invocation:
-        prompt = f"{job.context()}\n\nYour task:\n{job.prompt}"
+        # Its headless mode documents no way to resume a session: a follow-up round retells the earlier ones.
+        prompt = f"{job.context()}\n\nYour task:\n{job.with_earlier()}"
         argv = [*self.command, "-p", prompt, "--skip-trust", "--approval-mode", "yolo", "--output-format", "stream-json"]
         if self.spec.model:
             argv += ["-m", self.spec.model]
@@ -182,5 +184,7 @@ class GeminiParser(Parser):
                                        f"[agents.{self.name}] max_parallel",
                  ErrorKind.network: "check the network, proxy or GOOGLE_GEMINI_BASE_URL"}
         message = f"gemini failed (exit {exit_code}): {detail or 'no output'}"
+        if kind == ErrorKind.rate_limit:
+            out.retry_at = reset_time(f"{error.get('message') or ''} {' '.join(self.other)}", time.time())
         out.error = ErrorInfo(kind=kind, message=f"{message}; {fixes[kind]}" if kind in fixes else message)
         return out

@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections import deque
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -31,7 +32,7 @@ from pydantic import Field, PositiveInt
 
 from . import edits
 from .base import (TIERS, Adapter, AgentSpec, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome, Parser,
-                   classify_text, json_object, module_argv, module_pythonpath, short)
+                   classify_text, json_object, module_argv, module_pythonpath, reset_time, short)
 from .claude import LOCAL_TOKEN, ClaudeAdapter
 
 DEFAULT_URL = "http://127.0.0.1:11434"
@@ -102,12 +103,12 @@ def client_options(base_url: str) -> dict:
 
 
 class OllamaError(Exception):
-    def __init__(self, kind: ErrorKind, message: str):
+    def __init__(self, kind: ErrorKind, message: str, retry_at: float | None = None):
         super().__init__(message)
-        self.kind, self.message = kind, message
+        self.kind, self.message, self.retry_at = kind, message, retry_at
 
 
-def http_error(status: int, text: str, base_url: str, model: str) -> OllamaError:
+def http_error(status: int, text: str, base_url: str, model: str, retry_after: str | None = None) -> OllamaError:
     detail = f"HTTP {status}: {short(text, 300)}"
     if status == 404 and "model" in text.lower():
         return OllamaError(ErrorKind.not_installed, f"model {model!r} is not on the Ollama server at {base_url} "
@@ -116,7 +117,8 @@ def http_error(status: int, text: str, base_url: str, model: str) -> OllamaError
         return OllamaError(ErrorKind.crash, f"{base_url} has no Ollama /api/chat ({detail}); check base_url")
     if status == 429:
         return OllamaError(ErrorKind.rate_limit, f"Ollama at {base_url} is busy ({detail}); the engine retries "
-                                                 "later, or raise OLLAMA_NUM_PARALLEL / OLLAMA_MAX_QUEUE")
+                                                 "later, or raise OLLAMA_NUM_PARALLEL / OLLAMA_MAX_QUEUE",
+                           retry_at=reset_time(f"retry-after: {retry_after}", time.time()) if retry_after else None)
     if status in (502, 503, 504):
         return OllamaError(ErrorKind.network, f"Ollama at {base_url} is unavailable ({detail})")
     return OllamaError(classify_text(text) or ErrorKind.crash, f"Ollama at {base_url} failed ({detail})")
@@ -216,6 +218,8 @@ class OllamaAdapter(Adapter):
         # Not job.context(): that frames a CLI that runs commands as a council member; a chat model
         # runs nothing, and small ones answered that framing with "I am not a member of the council".
         task = {"prompt": job.prompt, "check": job.check}
+        if job.earlier:  # a follow-up round: the chat gets the earlier exchange
+            task["earlier"] = [{"prompt": p, "summary": s} for p, s in job.earlier]
         inv = self.make(argv, job, stdin=json.dumps(task).encode())
         inv.env["PYTHONPATH"] = module_pythonpath(inv.env)
         return inv
@@ -295,15 +299,18 @@ class OllamaParser(Parser):
                 lines.append("Refused: " + "; ".join(f"{x.get('path')} ({x.get('reason')})" for x in r["refused"]))
             return Outcome(ok=True, cost_usd=0.0, tokens_in=r.get("prompt_eval_count"),
                            tokens_out=r.get("eval_count"), summary="\n".join(x for x in lines if x).strip() or None)
+        retry_at = None
         if self.error and self.error.get("kind") in ErrorKind.__members__:
             error = ErrorInfo(kind=ErrorKind(self.error["kind"]), message=str(self.error.get("message")))
+            if isinstance(self.error.get("retry_at"), (int, float)):
+                retry_at = float(self.error["retry_at"])
         elif exit_code == 0:
             error = ErrorInfo(kind=ErrorKind.invalid_output, message="the ollama driver exited without a result line")
         else:
             tail = " | ".join(list(self.tail)[-4:]) or "no output"
             hint = (f"; is cli-council importable by {sys.executable}?" if "No module named" in tail else "")
             error = ErrorInfo(kind=ErrorKind.crash, message=f"the ollama driver exited with code {exit_code}: {tail}{hint}")
-        return Outcome(ok=False, error=error, cost_usd=0.0)
+        return Outcome(ok=False, error=error, cost_usd=0.0, retry_at=retry_at)
 
 
 # ---- the chat driver: runs in the attempt's process, cwd = the worktree ----
@@ -456,7 +463,7 @@ def stream_chat(base_url: str, model: str, messages: list[dict], options: dict) 
                         text = str(resp.json().get("error") or resp.text)
                     except (ValueError, AttributeError):
                         text = resp.text
-                    raise http_error(resp.status_code, text, base_url, model)
+                    raise http_error(resp.status_code, text, base_url, model, resp.headers.get("retry-after"))
                 for line in resp.iter_lines():
                     if not line.strip():
                         continue
@@ -496,8 +503,8 @@ def cut_off(final: dict, options: dict) -> str | None:
             f"{options['num_ctx']}); raise [agents.ollama] num_ctx or lower context_chars")
 
 
-def fail(kind: ErrorKind, message: str) -> int:
-    print(ERROR + json.dumps({"kind": str(kind), "message": message}), flush=True)
+def fail(kind: ErrorKind, message: str, retry_at: float | None = None) -> int:
+    print(ERROR + json.dumps({"kind": str(kind), "message": message, "retry_at": retry_at}), flush=True)
     print(f"ollama: {message}", file=sys.stderr)
     return 1
 
@@ -525,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         return answer(a, task["prompt"])
     tracked = tracked_files(root)
     files, skipped = gather_context(root, task["prompt"], a.context_budget, tracked)
-    messages = [{"role": "system", "content": SYSTEM[a.edit_format]},
+    messages = [{"role": "system", "content": SYSTEM[a.edit_format]}, *earlier_exchange(task),
                 {"role": "user", "content": user_message(task, files, skipped, tracked, a.edit_format)}]
     chars = sum(len(m["content"]) for m in messages)
     # A reply rewrites at most the files shown (about 3 characters a token) plus a sentence; a
@@ -542,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             reply, final = stream_chat(a.base_url, a.model, messages, options)
         except OllamaError as e:
-            return fail(e.kind, e.message)
+            return fail(e.kind, e.message, e.retry_at)
         for key in counts:
             counts[key] += final.get(key) or 0
         if why := cut_off(final, options):
@@ -556,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         # Asked afresh rather than after its own reply: a small model at temperature 0 shown its
         # reply repeats it word for word.
         retry = user_message(task, files, skipped, tracked, a.edit_format, repair(problems))
-        messages = [messages[0], {"role": "user", "content": retry}]
+        messages = [*messages[:-1], {"role": "user", "content": retry}]
     if problems:
         return fail(ErrorKind.invalid_output, "refused the reply, nothing was written: "
                     + "; ".join(f"{x['path']}: {x['reason']}" for x in problems))
@@ -583,6 +590,17 @@ def answer(a: argparse.Namespace, prompt: str) -> int:
     print(RESULT + json.dumps({"prompt_eval_count": final.get("prompt_eval_count"), "eval_count": final.get("eval_count"),
                                "files": [], "summary": reply[-20000:]}), flush=True)
     return 0
+
+
+def earlier_exchange(task: dict) -> list[dict]:
+    """A follow-up round's earlier prompts and the model's summaries of its answers, as chat turns
+    (the files it wrote then are in the current content shown with the new prompt)."""
+    turns = []
+    for item in task.get("earlier") or []:
+        if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            turns += [{"role": "user", "content": f"Task:\n{item['prompt'].strip()}"},
+                      {"role": "assistant", "content": str(item.get("summary") or "Done: the files were written.")}]
+    return turns
 
 
 def repair(problems: list[dict]) -> str:

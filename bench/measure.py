@@ -319,31 +319,55 @@ async def http_load(clients: int, calls: int) -> dict:
     return await load.run(argparse.Namespace(clients=clients, calls=calls, max_seconds=900, seed=8))
 
 
-def raw_merge(repo: Path, branch: str, env: dict[str, str]) -> float:
-    """What git alone takes: squash the branch into main in a clean checkout and commit."""
+def refresh_indexes(checkouts: list[Path], env: dict[str, str]) -> None:
+    """Make fresh clones' indexes trustworthy, as a user's checkout is: an index written in the same
+    second as the files it lists makes git re-read every file at its next look ("racily clean")."""
+    time.sleep(1.1)
+    for repo in checkouts:
+        subprocess.run(["git", "update-index", "-q", "--refresh"], cwd=repo, env=env, check=True)
+
+
+def raw_merge(repo: Path, branch: str, env: dict[str, str], worktree: Path | None = None) -> float:
+    """What git alone takes: squash the branch into main in a clean checkout and commit; given the
+    branch's `worktree`, then also remove it and the branch, as merge_result's cleanup does."""
+    steps = [["merge", "-q", "--squash", branch], ["commit", "-qm", "squash"]]
+    if worktree:
+        steps += [["worktree", "remove", "--force", str(worktree)], ["branch", "-D", branch]]
     t0 = time.perf_counter()
-    subprocess.run(["git", "merge", "-q", "--squash", branch], cwd=repo, env=env, check=True, capture_output=True)
-    subprocess.run(["git", "commit", "-qm", "squash"], cwd=repo, env=env, check=True, capture_output=True)
+    for step in steps:
+        subprocess.run(["git", *step], cwd=repo, env=env, check=True, capture_output=True)
     return time.perf_counter() - t0
 
 
 async def merge(world: World, repo_src: Path, samples: int, files: int = 100) -> dict:
-    """merge_result (squash, with its cleanup) of a `files`-file change vs raw git's squash merge of
-    the same branch in a clone."""
+    """merge_result (squash) of a `files`-file change vs raw git doing the same in a clone of the
+    same repo: with its cleanup (the default) vs merge, commit, `worktree remove` and `branch -D` of the
+    branch's worktree; and with cleanup=false vs merge and commit."""
     config = {"agents": {"editor": agent(EDITOR, str(files - 1))}}
-    engine, raw = [], []
+    out: dict = {"files": files}
     async with world.serve("merge", config) as s:
-        for k in range(samples):
-            repo = fresh_clone(repo_src, world.root / f"merge-{k}", world.env)
-            task = await s.call("submit_task", repo=str(repo), prompt="edit", agents=["editor"])
-            task = await s.finish(task["task_id"])
-            branch = task["attempts"][0]["branch"]
-            assert task["attempts"][0]["files_changed"] == files, task["attempts"][0]
-            other = fresh_clone(repo, world.root / f"merge-raw-{k}", world.env)
-            subprocess.run(["git", "fetch", "-q", "origin", f"{branch}:{branch}"], cwd=other, env=world.env, check=True)
-            raw.append(await anyio.to_thread.run_sync(raw_merge, other, branch, world.env))
-            t, result = await s.timed("merge_result", task_id=task["task_id"])
-            assert result["merged"], result
-            engine.append(t)
-    return {"files": files, "engine_s": median(engine), "raw_s": median(raw), "engine_samples": engine,
-            "raw_samples": raw}
+        for part, cleanup in (("cleanup", True), ("merge_only", False)):
+            engine, raw = [], []
+            clones = [fresh_clone(repo_src, world.root / f"merge-{part}-{k}", world.env) for k in range(samples)]
+            refresh_indexes(clones, world.env)
+            for k, repo in enumerate(clones):
+                task = await s.call("submit_task", repo=str(repo), prompt="edit", agents=["editor"])
+                task = await s.finish(task["task_id"])
+                branch = task["attempts"][0]["branch"]
+                assert task["attempts"][0]["files_changed"] == files, task["attempts"][0]
+                other = fresh_clone(repo, world.root / f"merge-raw-{part}-{k}", world.env)
+                refresh_indexes([other], world.env)
+                subprocess.run(["git", "fetch", "-q", "origin", f"{branch}:{branch}"], cwd=other, env=world.env,
+                               check=True)
+                wt = None
+                if cleanup:
+                    wt = world.root / f"merge-raw-{part}-{k}-wt"
+                    subprocess.run(["git", "worktree", "add", "-q", str(wt), branch], cwd=other, env=world.env,
+                                   check=True)
+                raw.append(await anyio.to_thread.run_sync(raw_merge, other, branch, world.env, wt))
+                t, result = await s.timed("merge_result", task_id=task["task_id"], cleanup=cleanup)
+                assert result["merged"], result
+                engine.append(t)
+            out[part] = {"engine_s": median(engine), "raw_s": median(raw), "engine_samples": engine,
+                         "raw_samples": raw}
+    return out

@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Awaitable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -28,11 +29,13 @@ from engine.gitcmd import GitError, git, git_ok, resolve_commit
 from engine.merge import changes_in
 from engine.models import ACTIVE_TASK, Attempt, AttemptState, GcReport, Task, TaskState, now
 from engine.pool import POOL_DIR, reap as reap_pool
-from engine.setup import exclude, recorded_output
+from engine.setup import exclude, own_git_dir, recorded_output
 
 __all__ = ["remove_attempt", "gc", "check_output_until"]
 
 _RUNNING_ATTEMPT = frozenset({AttemptState.queued, AttemptState.running})
+TRASH_DIR = ".trash"  # under the worktrees root: removed worktrees whose files are being deleted
+Defer = Callable[[Callable[[], None]], None]  # runs a blocking function later, e.g. in a worker thread
 # Dirs agent CLIs keep in their worktree that are never part of a result: not work to keep.
 _SCRATCH = tuple(sorted({d for cls in KINDS.values() for d in cls.scratch}))
 
@@ -96,8 +99,10 @@ async def _unsaved_work(worktree: Path, check_until: datetime | None = None) -> 
 
 
 async def _remove_worktree(repo: str | Path | None, worktree: str | Path, root: str | Path,
-                           report: GcReport, check_until: datetime | None = None) -> bool:
-    """Remove one worktree unless that could lose work; True when it is gone."""
+                           report: GcReport, check_until: datetime | None = None,
+                           defer: Defer | None = None) -> bool:
+    """Remove one worktree unless that could lose work; True when it is gone. Given `defer`, the
+    deletion of its files is handed to it (see _to_trash) instead of awaited."""
     path = await _inside(worktree, root)
     if path is None:
         report.kept.append(f"{worktree}: outside the council worktrees root {root}; not touched")
@@ -110,16 +115,45 @@ async def _remove_worktree(repo: str | Path | None, worktree: str | Path, root: 
                                f"`git -C {path} add -A && git -C {path} commit`, or drop it with "
                                f"`git -C {owner} worktree remove --force {path}`")
             return False
-        if repo is not None:
-            try:  # twice forced: also when locked or full of ignored files; nothing unsaved is left
-                await git(repo, "worktree", "remove", "--force", "--force", str(path))
-            except GitError:
-                pass  # no longer a registered worktree: the leftovers go below, prune forgets it
-        await anyio.to_thread.run_sync(_rmtree_and_empty_parents, path, Path(await anyio.Path(root).resolve()))
+        root_path = Path(await anyio.Path(root).resolve())
+        trashed = defer is not None and await anyio.to_thread.run_sync(_to_trash, path, root_path)
+        if trashed:  # prune below forgets it; its files are deleted after the caller has its answer
+            defer(partial(shutil.rmtree, trashed, ignore_errors=True))
+        else:
+            if repo is not None:
+                try:  # twice forced: also when locked or full of ignored files; nothing unsaved is left
+                    await git(repo, "worktree", "remove", "--force", "--force", str(path))
+                except GitError:
+                    pass  # no longer a registered worktree: the leftovers go below, prune forgets it
+            await anyio.to_thread.run_sync(_rmtree_and_empty_parents, path, root_path)
         report.removed.append(str(path))
     if repo is not None:
         await git(repo, "worktree", "prune")  # also forgets worktrees whose directory was deleted by hand
     return True
+
+
+def _to_trash(path: Path, root: Path) -> Path | None:
+    """Move an unlocked worktree into the root's trash (a rename: instant, whatever its size) and
+    return where it went; None when it has to go the slow way (`git worktree remove`).
+
+    Locked worktrees survive `worktree prune`, so they are left to `remove --force --force`. What a
+    crash leaves in the trash, gc deletes: nothing there is work.
+    """
+    try:
+        if (own_git_dir(path) / "locked").exists():
+            return None
+        trash = root / TRASH_DIR
+        trash.mkdir(exist_ok=True)
+        target = trash / f"{path.name}-{os.urandom(6).hex()}"
+        path.rename(target)
+    except (OSError, UnicodeDecodeError):
+        return None
+    parent = path.parent
+    with contextlib.suppress(OSError):
+        while parent != root and root in parent.parents:
+            parent.rmdir()  # only when empty: the task's directory once its last attempt is gone
+            parent = parent.parent
+    return target
 
 
 async def _unique_work(repo: str | Path, branch: str, into: str | None, base: str | None) -> bool:
@@ -133,7 +167,10 @@ async def _unique_work(repo: str | Path, branch: str, into: str | None, base: st
 
 
 async def _remove_branch(repo: str | Path, branch: str, into: str | None, base: str | None,
-                         discard: bool, report: GcReport) -> None:
+                         discard: bool, report: GcReport, merged_tip: str | None = None) -> None:
+    if merged_tip and await git_ok(repo, "update-ref", "-d", f"refs/heads/{branch}", merged_tip):
+        report.removed.append(branch)  # still at the commit just merged: nothing on it can be lost
+        return
     if not await git(repo, "for-each-ref", f"refs/heads/{branch}"):
         return  # already gone
     if not discard and await _unique_work(repo, branch, into, base):
@@ -151,7 +188,8 @@ async def _remove_branch(repo: str | Path, branch: str, into: str | None, base: 
 async def remove_attempt(repo: str | Path, *, root: str | Path, worktree: str | Path | None = None,
                          branch: str | None = None, into: str | None = None, base: str | None = None,
                          discard: bool = False, running: bool = False,
-                         check_until: datetime | None = None) -> GcReport:
+                         check_until: datetime | None = None, merged_tip: str | None = None,
+                         defer: Defer | None = None) -> GcReport:
     """Remove one attempt's worktree (only inside `root`) and branch; report what went and what stayed.
 
     The worktree is kept while it holds anything uncommitted, `discard` or not (the caller decided
@@ -159,18 +197,20 @@ async def remove_attempt(repo: str | Path, *, root: str | Path, worktree: str | 
     `check_until` (see check_output_until) sets the check's own output aside.
     The branch is deleted when `discard` (the caller decided, e.g. an attempt that was not picked),
     when its changes since `base` are already in `into` (any strategy), or when its tip is reachable
-    from another ref. `running=True` (its agent may still be working) keeps both.
+    from another ref. `running=True` (its agent may still be working) keeps both. `merged_tip`: the
+    branch's commit the caller has just merged; while the branch is still there it goes without
+    further checks. `defer`: see _remove_worktree.
     """
     report = GcReport()
     if running:
         report.kept += [f"{item}: its agent is still running" for item in (worktree, branch) if item]
         return report
-    if worktree and not await _remove_worktree(repo, worktree, root, report, check_until):
+    if worktree and not await _remove_worktree(repo, worktree, root, report, check_until, defer):
         if branch:
             report.kept.append(f"{branch}: stays with its worktree {worktree}")
         return report
     if branch:
-        await _remove_branch(repo, branch, into, base, discard, report)
+        await _remove_branch(repo, branch, into, base, discard, report, merged_tip)
     return report
 
 
@@ -299,8 +339,11 @@ async def gc(root: str | Path, tasks: Iterable[Task], *, age_s: float, busy: Col
         await guarded(f"task {task.task_id}", finished_task(task))
 
     _merge_into(report, await reap_pool(root, kill_grace_s))
+    trash = root / TRASH_DIR
+    if await anyio.Path(trash).exists():  # removed worktrees a stopped process had not finished deleting
+        await anyio.to_thread.run_sync(partial(shutil.rmtree, trash, ignore_errors=True))
     for task_dir in await _subdirs(root):
-        if task_dir.name == POOL_DIR:
+        if task_dir.name in (POOL_DIR, TRASH_DIR):
             continue  # the warm pool's, handled above: a live process's entries are its own
         owner = known.get(task_dir.name)
         if owner is not None and owner.state in ACTIVE_TASK:

@@ -11,11 +11,12 @@ import contextlib
 import errno
 import logging
 import os
-import random
 import shlex
 import shutil
 import time
 import uuid
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -23,16 +24,17 @@ import anyio.lowlevel
 
 from adapters import make_adapter
 from adapters.ollama import classify_tier
-from adapters.base import (TIERS, TRANSIENT, Adapter, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome,
+from adapters.base import (TIERS, Adapter, Availability, ErrorInfo, ErrorKind, Invocation, Job, Outcome,
                            allowed_env, redact, secret_values)
 
 from . import agents as agents_mod
 from . import cleanup as cleanup_mod
 from . import compare as compare_mod
-from . import diffs, inputs, judge, routing, runner
+from . import diffs, inputs, judge, rounds, routing, runner, tries
 from . import review as review_mod
 from . import ports as ports_mod
 from . import pool as pool_mod
+from . import undo as undo_mod
 from .config import Config, ConfigError, LiveConfig, config_path, home_dir
 from .events import Event, Events, wait_for
 from .gitcmd import GitError, git, resolve_commit
@@ -133,7 +135,6 @@ class Engine:
         self._own_secrets = secret_values(self.environ, min_len=8)
         self._tg = None
         self._stopping = False
-        self._reviewing: set[str] = set()  # tasks a review_task call here is reviewing
 
     @property
     def config(self) -> Config:
@@ -218,7 +219,7 @@ class Engine:
         rev = await self.store.save_task(task, owner=self.owner)
         self.events.emit(Event.of_task(task), rev=rev)
         answer = task.model_copy(deep=True)  # the task as submitted: the run changes `task` from now on
-        self._tg.start_soon(self._run_task, task, agents, review)
+        self._tg.start_soon(self._run_task, task, agents, None, review)
         # Asked while the attempts take their worktrees, not before: a status of the user's checkout
         # stats every file (23 ms on 3,000, 56 ms on 20,000), and only warns. Later saves record it.
         try:
@@ -379,6 +380,7 @@ class Engine:
         if not result.merged:
             return result
         task.state, task.merge_commit = TaskState.merged, result.commit
+        task.merge_into, task.merge_backup_ref = into, result.backup_ref  # what undo_merge needs
         await self._note(task, f"merged {agent} into {into} ({strategy}): {result.commit}")
         await self._save(task)
         self.events.emit(Event("merge", task_id, agent=agent, commit=result.commit))
@@ -387,12 +389,31 @@ class Engine:
                 try:
                     report = await cleanup_mod.remove_attempt(
                         task.repo, root=self.worktrees.root, worktree=a.worktree, branch=a.branch, into=into,
-                        base=task.base, discard=a.agent != agent, check_until=cleanup_mod.check_output_until(a))
+                        base=task.base, discard=a.agent != agent, check_until=cleanup_mod.check_output_until(a),
+                        merged_tip=result.source_commit if a.agent == agent else None, defer=self._defer)
                 except GitError as e:  # the merge landed; what is left behind, gc reclaims later
                     result.message += f"; cleanup of {a.agent} incomplete ({e.stderr or e})"
                     continue
                 result.removed += report.removed
         return result
+
+    def _defer(self, fn: Callable[[], None]) -> None:
+        """Run a blocking cleanup step in a worker thread after the caller has its answer (deleting a
+        removed worktree's files); the engine waits for it when it stops."""
+        self._tg.start_soon(partial(anyio.to_thread.run_sync, fn))
+
+    async def continue_task(self, task_id: str, agent: str, prompt: str, check: str | None = None,
+                            timeout_s: float | None = None) -> Task:
+        """A follow-up prompt to a finished attempt, in its worktree and session (rounds.py); returns at once."""
+        if check is not None:
+            inputs.text("check", check, max_bytes=inputs.MAX_CHECK_BYTES,
+                        hint="put a long check in a script in the repo and run that")
+            await _shell_syntax(check)
+        return await rounds.start(self, task_id, agent, prompt, check, timeout_s, MAX_PROMPT_BYTES)
+
+    async def undo_merge(self, task_id: str) -> MergeResult:
+        """Put the merge's target back where it was before the task's merge (undo.py)."""
+        return await undo_mod.undo_merge(self, inputs.task_id(task_id))
 
     async def gc(self, older_than_s: float | None = None) -> GcReport:
         """Reap what crashed hosts left running, then reclaim finished tasks' worktrees and branches."""
@@ -514,8 +535,10 @@ class Engine:
         return report
 
     async def review(self, task_id: str, reviewers: list[str] | None = None) -> Task:
-        """Cross-review a finished task's candidates (again) and pick its best anew on that evidence."""
-        task = await self.get(task_id)
+        """Cross-review a finished task's candidates (again), then pick its best anew on that evidence.
+        Hosted like a run: returns at once with the task `running` (merge, discard and continue_task wait,
+        cancel_task stops the reviews) until the verdict is recorded. A refusal changes nothing."""
+        task_id = inputs.task_id(task_id)
         config = self.config
         if reviewers is not None:
             if not isinstance(reviewers, list) or not reviewers or len(reviewers) > inputs.MAX_AGENTS:
@@ -529,30 +552,28 @@ class Engine:
                     raise CouncilError(str(e)) from None
                 if not spec.enabled:
                     raise CouncilError(f"agent {name!r} is disabled in the config ([agents.{name}] enabled = false)")
-        if task.state in ACTIVE_TASK or task_id in self._reviewing:
-            raise CouncilError(f"task {task_id} is still {'being reviewed' if task_id in self._reviewing else task.state}"
-                               "; wait for it (get_status with wait_s), or submit with review=true next time")
+        await rounds.let_go(self, task_id)
+        task = await self.get(task_id)
+        if task.state in ACTIVE_TASK or task_id in self._hosted:
+            raise CouncilError(f"task {task_id} is still {task.state}; wait for it (get_status with wait_s), "
+                               "then review it")
         if task.discarded_at is not None:
             raise CouncilError(f"task {task_id} was discarded: its branches are gone, there is nothing to review")
         if task.state not in (TaskState.succeeded, TaskState.failed):
             raise CouncilError(f"task {task_id} is {task.state}: only a task that ran to its end (succeeded or "
-                               "failed) has candidates to review")
+                               "failed) and is not merged has candidates to review")
         if not compare_mod.candidates(task):
             raise CouncilError(f"task {task_id} has no candidate to review: no attempt finished with changes")
-        self._reviewing.add(task_id)
-        try:
-            await self._deliberate(task, True, reviewers)
-            ended = self._ended(task, cancelled=False)
-            task.state, task.best, task.best_reason = ended["state"], ended["best"], ended["best_reason"]
-            await self._note(task, f"reviewed; best: {task.best} ({task.best_reason})" if task.best
-                             else f"reviewed; no best: {task.best_reason}")
-            await self.logbook.flush(task_id)
-            self.logbook.forget(task_id)
-            await self._save(task)
-        finally:
-            self._reviewing.discard(task_id)
-            self._secrets.pop(task_id, None)
-        return task
+        if task_id in self._hosted or not await self.store.claim(task_id, self.owner):
+            raise CouncilError(f"task {task_id} was started again meanwhile (a review or continue_task); wait for it")
+        self._hosted[task_id] = task
+        task.state, task.finished_at = TaskState.running, None
+        await self._save(task)
+        answer = task.model_copy(deep=True)
+        asked = f" by {', '.join(reviewers)}" if reviewers else ""
+        self._tg.start_soon(self._run_task, task, None, lambda: self._note(task, f"review_task{asked}"), True,
+                            reviewers)
+        return answer
 
     async def _deliberate(self, task: Task, review: bool, reviewers: list[str] | None = None) -> None:
         """The verdict's evidence beyond the check: comparison always, cross-review when asked."""
@@ -700,19 +721,24 @@ class Engine:
 
     # running a task
 
-    async def _run_task(self, task: Task, explicit_agents: list[str] | None, review: bool = False) -> None:
+    async def _run_task(self, task: Task, explicit_agents: list[str] | None, body=None, review: bool = False,
+                        reviewers: list[str] | None = None) -> None:
+        """body: what to run instead of the task's stages (a follow-up round, see rounds.py, or a review's
+        note). review: cross-review the candidates (by `reviewers`) before the pick."""
         with anyio.CancelScope() as scope:
             self._scopes[task.task_id] = scope
+            settled = body is not None and review  # a review_task: every attempt had ended before it
             try:
-                await self._run_stages(task, explicit_agents)
-                await self._deliberate(task, review)
+                await (body() if body else self._run_stages(task, explicit_agents))
+                await self._deliberate(task, review, reviewers)
             except Exception as e:  # failures are results: a broken task ends failed, the engine goes on
                 logger.exception("task %s failed inside the engine", task.task_id)
                 task.error = ErrorInfo(kind=ErrorKind.crash, message=f"{type(e).__name__}: {e}")
             finally:
                 with anyio.CancelScope(shield=True):
                     try:
-                        await self._finish(task, cancelled=scope.cancel_called)
+                        # a cancelled review leaves the attempts as they ended: the verdict goes on what was said
+                        await self._finish(task, cancelled=scope.cancel_called and not settled)
                     except Exception:  # the store itself failing (disk full): nothing left to record it in
                         logger.exception("could not record the end of task %s", task.task_id)
                     finally:
@@ -863,7 +889,7 @@ class Engine:
                 if t0 is not None:
                     attempt.duration_s = round(time.monotonic() - t0, 3)
                     attempt.finished_at = now()
-                task.total_cost_usd = round(sum(a.cost_usd or 0.0 for a in task.attempts), 6)
+                task.total_cost_usd = task.spent()
                 self.pool.want(self.config, task.repo)  # also when its agent never started
                 if leased := self._leases.pop((task.task_id, attempt.agent), None):
                     await anyio.to_thread.run_sync(self.ports.release, leased)
@@ -902,30 +928,17 @@ class Engine:
         return work
 
     async def _attempt_body(self, task: Task, attempt: Attempt, adapter: Adapter) -> None:
+        if attempt.rounds > 1:  # a follow-up in the worktree it already has
+            return await rounds.body(self, task, attempt, adapter)
         work = await self._workspace(task, attempt)
         if work is None:
             return
         path = work.path
         job = Job(prompt=task.prompt, worktree=path, timeout_s=task.timeout_s, check=task.check,
                   budget_usd=task.budget_usd, tier=task.tier)
-        deadline = time.monotonic() + task.timeout_s
-        retries_left = self.config.engine.retries
         try:
-            while True:
-                outcome, result = await self._run_agent(task, attempt, adapter, job, deadline - time.monotonic(),
-                                                        work.env)
-                self._account(attempt, outcome)
-                if result.timed_out or outcome.error is None or outcome.error.kind not in TRANSIENT or retries_left <= 0:
-                    break
-                delay = min(self.config.engine.retry_max_s, self.config.engine.retry_base_s * 2 ** attempt.retries)
-                delay *= random.uniform(0.5, 1.0)  # jitter: retries of parallel attempts do not stampede
-                if time.monotonic() + delay >= deadline:
-                    break
-                attempt.retries += 1
-                retries_left -= 1
-                await self._note(task, f"{outcome.error.kind}: {outcome.error.message}; retry {attempt.retries} in {delay:.1f}s", attempt.agent)
-                await anyio.sleep(delay)
-                await self.worktrees.reset(path, task.base, tuple(work.keep_out))
+            outcome, result = await tries.run(self, task, attempt, adapter, job, time.monotonic() + task.timeout_s,
+                                              work.env, task.base, tuple(work.keep_out))
         finally:
             with anyio.CancelScope(shield=True):  # whatever the agent did is kept, even when cancelled
                 files, attempt.insertions, attempt.deletions = await self.worktrees.commit_and_count(

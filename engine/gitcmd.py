@@ -117,6 +117,29 @@ async def resolve_many(cwd: str | Path, *revs: str) -> list[str | None]:
     return [found.get(r) for r in revs]
 
 
+async def commits_and_trees(cwd: str | Path, *revs: str) -> list[tuple[str, str] | None]:
+    """The commit each rev names and that commit's tree, or None, from one git process: the tree is
+    read from the commit object itself, so a ref that moves meanwhile can't pair one commit with
+    another's tree. Revs are read as in resolve_many."""
+    ok = [r for r in revs if r and "\n" not in r and "\0" not in r]
+    found: dict[str, tuple[str, str] | None] = {}
+    if ok:
+        out = (await _run(cwd, ("cat-file", "--batch"), "".join(f"{r}^{{commit}}\n" for r in ok).encode())).stdout
+        at = 0
+        for rev in ok:
+            end = out.index(b"\n", at)
+            header = out[at:end].split()
+            at = end + 1
+            if len(header) == 3 and header[1] == b"commit" and _OID.fullmatch(header[0].decode()):
+                body = out[at:at + int(header[2])]
+                at += int(header[2]) + 1
+                tree = body.split(b"\n", 1)[0].removeprefix(b"tree ").decode()
+                found[rev] = (header[0].decode(), tree) if _OID.fullmatch(tree) else None
+            else:
+                found[rev] = None  # "<rev> missing" (or ambiguous): a line with no object after it
+    return [found.get(r) for r in revs]
+
+
 async def concurrently(*calls: Callable[[], Awaitable]) -> list:
     """Each call's result, in order, the calls run at once (independent git questions: each is a
     process start, so waiting for one before asking the next only adds their latencies). A failing

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Awaitable
 from pathlib import Path
 
 import anyio
 
-from engine.gitcmd import (COUNCIL_ENV, COUNCIL_IDENTITY, GitError, concurrently, diff_stat, git, git_ok,
-                           resolve_many, user_identity)
+from engine.gitcmd import (COUNCIL_ENV, COUNCIL_IDENTITY, GitError, commits_and_trees, concurrently, diff_stat, git,
+                           git_ok, resolve_many, user_identity)
 from engine.models import MergeResult
 
 __all__ = ["MergeRefused", "STRATEGIES", "check_target", "merge_branch", "changes_in"]
@@ -266,6 +267,19 @@ async def _check_checkout(worktree: str, into: str, old: str, new: str) -> None:
                            f"({', '.join(blocked[:5])}): move or delete them, then merge again")
 
 
+async def _checkout_refusal(checkout: str | None, into: str, old: str, new: str,
+                            refused: MergeRefused | None) -> MergeRefused | None:
+    """Why `into` can't move from old to new (a tree will do) in its checkout now, or None;
+    `refused`: a reason found already."""
+    if refused or not checkout:
+        return refused
+    try:
+        await _check_checkout(checkout, into, old, new)
+    except MergeRefused as e:
+        return e
+    return None
+
+
 async def check_target(repo: str | Path, into: str) -> str:
     """`into` as the name of an existing local branch the council may move, or MergeRefused.
 
@@ -326,6 +340,23 @@ async def _save_old_tip(repo: str | Path, task_id: str, old: str, reflog: str,
             taken.add(name)  # an earlier merge of this task, or one at the same moment, has the name
 
 
+async def _attempt(step: Awaitable[str]) -> str | GitError:
+    """The step's output, or the GitError it raised (for steps asked together with others)."""
+    try:
+        return await step
+    except GitError as e:
+        return e
+
+
+async def _backup(repo: str | Path, task_id: str, old: str, reflog: str) -> tuple[str | None, str]:
+    """_save_old_tip, or why the old tip could not be saved (the merge goes on: the old tip is an
+    ancestor of the new one)."""
+    try:
+        return await _save_old_tip(repo, task_id, old, reflog), ""
+    except GitError as e:
+        return None, f"old tip {old} not saved ({e.stderr})"
+
+
 async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, strategy: str = "squash",
                        message: str, task_id: str, agent: str | None = None, run_hooks: bool = False,
                        dry_run: bool = False, target_checked: bool = False) -> MergeResult:
@@ -352,20 +383,20 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     if not target_checked:
         into = await check_target(repo, into)
     ref = f"refs/heads/{into}"
-    branch_tip, base_c, old = await resolve_many(repo, *(f"{rev}^{{commit}}" for rev in (branch, base, ref)))
-    for name, value in ((branch, branch_tip), (base, base_c), (into, old)):
+    # The commits with their trees, the identity and where `into` is checked out, asked at once; a
+    # refusal from the last is raised where it always was, after the outcomes that need no checkout
+    # (no changes, conflicts).
+    found, who, (checkout, refused) = await concurrently(
+        lambda: commits_and_trees(repo, branch, base, ref), lambda: user_identity(repo),
+        lambda: _checkout_or_refusal(repo, into))
+    for name, value in zip((branch, base, into), found):
         if value is None:
             raise MergeRefused(f"{name} is not a commit or branch in {repo}")
-    # The trees of the commits just read (not of the names again: a ref may move meanwhile), the
-    # identity and where `into` is checked out, asked at once; a refusal from the last is raised
-    # where it always was, after the outcomes that need no checkout (no changes, conflicts).
-    (base_tree, tip_tree, old_tree), who, (checkout, refused) = await concurrently(
-        lambda: resolve_many(repo, *(f"{c}^{{tree}}" for c in (base_c, branch_tip, old))),
-        lambda: user_identity(repo), lambda: _checkout_or_refusal(repo, into))
+    (branch_tip, tip_tree), (base_c, base_tree), (old, old_tree) = found
 
     def result(merged: bool, text: str, **fields) -> MergeResult:
         return MergeResult(merged=merged, task_id=task_id, strategy=strategy, into=into,
-                           dry_run=dry_run, message=text, **fields)
+                           source_commit=branch_tip, dry_run=dry_run, message=text, **fields)
 
     if base_tree == tip_tree:
         return result(False, f"{branch} has no changes relative to the task's base; nothing to merge")
@@ -387,13 +418,16 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
         parents = [old] if strategy == "squash" else [old, branch_tip]
         if conflicts or unchanged:
             new = old
-        else:  # the counts come from the tree the commit will have, while it is written
-            new, stat = await concurrently(lambda: _commit(repo, tree, parents, message, env=who),
-                                           lambda: diff_stat(repo, old, tree))
+        else:  # the counts and the checkout's check come from the tree the commit will have, while it is written
+            new, stat, refused = await concurrently(lambda: _commit(repo, tree, parents, message, env=who),
+                                                    lambda: diff_stat(repo, old, tree),
+                                                    lambda: _checkout_refusal(checkout, into, old, tree, refused))
     else:
         new, conflicts, note = await _rebase(repo, base_c, branch_tip, old, who, trailers)
         unchanged = not conflicts and await _tree(repo, new) == old_tree
-        stat = None if conflicts or unchanged else await diff_stat(repo, old, new)
+        if not conflicts and not unchanged:
+            stat, refused = await concurrently(lambda: diff_stat(repo, old, new),
+                                               lambda: _checkout_refusal(checkout, into, old, new, refused))
 
     if conflicts:
         files, ins, dels = await diff_stat(repo, base_c, branch_tip)
@@ -405,33 +439,30 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
 
     files, ins, dels = stat
     counts = dict(files=files, insertions=ins, deletions=dels)
-    try:
-        if refused:
-            raise refused
-        if checkout:
-            await _check_checkout(checkout, into, old, new)
-    except MergeRefused as e:
+    if refused:
         if not dry_run:
-            raise
-        return result(False, f"dry run: {strategy} would apply cleanly, but right now {e}", **counts)
+            raise refused
+        return result(False, f"dry run: {strategy} would apply cleanly, but right now {refused}", **counts)
     if dry_run:
         return result(False, f"dry run: {strategy} of {branch} into {into} would apply cleanly "
                              f"({len(files)} file(s), +{ins} -{dels}){as_council}", **counts)
 
     reflog = f"cli-council: {strategy} {branch} (task {task_id})"
+    saved = ""
     try:
-        if checkout:
-            await git(checkout, "merge", "--ff-only", "--no-stat", "-q", new,
-                      env={**who, "GIT_REFLOG_ACTION": reflog}, hooks=run_hooks)
+        if checkout:  # the backup ref is written while the checkout moves, and taken back if it can't
+            moved, (backup_ref, saved) = await concurrently(
+                lambda: _attempt(git(checkout, "merge", "--ff-only", "--no-stat", "-q", new,
+                                     env={**who, "GIT_REFLOG_ACTION": reflog}, hooks=run_hooks)),
+                lambda: _backup(repo, task_id, old, reflog))
+            if isinstance(moved, GitError):
+                if backup_ref:
+                    await git(repo, "update-ref", "-d", backup_ref, old, check=False)
+                raise moved
         else:
             backup_ref = await _save_old_tip(repo, task_id, old, reflog, move=(ref, new))
     except GitError as e:
         raise MergeRefused(f"could not move {into} ({e.stderr}); nothing was merged, try again") from e
-    if checkout:
-        try:
-            backup_ref = await _save_old_tip(repo, task_id, old, reflog)
-        except GitError as e:  # merged all the same; the old tip is an ancestor of the new one
-            backup_ref, saved = None, f"old tip {old} not saved ({e.stderr})"
     if backup_ref:
         saved = f"old tip saved at {backup_ref}"
     where = f"and updated {checkout}" if checkout else "(not checked out; only the branch moved)"

@@ -19,6 +19,7 @@ __all__ = [
     "AttemptState", "TaskState", "ErrorInfo", "ErrorKind", "CheckResult", "Attempt", "Task",
     "TaskSummary", "AttemptSummary", "TaskList", "LogLine", "LogChunk", "MergeResult", "GcReport", "AgentInfo",
     "AgentList", "DiffFile", "Diff", "now", "ACTIVE_TASK", "FINISHED_ATTEMPT", "Review",
+    "Round",
 ]
 
 
@@ -74,6 +75,16 @@ class Review(BaseModel):
     error: str | None = Field(None, description="why this review gave no verdict (timeout, malformed answer...)")
 
 
+class Round(BaseModel):
+    """One prompt an attempt was given (continue_task adds rounds) and the agent's answer to it."""
+
+    prompt: str
+    check: str | None = Field(None, description="the check the round ran")
+    timeout_s: float | None = Field(None, description="the round's own timeout; None: the task's")
+    summary: str | None = Field(None, description="the agent's final message for this round")
+    started_at: datetime = Field(default_factory=now)
+
+
 class Attempt(BaseModel):
     agent: str
     state: AttemptState = AttemptState.queued
@@ -102,6 +113,9 @@ class Attempt(BaseModel):
     agrees_with: list[str] = Field(default_factory=list, description="candidates that reached much the same change")
     reviews: list[Review] = Field(default_factory=list)
     review_score: float | None = Field(None, description="median score of its successful reviews")
+    rounds: int = Field(1, description="how many prompts the attempt has had (continue_task adds one)")
+    history: list[Round] = Field(default_factory=list, description="every round once there is a second; "
+                                                                   "empty while the task's prompt is the only one")
 
 
 class Task(BaseModel):
@@ -124,11 +138,17 @@ class Task(BaseModel):
     best_reason: str | None = None
     total_cost_usd: float = 0.0
     merge_commit: str | None = None
+    merge_into: str | None = Field(None, description="the branch the merge moved (undo_merge moves it back)")
+    merge_backup_ref: str | None = Field(None, description="the ref holding that branch's tip before the merge")
     discarded_at: datetime | None = Field(None, description="discard_task removed its worktrees and branches; "
                                                             "what it kept is in its log")
     error: ErrorInfo | None = Field(None, description="what broke the task itself (its attempts record their own)")
     warnings: list[str] = Field(default_factory=list, description="what the caller should know, e.g. a dirty checkout")
     attempts: list[Attempt] = Field(default_factory=list)
+
+    def spent(self) -> float:
+        """What the attempts and their current reviews cost (total_cost_usd)."""
+        return round(sum((a.cost_usd or 0.0) + sum(r.cost_usd or 0.0 for r in a.reviews) for a in self.attempts), 6)
 
     def attempt(self, agent: str) -> Attempt:
         for a in self.attempts:
@@ -190,6 +210,7 @@ class MergeResult(BaseModel):
     strategy: str
     into: str | None = None
     commit: str | None = None
+    source_commit: str | None = Field(None, description="the attempt's commit that was (or would be) merged")
     files: list[str] = Field(default_factory=list)
     insertions: int = 0
     deletions: int = 0

@@ -145,12 +145,16 @@ async def untracked_and_changed(path: Path) -> list[str]:
     return sorted(entry[3:] for entry in out.split("\0") if entry)
 
 
-async def _own_git_dir(path: Path) -> Path:
+def own_git_dir(path: Path) -> Path:
     """The worktree's private git dir, from its `.git` file (`gitdir: PATH`), as git itself reads it."""
-    text = await anyio.Path(path / ".git").read_text()
+    text = (path / ".git").read_text()
     if not text.startswith("gitdir: "):
         raise OSError(f"{path}/.git is not a worktree's .git file")
     return path / text[len("gitdir: "):].strip()  # absolute as git writes it; relative joins the worktree
+
+
+async def _own_git_dir(path: Path) -> Path:
+    return await anyio.to_thread.run_sync(own_git_dir, path)
 
 
 async def record_output(path: Path, paths: list[str]) -> None:

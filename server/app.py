@@ -63,6 +63,8 @@ as cursor, with wait_s to long-poll) until done is true, or get_status with wait
 attempts and `best`, and each attempt's changes with get_diff -> merge_result (dry_run first if unsure)
 -> or cancel_task; discard_task throws a finished task's worktrees and branches away. review_task (or
 submit_task with review=true) has other agents judge each attempt anonymously before the pick.
+continue_task sends a finished attempt a follow-up prompt (same worktree, branch and session);
+undo_merge takes a merge back while nothing came after it.
 list_agents tells which agents are configured and usable here (names for submit_task's `agents`).
 Resources: council://tasks/{task_id} (the task as JSON), council://tasks/{task_id}/logs (its log) and
 council://tasks/{task_id}/attempts/{agent}/diff (an attempt's patch)."""
@@ -358,28 +360,52 @@ async def review_task(
 ) -> Task:
     """Cross-review a finished task: each attempt's diff (with the task and its check result) is judged by
     other agents under an anonymous label, read-only, as {score 0-10, verdict, issues, summary}; then the best
-    is picked again (check passed, then median review score, then agreement). Returns once every review has
-    ended (each is bounded by [review] timeout_s); attempts carry `reviews` and `review_score`."""
+    is picked again (check passed, then median review score, then agreement). Returns at once with the task
+    running; follow it with get_status (wait_s) or stream_logs. When it ends, attempts carry `reviews` and
+    `review_score` and `best_reason` names the evidence that decided. Each review is bounded by [review]
+    timeout_s; cancel_task stops them and the verdict goes on the reviews that ended. Refused while the task
+    runs, once it is merged or discarded, or when no attempt left changes."""
     council = _council(ctx)
-    done: list[Task | Exception] = []
+    task = await council.engine.review(task_id, reviewers=reviewers)
+    council.updates.follow(task)
+    return task
 
-    async def run(scope: anyio.CancelScope) -> None:
-        try:
-            done.append(await council.engine.review(task_id, reviewers=reviewers))
-        except Exception as e:  # raised below as itself, not inside an ExceptionGroup
-            done.append(e)
-        scope.cancel()
 
-    t0 = time.monotonic()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run, tg.cancel_scope)
-        while True:  # progress keeps clients that reset their timeout on it waiting for the reviewers
-            await anyio.sleep(PROGRESS_SLICE_S)
-            await ctx.report_progress(round(time.monotonic() - t0, 1), None, f"reviewing task {task_id}")
-    if isinstance(done[0], Exception):
-        raise done[0]
+@_errors
+async def continue_task(
+    task_id: TaskId,
+    agent: Annotated[str, Field(description="Whose attempt gets the follow-up (one of the task's attempts).")],
+    prompt: Annotated[str, Field(description=(
+        'The follow-up, as you would tell the same developer ("now also handle the empty case"). Not empty.'))],
+    ctx: Context,
+    check: Annotated[str | None, Field(description=(
+        "A new check command for this round and the task from now on; omit to run the task's check again."))] = None,
+    timeout_s: Annotated[float | None, Field(gt=0, description=(
+        "This round's time limit in seconds; default: the task's."))] = None,
+) -> Task:
+    """Send a follow-up prompt to one attempt of a finished task: a new round in the same worktree and branch,
+    resuming the agent's own session where its CLI has one (claude), or telling it the earlier rounds. Returns
+    at once with the task running again; the round's lines follow a "round N" marker in the log, its changes
+    are committed on the same branch, the check runs again and the best attempt is picked again. `rounds` on
+    the attempt counts its prompts. Refused while the task runs, once it is merged (undo_merge first), or when
+    the attempt's worktree was removed (merged with cleanup, discarded, gc)."""
+    council = _council(ctx)
+    task = await council.engine.continue_task(task_id, agent, prompt, check=check, timeout_s=timeout_s)
+    council.updates.follow(task)
+    return task
+
+
+@_errors
+async def undo_merge(task_id: TaskId, ctx: Context) -> MergeResult:
+    """Take a task's merge back: the branch it merged into returns to its tip from before the merge (and its
+    checkout with it). Refused, changing nothing, when commits came after the merge (they are listed) or the
+    checkout has uncommitted changes. The undone merge commit stays reachable under the ref named in
+    `backup_ref`; `commit` is the branch's tip again (null when refused). The task is finished again and can
+    be merged again."""
+    council = _council(ctx)
+    result = await council.engine.undo_merge(task_id)
     await council.updates.announce(task_uri(task_id))
-    return done[0]
+    return result
 
 
 def _strict(tool: Tool) -> None:
@@ -416,6 +442,10 @@ TOOLS = [
     (discard_task, _annotations("Discard a task", read_only=False, destructive=True, idempotent=True)),
     # review_task runs other agents (they reach the network) and rewrites the task's best; it changes no branch.
     (review_task, _annotations("Cross-review a task", read_only=False, open_world=True)),
+    # continue_task runs an agent again (it reaches the network) and adds commits to its branch.
+    (continue_task, _annotations("Continue an attempt", read_only=False, open_world=True)),
+    # undo_merge moves the user's branch back; the undone commit stays under a ref of its own.
+    (undo_merge, _annotations("Undo a merge", read_only=False, destructive=True)),
 ]
 
 

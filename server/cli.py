@@ -104,6 +104,20 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--no-cleanup", dest="cleanup", action="store_false")
     m.add_argument("--json", action="store_true")
 
+    co = sub.add_parser("continue", help="a follow-up prompt to one attempt of a finished task, in the foreground",
+                        description="Run a new round of an attempt in its worktree, branch and session, and stay "
+                                    "until it ends: exit 0 when the task succeeded, 1 when it failed, 2 on bad input.")
+    co.add_argument("task_id")
+    co.add_argument("--agent", required=True, help="whose attempt gets the follow-up")
+    co.add_argument("--check", metavar="CMD", help="a new check for this round and the task; default: the task's")
+    co.add_argument("--timeout", type=float, metavar="S", help="this round's limit in seconds (default: the task's)")
+    co.add_argument("--json", action="store_true", help="print the finished task as JSON only")
+    co.add_argument("prompt", help="the follow-up")
+
+    u = sub.add_parser("undo", help="take a task's merge back (while nothing came after it)")
+    u.add_argument("task_id")
+    u.add_argument("--json", action="store_true")
+
     c = sub.add_parser("cancel", help="stop every running attempt of a task")
     c.add_argument("task_id")
     c.add_argument("--json", action="store_true")
@@ -165,6 +179,18 @@ async def cmd_run(args, engine: Engine) -> int:
                                check=args.check, timeout_s=args.timeout, budget_usd=args.budget_usd,
                                review=args.review)
     print(f"task {task.task_id}", file=sys.stderr, flush=True)
+    return await host(args, engine, task)
+
+
+async def cmd_continue(args, engine: Engine) -> int:
+    task = await engine.continue_task(args.task_id, args.agent, args.prompt, check=args.check,
+                                      timeout_s=args.timeout)
+    print(f"task {task.task_id}: round {task.attempt(args.agent).rounds} of {args.agent}", file=sys.stderr, flush=True)
+    return await host(args, engine, task)
+
+
+async def host(args, engine: Engine, task: Task) -> int:
+    """Stay while the task this process hosts runs (a signal cancels it), then print how it ended."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with anyio.create_task_group() as tg:
             async def on_signal():
@@ -237,6 +263,12 @@ async def cmd_merge(args, engine: Engine) -> int:
     return 0 if result.merged or (args.dry_run and not result.conflicts) else 1
 
 
+async def cmd_undo(args, engine: Engine) -> int:
+    result = await engine.undo_merge(args.task_id)
+    emit(result) if args.json else print(result.message)
+    return 0 if result.commit else 1
+
+
 async def cmd_cancel(args, engine: Engine) -> int:
     was = await engine.get(args.task_id)
     task = await engine.cancel(args.task_id)
@@ -263,8 +295,8 @@ async def cmd_discard(args, engine: Engine) -> int:
 
 async def cmd_review(args, engine: Engine) -> int:
     task = await engine.review(args.task_id, reviewers=args.reviewers)
-    emit(task) if args.json else print(text.describe(task))
-    return 0 if task.best else 1
+    print(f"task {task.task_id}: reviewing", file=sys.stderr, flush=True)
+    return await host(args, engine, task)
 
 
 async def cmd_diff(args, engine: Engine) -> int:
@@ -326,7 +358,8 @@ async def cmd_stats(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "status": cmd_status, "logs": cmd_logs, "merge": cmd_merge,
-            "cancel": cmd_cancel, "gc": cmd_gc, "diff": cmd_diff, "discard": cmd_discard, "review": cmd_review}
+            "cancel": cmd_cancel, "gc": cmd_gc, "diff": cmd_diff, "discard": cmd_discard, "review": cmd_review,
+            "continue": cmd_continue, "undo": cmd_undo}
 NO_ENGINE = {"doctor": cmd_doctor, "agents": cmd_agents, "stats": cmd_stats}  # no engine: they start nothing
 
 

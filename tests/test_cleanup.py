@@ -348,3 +348,45 @@ async def test_gc_survives_broken_surroundings_and_goes_on(repo, root, tmp_path)
     assert corrupt_wt.is_dir() and f"{corrupt_wt}: kept, could not check it: fatal: bad object HEAD" in kept  # can't tell what it holds: kept
     assert not plain.exists() and "council/t-plain/claude" in report.removed
     assert sorted(branches(repo)) == [corrupt, elsewhere, handmade]
+
+
+async def test_a_deferred_removal_moves_the_worktree_away_and_leaves_its_files_to_the_caller(repo, root):
+    branch, wt = attempt(repo, root, "t9", "claude", {"a.txt": "claude\n"})
+    later = []
+    report = await remove_attempt(repo, root=root, worktree=str(wt), branch=branch, discard=True, defer=later.append)
+    assert report.removed == [str(wt), branch] and not wt.exists() and not (root / "t9").exists()
+    assert str(wt) not in worktree_list(repo)  # git forgot it at once
+    [trashed] = (root / ".trash").iterdir()
+    assert (trashed / "a.txt").read_text() == "claude\n" and len(later) == 1
+    later[0]()
+    assert not trashed.exists()
+
+
+async def test_a_locked_worktree_is_removed_the_slow_way_all_the_same(repo, root):
+    branch, wt = attempt(repo, root, "t9", "claude", {"a.txt": "claude\n"})
+    g(repo, "worktree", "lock", str(wt))  # prune keeps locked entries: a rename would leave it registered
+    later = []
+    report = await remove_attempt(repo, root=root, worktree=str(wt), branch=branch, discard=True, defer=later.append)
+    assert report.removed == [str(wt), branch] and not wt.exists() and later == []
+    assert str(wt) not in worktree_list(repo)
+
+
+async def test_a_merged_branch_that_moved_since_is_kept_with_its_new_work(repo, root):
+    base = g(repo, "rev-parse", "main")
+    branch, wt = attempt(repo, root, "t9", "claude", {"a.txt": "claude\n"})
+    res = await merge_branch(repo, branch=branch, base=base, into="main", message="m", task_id="t9")
+    commit(wt, {"b.txt": "more work after the merge\n"})
+    report = await remove_attempt(repo, root=root, worktree=str(wt), branch=branch, into="main", base=base,
+                                  merged_tip=res.source_commit)
+    assert branches(repo) == [branch] and any(branch in k for k in report.kept)
+    res2 = await merge_branch(repo, branch=branch, base=base, into="main", message="m", task_id="t9")
+    report = await remove_attempt(repo, root=root, branch=branch, into="main", base=base,
+                                  merged_tip=res2.source_commit)
+    assert branches(repo) == [] and report.removed == [branch]
+
+
+async def test_gc_empties_the_trash_a_stopped_process_left(repo, root):
+    (root / ".trash" / "claude-0123").mkdir(parents=True)
+    (root / ".trash" / "claude-0123" / "big.bin").write_bytes(b"x" * 1000)
+    await gc(root, [], age_s=3600)
+    assert not (root / ".trash").exists()

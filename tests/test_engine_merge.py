@@ -47,6 +47,7 @@ async def test_merge_lands_the_best_attempt_and_cleans_up(make_engine, repo, str
     assert task.task_id not in git(repo, "worktree", "list")
     assert not (council_home / "worktrees" / task.task_id).exists()
     assert len(result.removed) == 4  # two worktrees and two branches
+    assert list((council_home / "worktrees" / ".trash").iterdir()) == []  # their files deleted by the time it stopped
 
 
 async def test_dry_run_reports_and_changes_nothing(make_engine, repo):

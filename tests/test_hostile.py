@@ -350,6 +350,31 @@ TOOL_CASES = [
     tool("merge_result", "merge-cleanup-word", "cleanup", task_id="<done>", cleanup="no"),
     tool("merge_result", "merge-unknown-argument", "force", task_id="<done>", force=True),
 
+    # continue_task: a refused follow-up starts nothing and leaves the attempt as it was
+    *[tool("continue_task", f"continue-id-{name}", "task", task_id=v, agent="fresh", prompt="more")
+      for name, v in BAD_IDS],
+    tool("continue_task", "continue-agent-unknown", "nobody", task_id="<done>", agent="nobody", prompt="more"),
+    tool("continue_task", "continue-agent-nul", "agent", task_id="<done>", agent="fr\x00esh", prompt="more"),
+    tool("continue_task", "continue-agent-missing", "agent", task_id="<done>", prompt="more"),
+    tool("continue_task", "continue-prompt-empty", "prompt", task_id="<done>", agent="fresh", prompt=" \n"),
+    tool("continue_task", "continue-prompt-nul", "prompt", task_id="<done>", agent="fresh", prompt="mo\x00re"),
+    tool("continue_task", "continue-prompt-int", "prompt", task_id="<done>", agent="fresh", prompt=42),
+    tool("continue_task", "continue-prompt-130kb", "prompt", task_id="<done>", agent="fresh", prompt="x" * 130_000),
+    tool("continue_task", "continue-timeout-0", "timeout_s", task_id="<done>", agent="fresh", prompt="m", timeout_s=0),
+    tool("continue_task", "continue-timeout-inf-string", "timeout_s", task_id="<done>", agent="fresh", prompt="m",
+         timeout_s="inf"),
+    tool("continue_task", "continue-check-nul", "check", task_id="<done>", agent="fresh", prompt="m", check="a\x00b"),
+    tool("continue_task", "continue-check-unbalanced", "check", task_id="<done>", agent="fresh", prompt="m",
+         check="echo 'open"),
+    tool("continue_task", "continue-still-running", "running", task_id="<running>", agent="stuck", prompt="more"),
+    tool("continue_task", "continue-unknown-argument", "force", task_id="<done>", agent="fresh", prompt="m", force=True),
+
+    # undo_merge
+    *[tool("undo_merge", f"undo-id-{name}", "task", task_id=v) for name, v in BAD_IDS],
+    tool("undo_merge", "undo-not-merged", "not merged", task_id="<done>"),
+    tool("undo_merge", "undo-still-running", "running", task_id="<running>"),
+    tool("undo_merge", "undo-unknown-argument", "force", task_id="<done>", force=True),
+
     # list_tasks
     tool("list_tasks", "list-limit-0", "limit", limit=0),
     tool("list_tasks", "list-limit-negative", "limit", limit=-1),

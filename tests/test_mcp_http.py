@@ -108,7 +108,8 @@ async def test_session_over_streamable_http_with_token(mode):
             async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:
                 tools = {t.name for t in (await client.list_tools()).tools}
                 assert tools == {"submit_task", "get_status", "list_tasks", "stream_logs", "merge_result",
-                                 "cancel_task", "list_agents", "get_diff", "discard_task"}
+                                 "cancel_task", "list_agents", "get_diff", "discard_task", "continue_task",
+                                 "undo_merge", "review_task"}
                 r = await client.call_tool("list_tasks", {})
                 assert r.structured_content == {"tasks": []}
 

@@ -483,6 +483,22 @@ async def test_when_the_target_cannot_move_no_backup_is_written(repo, root):
     assert (await merge(repo, branch, into="feature", base="feature")).backup_ref == "refs/council/backup/t1"
 
 
+async def test_when_the_checkout_cannot_move_the_backup_written_meanwhile_is_taken_back(repo, root):
+    branch, _ = attempt(repo, root, "t1", "claude", {"a.txt": edited(0, "agent")})
+    lock = repo / ".git" / "index.lock"  # another git is writing main's checkout right now
+    lock.write_text("")
+    before = snapshot(repo)
+
+    with pytest.raises(MergeRefused, match="could not move main"):
+        await merge(repo, branch)
+
+    after = snapshot(repo)
+    assert after.pop("markers") == before.pop("markers") + ["ORIG_HEAD"]  # git's merge writes it first
+    assert after == before and backups(repo) == {}
+    lock.unlink()
+    assert (await merge(repo, branch)).backup_ref == "refs/council/backup/t1"
+
+
 # Identity and trailers: what lands on the user's branch is the user's, and says where it came from.
 
 def landed(repo: Path, base: str, fmt: str) -> list[str]:
