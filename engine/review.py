@@ -91,7 +91,7 @@ def scrubber(names: list[str], hide: list[str]) -> Callable[[str], str]:
     names = sorted({n for n in names if n}, key=len, reverse=True)
     name_re = re.compile(r"(?<![A-Za-z0-9])(?:" + "|".join(map(re.escape, names)) + r")(?![A-Za-z0-9])",
                          re.I) if names else None
-    branch_re = re.compile(r"(?:refs/heads/)?council/[^\s'\"`]+")
+    branch_re = re.compile(r"(?:refs/heads/)?council/[A-Za-z0-9._/-]+")
     hide = sorted({h for h in hide if h}, key=len, reverse=True)
 
     def scrub(text: str) -> str:
@@ -139,6 +139,16 @@ def parse_verdict(text: str) -> tuple[dict | None, str | None]:
             first_problem = first_problem or problem
         start = text.find("{", start + 1)
     return None, first_problem or "the answer holds no JSON verdict object ({\"score\": ..., \"verdict\": ...})"
+
+
+def _read_answer(summary: str, tail: str) -> tuple[dict | None, str | None]:
+    """The verdict in the agent's final message, else in the last of its output (worker thread: the
+    search is bounded but not free)."""
+    verdict, problem = parse_verdict(summary[-MAX_ANSWER_CHARS:]) if summary else (None, None)
+    if verdict is None:
+        verdict, problem2 = parse_verdict(tail)
+        problem = problem or problem2
+    return verdict, problem
 
 
 def _valid(obj: dict) -> tuple[dict | None, str | None]:
@@ -222,15 +232,18 @@ async def review(seat: Seat, task: Task, reviewers: list[str] | None = None) -> 
         said = (f"{got.verdict}, score {got.score:g}" if got.error is None else f"failed: {got.error}")
         await seat.log(task, f"review:{reviewer}", "council", f"candidate {name}: {said}")
 
-    async with anyio.create_task_group() as tg:
-        for a, name, reviewer, prompt in plan:
-            tg.start_soon(one, a, name, reviewer, prompt)
-    for a in found:
-        order = {r: i for i, r in enumerate(ready)}
-        a.reviews.sort(key=lambda r: order.get(r.reviewer, len(order)))
-        a.review_score = score_of(a.reviews)
-    task.total_cost_usd = round(task.total_cost_usd + spent[0], 6)
-    await _restore_tips(seat, task, found, tips)
+    try:
+        async with anyio.create_task_group() as tg:
+            for a, name, reviewer, prompt in plan:
+                tg.start_soon(one, a, name, reviewer, prompt)
+    finally:  # also when cancelled: what was said counts, and every branch is back where it was
+        with anyio.CancelScope(shield=True):
+            order = {r: i for i, r in enumerate(ready)}
+            for a in found:
+                a.reviews.sort(key=lambda r: order.get(r.reviewer, len(order)))
+                a.review_score = score_of(a.reviews)
+            task.total_cost_usd = task.spent()
+            await _restore_tips(seat, task, found, tips)
 
 
 async def _probe(seat: Seat, name: str, adapter: Adapter) -> Availability:
@@ -296,10 +309,7 @@ async def _review_one(seat: Seat, task: Task, name: str, reviewer: str, prompt: 
                 why = outcome.error.message if outcome.error else f"exit code {result.exit_code}"
                 return Review(reviewer=reviewer, cost_usd=cost, error=f"it failed: {why}")
             answer = outcome.summary or ""
-            verdict, problem = parse_verdict(answer[-MAX_ANSWER_CHARS:]) if answer else (None, None)
-            if verdict is None:
-                verdict, problem2 = parse_verdict("\n".join(tail))
-                problem = problem or problem2
+            verdict, problem = await anyio.to_thread.run_sync(_read_answer, answer, "\n".join(tail))
             if verdict is None:
                 return Review(reviewer=reviewer, cost_usd=cost, error=f"no usable verdict: {problem}")
             await seat.log(task, agent, "council", f"answered in {time.monotonic() - t0:.1f}s")
