@@ -78,7 +78,11 @@ def pick_best(attempts: list[Attempt]) -> tuple[str | None, str]:
             if turned_down else "")
     if len(candidates) == 1:
         reviewed = f"; {_reviewed(best)}" if best.reviews else ""
-        return best.agent, f"{best.agent} is the only attempt with changes{also}{reviewed}"
+        if turned_down:
+            return best.agent, (f"{best.agent} over {', '.join(a.agent for a in turned_down)}: every reviewer asked "
+                                f"for changes to {'it' if len(turned_down) == 1 else 'them'} and no check passed"
+                                f"{reviewed}")
+        return best.agent, f"{best.agent} is the only attempt with changes{reviewed}"
     second = candidates[1]
     for _, k, say in CRITERIA:
         if k(best) != k(second):
