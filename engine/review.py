@@ -17,7 +17,6 @@ times out or answers something that is not a verdict is recorded as such and blo
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import statistics
@@ -43,7 +42,7 @@ from .runner import LineSink, RunResult, SpawnError
 
 PER_CANDIDATE = 3  # reviewers per candidate: the median of three steadies a judge's swings
 MAX_DIFF_BYTES = 60_000  # of the candidate's patch in the prompt (the prompt travels as one argv element)
-MAX_PROMPT_CHARS = 16_000  # of the task's prompt in the review prompt
+MAX_PROMPT_BYTES = 16_000  # of the task's prompt in the review prompt (with the diff, well under 128 KiB)
 MAX_ANSWER_CHARS = 64_000  # of a reviewer's output kept to find its verdict in
 MAX_TRIES = 500  # '{' positions tried when looking for the verdict object
 VERDICTS = ("approve", "request_changes")
@@ -114,7 +113,9 @@ def check_line(a: Attempt, task: Task) -> str:
 
 def review_prompt(task: Task, a: Attempt, name: str, patch: str, truncated: bool,
                   scrub: Callable[[str], str]) -> str:
-    prompt = task.prompt if len(task.prompt) <= MAX_PROMPT_CHARS else task.prompt[:MAX_PROMPT_CHARS] + "\n[...cut]"
+    data = task.prompt.encode()
+    prompt = task.prompt if len(data) <= MAX_PROMPT_BYTES else (
+        data[:MAX_PROMPT_BYTES].decode(errors="ignore") + "\n[...cut]")
     cut = "\n(The diff was cut here; judge what is shown.)" if truncated else ""
     return (f"{INSTRUCTIONS}\n\nThe task:\n<<<\n{scrub(prompt)}\n>>>\n\n{scrub(check_line(a, task))}\n\n"
             f"Candidate {name}'s change, as a unified diff against the commit the task started from:\n"
@@ -155,7 +156,7 @@ def _valid(obj: dict) -> tuple[dict | None, str | None]:
     score, verdict = obj.get("score"), obj.get("verdict")
     if isinstance(score, bool) or not isinstance(score, (int, float)):
         return None, f"score {_show(score)} is not a number"
-    if not math.isfinite(score) or not 0 <= score <= 10:
+    if not 0 <= score <= 10:  # NaN compares false, inf and a 400-digit int (no float holds it) are beyond
         return None, f"score {_show(score)} is not between 0 and 10"
     if verdict not in VERDICTS:
         return None, f"verdict {_show(verdict)} is not one of {', '.join(VERDICTS)}"

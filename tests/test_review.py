@@ -20,6 +20,7 @@ from engine.inputs import CouncilError
 from engine.models import ACTIVE_TASK, TaskState
 from server.app import build_server
 from tests.conftest import FAKES, git
+from tests.test_cli import cli, write_config
 
 REVIEWER = str(FAKES / "reviewer.py")
 FIX = "app.py=def add(a, b):\n    return a + b"
@@ -95,12 +96,13 @@ async def test_a_passed_check_beats_a_better_review(council_home, repo):
     (said(11), "score 11 is not between 0 and 10"),
     ('{"score": 1e309, "verdict": "approve"}', "score inf is not between 0 and 10"),
     ('{"score": NaN, "verdict": "approve"}', "score nan is not between 0 and 10"),
+    ('{"score": 1' + "0" * 400 + ', "verdict": "approve"}', "0000… is not between 0 and 10"),
     (said("7"), 'score "7" is not a number'),
     (said(True), "score true is not a number"),
     (said(8, "lgtm"), 'verdict "lgtm" is not one of approve, request_changes'),
     ('{"score": 8}', "verdict null is not one of"),
     ("[" * 100_000, "no usable verdict"),
-], ids=["not-json", "score-11", "score-1e309", "score-nan", "score-string", "score-bool", "verdict-lgtm",
+], ids=["not-json", "score-11", "score-1e309", "score-nan", "score-400-digits", "score-string", "score-bool", "verdict-lgtm",
         "verdict-missing", "deep-nesting"])
 async def test_a_malformed_verdict_is_a_failed_review_and_the_verdict_still_comes(council_home, repo, answer, why):
     agents = {"alpha": member("--write", FIX), "critic": member("--say", answer)}
@@ -123,6 +125,20 @@ async def test_huge_output_is_bounded_and_its_last_verdict_still_read(council_ho
     assert reviews["noisy"].score == 6 and reviews["noisy"].error is None
     assert reviews["flood"].error.startswith("no usable verdict")
     assert task.attempt("alpha").review_score == 6 and task.best == "alpha"
+
+
+async def test_a_long_prompt_and_a_huge_diff_reach_the_reviewer_cut_to_fit_one_argument(council_home, repo, tmp_path):
+    seen = tmp_path / "seen"
+    writer = "open('big.txt', 'w').write('line of text\\n' * 20_000)"
+    agents = {"alpha": {"kind": "command", "argv": [sys.executable, "-c", writer]},
+              "critic": member("--record", str(seen), "--say", said(7))}
+    async with engine_for(council_home, agents) as engine:
+        task = await finished(engine, repo, ["alpha"], prompt="\U0001F600" * 25_000, review=True)
+    (got,) = task.attempt("alpha").reviews
+    assert got.score == 7, got.error
+    (shown,) = [p["prompt"] for p in prompts(seen) if p["prompt"].startswith("You review one candidate")]
+    assert "[...cut]" in shown and "(The diff was cut here; judge what is shown.)" in shown
+    assert len(shown.encode()) < 128 * 1024 - 4096
 
 
 async def test_a_reviewer_that_times_out_is_recorded_and_blocks_nothing(council_home, repo):
@@ -302,3 +318,20 @@ def test_labels_and_scrubbing():
     scrub = review_mod.scrubber(["claude", "gemini"], ["/home/u/wt"])
     assert scrub("Claude wrote /home/u/wt/x on refs/heads/council/abc/gemini; claudette stays") == (
         "<agent> wrote <checkout>/x on <branch>; claudette stays")
+
+
+def test_cli_run_review_and_review_a_task_again(repo, tmp_path, monkeypatch):
+    config = tmp_path / "config.toml"
+    write_config(config, {"alpha": member("--write", FIX, "--say", said(9)),
+                          "beta": member("--write", FIX + "\n# b", "--say", said(4))})
+    monkeypatch.setenv("CLI_COUNCIL_CONFIG", str(config))
+    ran = json.loads(cli("run", "--repo", str(repo), "--agents", "alpha,beta", "--review", "--json", "fix add").stdout)
+    assert ran["best"] == "beta" and ran["best_reason"].startswith("beta over alpha: higher review score")
+    plain = json.loads(cli("run", "--repo", str(repo), "--agents", "alpha,beta", "--json", "fix add").stdout)
+    assert plain["best"] == "alpha" and all(a["reviews"] == [] for a in plain["attempts"])  # off by default
+    again = cli("review", plain["task_id"], "--reviewers", "alpha", "--json")
+    reviewed = json.loads(again.stdout)
+    assert reviewed["state"] == "succeeded" and reviewed["best"] == "beta", reviewed["best_reason"]
+    assert [[r["reviewer"] for r in a["reviews"]] for a in reviewed["attempts"]] == [[], ["alpha"]]
+    refused = cli("review", "no-such-task", check_code=2)
+    assert "no task" in refused.stderr and "Traceback" not in refused.stderr
