@@ -88,7 +88,7 @@ async def compare(task: Task, secrets: list[str] = ()) -> None:
             patch, _ = await diffs.patch(task.repo, task.base, tip, MAX_PATCH_BYTES, list(secrets))
         except (GitError, OSError):  # a branch gone or a repo moved: no evidence, not an error
             return
-        changes[a.agent] = parse_patch(patch)
+        changes[a.agent] = await anyio.to_thread.run_sync(parse_patch, patch)  # up to 400 KB: not on the loop
 
     await concurrently(*(lambda a=a: read(a) for a in found))
     result = await anyio.to_thread.run_sync(agreements, changes)

@@ -47,9 +47,11 @@ async def finished(engine: Engine, repo, agents: list[str], prompt: str = "make 
     return task
 
 
-def tips(repo) -> dict[str, str]:
+def tips(repo, task_id: str = "") -> dict[str, str]:
+    """Every branch's tip; with task_id, that task's branches and main only (another task's may come meanwhile)."""
     out = git(repo, "for-each-ref", "--format=%(refname) %(objectname)", "refs/heads/")
-    return dict(line.split() for line in out.splitlines())
+    found = dict(line.split() for line in out.splitlines())
+    return {k: v for k, v in found.items() if not task_id or task_id in k or k == "refs/heads/main"}
 
 
 def prompts(directory) -> list[dict]:
@@ -275,14 +277,14 @@ async def test_review_task_over_mcp_and_its_refusals_change_nothing(council_home
         assert done["state"] == "succeeded" and done["best"] == "alpha"  # the smaller diff, before any review
         running = (await client.call_tool("submit_task", {"repo": str(repo), "prompt": "p", "agents": ["stuck"],
                                                           "review": True})).structured_content["task_id"]
-        before = (tips(repo), (await client.call_tool("get_status", {"task_id": task_id})).structured_content)
+        before = (tips(repo, task_id), (await client.call_tool("get_status", {"task_id": task_id})).structured_content)
         for args, says in [({"task_id": "no-such-task"}, "no task"), ({"task_id": running}, "still running"),
                            ({"task_id": task_id, "reviewers": ["nobody"]}, "nobody"),
                            ({"task_id": task_id, "reviewers": ["off"]}, "disabled"),
                            ({"task_id": task_id, "reviewers": []}, "reviewers")]:
             r = await client.call_tool("review_task", args)
             assert r.is_error and says in r.content[0].text, (args, r.content)
-        after = (tips(repo), (await client.call_tool("get_status", {"task_id": task_id})).structured_content)
+        after = (tips(repo, task_id), (await client.call_tool("get_status", {"task_id": task_id})).structured_content)
         assert after == before
         r = await client.call_tool("review_task", {"task_id": task_id, "reviewers": ["alpha", "beta"]})
         assert not r.is_error and r.structured_content["state"] == "running", r.content
