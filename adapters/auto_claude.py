@@ -101,6 +101,7 @@ class AutoClaudeAdapter(Adapter):
     config_keys = {"home": str, "python": str, "complexity": Literal["simple", "standard", "complex"],
                    "max_iterations": Annotated[int, Field(ge=1)]}
     auth_env = AUTH_VARS + ("ANTHROPIC_BASE_URL", "CLAUDE_CONFIG_DIR")
+    can_review = False  # its pipeline plans, codes and QAs in the worktree: it has no read-only mode
 
     @property
     def home(self) -> Path:

@@ -213,6 +213,14 @@ class Adapter:
     def parser(self, job: Job) -> Parser:
         return Parser()
 
+    # Cross-review: a kind that can run read-only says how; the prompt is the review's, the answer a JSON verdict.
+    can_review: ClassVar[bool] = True
+
+    def review_invocation(self, job: Job) -> Invocation:
+        """The command line of a read-only review. By default the review is the prompt like any other (a
+        command agent); CLIs with a plan or read-only mode override this to use it."""
+        return self.invocation(job)
+
     async def available(self) -> Availability:
         cmd = self.command
         if not cmd:

@@ -71,6 +71,17 @@ class ClaudeAdapter(Adapter):
             argv += ["--max-budget-usd", f"{job.budget_usd:g}"]
         return self.make(argv, job)
 
+    def review_invocation(self, job: Job) -> Invocation:
+        """Plan mode: claude reads and answers but is refused every edit and command."""
+        prompt = " " + job.prompt if job.prompt.startswith("-") else job.prompt
+        argv = [*self.command, "-p", prompt, "--output-format", "stream-json", "--verbose",
+                "--permission-mode", "plan"]
+        if self.spec.model:
+            argv += ["--model", self.spec.model]
+        if job.budget_usd:
+            argv += ["--max-budget-usd", f"{job.budget_usd:g}"]
+        return self.make(argv, job)
+
     def parser(self, job: Job) -> ClaudeParser:
         return ClaudeParser(job, self.spec, local=self.local, base_url=self.env().get("ANTHROPIC_BASE_URL"))
 

@@ -67,6 +67,14 @@ class GeminiAdapter(Adapter):
             argv += ["-m", self.spec.model]
         return self.make(argv, job)
 
+    def review_invocation(self, job: Job) -> Invocation:
+        """The default approval mode: headless, gemini is never offered a tool that writes or runs."""
+        argv = [*self.command, "-p", job.prompt, "--skip-trust", "--approval-mode", "default",
+                "--output-format", "stream-json"]
+        if self.spec.model:
+            argv += ["-m", self.spec.model]
+        return self.make(argv, job)
+
     def parser(self, job: Job) -> GeminiParser:
         return GeminiParser(job, self.spec)
 

@@ -224,6 +224,18 @@ class OllamaAdapter(Adapter):
         inv.env["PYTHONPATH"] = module_pythonpath(inv.env)
         return inv
 
+    def review_invocation(self, job: Job) -> Invocation:
+        """Plain chat: the review goes to the model and its reply comes back; nothing is written."""
+        if self.claude:
+            return self.claude.review_invocation(job)
+        argv = [*self.command, "--base-url", self.base_url, "--model", self.model, "--review"]
+        for key in ("num_ctx", "temperature", "seed"):
+            if self.spec.extra(key) is not None:
+                argv += [f"--{key.replace('_', '-')}", str(self.spec.extra(key))]
+        inv = self.make(argv, job, stdin=json.dumps({"prompt": job.prompt}).encode())
+        inv.env["PYTHONPATH"] = module_pythonpath(inv.env)
+        return inv
+
     def parser(self, job: Job) -> Parser:
         return self.claude.parser(job) if self.claude else OllamaParser()
 
@@ -510,11 +522,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--edit-format", choices=sorted(SYSTEM), default=DEFAULT_EDIT_FORMAT)
     ap.add_argument("--repairs", type=int, default=1, help="follow-ups for a reply that was refused or changed nothing")
+    ap.add_argument("--review", action="store_true", help="answer the prompt (a review) over plain chat; write nothing")
     a = ap.parse_args(argv)
     sys.stdout.reconfigure(encoding="utf-8", errors="replace")
     root = Path.cwd()
     raw = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     task = json_object(raw) or {"prompt": raw}
+    if a.review:
+        return answer(a, task["prompt"])
     tracked = tracked_files(root)
     files, skipped = gather_context(root, task["prompt"], a.context_budget, tracked)
     messages = [{"role": "system", "content": SYSTEM[a.edit_format]}, *earlier_exchange(task),
@@ -557,6 +572,23 @@ def main(argv: list[str] | None = None) -> int:
         note(f"refused {item['path']}: {item['reason']}")
     print(RESULT + json.dumps({**counts, "files": written, "refused": todo.dropped + refused,
                                "summary": short(parsed.prose, 600) if parsed.prose else None}), flush=True)
+    return 0
+
+
+def answer(a: argparse.Namespace, prompt: str) -> int:
+    """Review mode: one chat turn, the reply is the result's summary; no file is read or written."""
+    num_predict = a.num_predict or 1024
+    num_ctx = a.num_ctx or min(65536, max(8192, -(-(len(prompt) // 3 + num_predict + 512) // 2048) * 2048))
+    options = {"num_ctx": num_ctx, "num_predict": num_predict, "temperature": a.temperature, "seed": a.seed}
+    note(f"asking {a.model} at {a.base_url} for a review, {len(prompt)} chars")
+    try:
+        reply, final = stream_chat(a.base_url, a.model, [{"role": "user", "content": prompt}], options)
+    except OllamaError as e:
+        return fail(e.kind, e.message)
+    if why := cut_off(final, options):
+        return fail(ErrorKind.invalid_output, why)
+    print(RESULT + json.dumps({"prompt_eval_count": final.get("prompt_eval_count"), "eval_count": final.get("eval_count"),
+                               "files": [], "summary": reply[-20000:]}), flush=True)
     return 0
 
 

@@ -119,8 +119,16 @@ class WorktreeSettings(WorktreeOverride):
         "per repo (its path, ~ allowed): the same keys, winning over both the repo's file and the keys above"))
 
 
+class ReviewSettings(BaseModel):
+    enabled: bool = Field(False, description="every task's candidates are cross-reviewed before the pick")
+    reviewers: list[str] | None = Field(None, description="agents that review (never their own attempt); "
+                                                          "default: every enabled agent")
+    timeout_s: float = Field(600, gt=0, description="a review that takes longer is killed and recorded as failed")
+
+
 SECTIONS: dict[str, type[BaseModel]] = {"engine": EngineSettings, "server": ServerSettings, "routing": Routing,
-                                        "merge": MergeSettings, "pool": PoolSettings, "worktree": WorktreeSettings}
+                                        "merge": MergeSettings, "pool": PoolSettings, "worktree": WorktreeSettings,
+                                        "review": ReviewSettings}
 AGENT_KEYS = tuple(k for k in AgentSpec.model_fields if k != "name")  # every kind's keys; `name` is the table's
 
 
@@ -132,6 +140,7 @@ class Config(BaseModel):
     merge: MergeSettings = Field(default_factory=MergeSettings)
     pool: PoolSettings = Field(default_factory=PoolSettings)
     worktree: WorktreeSettings = Field(default_factory=WorktreeSettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
 
     def agent(self, name: str) -> AgentSpec:
         try:
@@ -169,6 +178,11 @@ def parse_config(data: dict, source: str | None = None) -> Config:
         for err in e.errors():
             problems.add(err["loc"], f"{_where(err['loc'])} = {_show(err['input'])} {_reason(err)}")
     _check_names(problems, sections.get("routing", {}), agents)
+    reviewers = sections.get("review", {}).get("reviewers")
+    for i, name in enumerate(reviewers if isinstance(reviewers, list) else []):
+        if isinstance(name, str) and name not in agents:
+            problems.add(("review", "reviewers", i), f"[review] reviewers names agent {_show(name)}, which is not "
+                                                     f"configured; {_suggest(name, agents, 'agents')}")
     problems.raise_any()
     return config
 

@@ -7,6 +7,7 @@ store. Parallelism is capped globally and per agent with CapacityLimiters that h
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -28,7 +29,9 @@ from adapters.base import (TIERS, Adapter, Availability, ErrorInfo, ErrorKind, I
 
 from . import agents as agents_mod
 from . import cleanup as cleanup_mod
+from . import compare as compare_mod
 from . import diffs, inputs, judge, rounds, routing, runner, tries
+from . import review as review_mod
 from . import ports as ports_mod
 from . import pool as pool_mod
 from . import undo as undo_mod
@@ -203,16 +206,20 @@ class Engine:
 
     async def submit(self, repo: str, prompt: str, agents: list[str] | None = None, tier: str | None = None,
                      base: str | None = None, check: str | None = None, timeout_s: float | None = None,
-                     budget_usd: float | None = None) -> Task:
-        """Validate, record and start a task; returns at once while the attempts run."""
+                     budget_usd: float | None = None, review: bool | None = None) -> Task:
+        """Validate, record and start a task; returns at once while the attempts run. review: cross-review
+        the candidates before the pick (None: the config's [review] enabled)."""
         if self._tg is None:
             raise RuntimeError("Engine must be entered (async with Engine() as engine) before submit")
+        if review is not None and not isinstance(review, bool):
+            raise CouncilError(f"review must be true or false, got {review!r}")
+        review = self.config.review.enabled if review is None else review
         task = await self._new_task(repo, prompt, agents, tier, base, check, timeout_s, budget_usd)
         self._hosted[task.task_id] = task
         rev = await self.store.save_task(task, owner=self.owner)
         self.events.emit(Event.of_task(task), rev=rev)
         answer = task.model_copy(deep=True)  # the task as submitted: the run changes `task` from now on
-        self._tg.start_soon(self._run_task, task, agents)
+        self._tg.start_soon(self._run_task, task, agents, None, review)
         # Asked while the attempts take their worktrees, not before: a status of the user's checkout
         # stats every file (23 ms on 3,000, 56 ms on 20,000), and only warns. Later saves record it.
         try:
@@ -527,6 +534,74 @@ class Engine:
             report.removed.append(f"task {task_id}: record and logs")
         return report
 
+    async def review(self, task_id: str, reviewers: list[str] | None = None) -> Task:
+        """Cross-review a finished task's candidates (again), then pick its best anew on that evidence.
+        Hosted like a run: returns at once with the task `running` (merge, discard and continue_task wait,
+        cancel_task stops the reviews) until the verdict is recorded. A refusal changes nothing."""
+        task_id = inputs.task_id(task_id)
+        config = self.config
+        if reviewers is not None:
+            if not isinstance(reviewers, list) or not reviewers or len(reviewers) > inputs.MAX_AGENTS:
+                raise CouncilError(f"reviewers must be a list of 1 to {inputs.MAX_AGENTS} agent names, or left out "
+                                   "for [review] reviewers (default: every enabled agent)")
+            for name in reviewers:
+                inputs.agent(name)
+                try:
+                    spec = config.agent(name)
+                except ConfigError as e:
+                    raise CouncilError(str(e)) from None
+                if not spec.enabled:
+                    raise CouncilError(f"agent {name!r} is disabled in the config ([agents.{name}] enabled = false)")
+        await rounds.let_go(self, task_id)
+        task = await self.get(task_id)
+        if task.state in ACTIVE_TASK or task_id in self._hosted:
+            raise CouncilError(f"task {task_id} is still {task.state}; wait for it (get_status with wait_s), "
+                               "then review it")
+        if task.discarded_at is not None:
+            raise CouncilError(f"task {task_id} was discarded: its branches are gone, there is nothing to review")
+        if task.state not in (TaskState.succeeded, TaskState.failed):
+            raise CouncilError(f"task {task_id} is {task.state}: only a task that ran to its end (succeeded or "
+                               "failed) and is not merged has candidates to review")
+        if not compare_mod.candidates(task):
+            raise CouncilError(f"task {task_id} has no candidate to review: no attempt finished with changes")
+        if task_id in self._hosted or not await self.store.claim(task_id, self.owner):
+            raise CouncilError(f"task {task_id} was started again meanwhile (a review or continue_task); wait for it")
+        self._hosted[task_id] = task
+        task.state, task.finished_at = TaskState.running, None
+        await self._save(task)
+        answer = task.model_copy(deep=True)
+        asked = f" by {', '.join(reviewers)}" if reviewers else ""
+        self._tg.start_soon(self._run_task, task, None, lambda: self._note(task, f"review_task{asked}"), True,
+                            reviewers)
+        return answer
+
+    async def _deliberate(self, task: Task, review: bool, reviewers: list[str] | None = None) -> None:
+        """The verdict's evidence beyond the check: comparison always, cross-review when asked."""
+        try:
+            await compare_mod.compare(task, self._own_secrets)
+            if review and compare_mod.candidates(task):
+                await self._note(task, "cross-review: each candidate is reviewed by other agents, anonymously")
+                await review_mod.review(self._seat(), task, reviewers)
+        except Exception as e:  # the evidence is a help to the verdict, never a reason to lose the task
+            logger.exception("comparing or reviewing task %s failed", task.task_id)
+            await self._note(task, f"comparison or review broke, the verdict goes without it: {type(e).__name__}: {e}")
+        await self._save(task)
+
+    def _seat(self) -> review_mod.Seat:
+        @contextlib.asynccontextmanager
+        async def slots(agent: str):
+            async with self._limiter(agent), self._global:  # the agent's own slot first, as attempts take them
+                yield
+
+        def keep_secret(task: Task, values: list[str]) -> None:
+            secrets = self._secrets.setdefault(task.task_id, [])
+            secrets += [s for s in values if s not in secrets]
+
+        return review_mod.Seat(config=lambda: self.config, environ=self.environ, spawn=self._spawn, log=self._log,
+                               slots=slots, available=self._available, keep_secret=keep_secret,
+                               redact=lambda task, text: self._redact(task.task_id, text),
+                               secrets=self._own_secrets, tmp=self.home / "tmp")
+
     def _task_dirs(self, task_id: str) -> list[Path]:
         """Directories under the task's worktree folder, recorded in its attempts or not."""
         try:
@@ -646,19 +721,24 @@ class Engine:
 
     # running a task
 
-    async def _run_task(self, task: Task, explicit_agents: list[str] | None, body=None) -> None:
-        """body: what to run instead of the task's stages (a follow-up round, see rounds.py)."""
+    async def _run_task(self, task: Task, explicit_agents: list[str] | None, body=None, review: bool = False,
+                        reviewers: list[str] | None = None) -> None:
+        """body: what to run instead of the task's stages (a follow-up round, see rounds.py, or a review's
+        note). review: cross-review the candidates (by `reviewers`) before the pick."""
         with anyio.CancelScope() as scope:
             self._scopes[task.task_id] = scope
+            settled = body is not None and review  # a review_task: every attempt had ended before it
             try:
                 await (body() if body else self._run_stages(task, explicit_agents))
+                await self._deliberate(task, review, reviewers)
             except Exception as e:  # failures are results: a broken task ends failed, the engine goes on
                 logger.exception("task %s failed inside the engine", task.task_id)
                 task.error = ErrorInfo(kind=ErrorKind.crash, message=f"{type(e).__name__}: {e}")
             finally:
                 with anyio.CancelScope(shield=True):
                     try:
-                        await self._finish(task, cancelled=scope.cancel_called)
+                        # a cancelled review leaves the attempts as they ended: the verdict goes on what was said
+                        await self._finish(task, cancelled=scope.cancel_called and not settled)
                     except Exception:  # the store itself failing (disk full): nothing left to record it in
                         logger.exception("could not record the end of task %s", task.task_id)
                     finally:
@@ -809,7 +889,7 @@ class Engine:
                 if t0 is not None:
                     attempt.duration_s = round(time.monotonic() - t0, 3)
                     attempt.finished_at = now()
-                task.total_cost_usd = round(sum(a.cost_usd or 0.0 for a in task.attempts), 6)
+                task.total_cost_usd = task.spent()
                 self.pool.want(self.config, task.repo)  # also when its agent never started
                 if leased := self._leases.pop((task.task_id, attempt.agent), None):
                     await anyio.to_thread.run_sync(self.ports.release, leased)

@@ -18,7 +18,8 @@ from adapters.base import ErrorInfo, ErrorKind
 __all__ = [
     "AttemptState", "TaskState", "ErrorInfo", "ErrorKind", "CheckResult", "Attempt", "Task",
     "TaskSummary", "AttemptSummary", "TaskList", "LogLine", "LogChunk", "MergeResult", "GcReport", "AgentInfo",
-    "AgentList", "DiffFile", "Diff", "now", "ACTIVE_TASK", "FINISHED_ATTEMPT", "Round",
+    "AgentList", "DiffFile", "Diff", "now", "ACTIVE_TASK", "FINISHED_ATTEMPT", "Review",
+    "Round",
 ]
 
 
@@ -62,6 +63,18 @@ class CheckResult(BaseModel):
         return self.error or f"exit {self.exit_code}"
 
 
+class Review(BaseModel):
+    """One council member's verdict on another's attempt (cross-review), or why it gave none."""
+
+    reviewer: str
+    score: float | None = Field(None, description="0-10; None when the review failed")
+    verdict: str | None = Field(None, description="approve or request_changes; None when the review failed")
+    issues: list[str] = Field(default_factory=list)
+    summary: str | None = None
+    cost_usd: float | None = None
+    error: str | None = Field(None, description="why this review gave no verdict (timeout, malformed answer...)")
+
+
 class Round(BaseModel):
     """One prompt an attempt was given (continue_task adds rounds) and the agent's answer to it."""
 
@@ -93,6 +106,13 @@ class Attempt(BaseModel):
     duration_s: float | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    # the verdict's evidence: comparison (always) and cross-review (opt-in)
+    files_touched: list[str] = Field(default_factory=list, description="paths it changed (at most 200 listed)")
+    agreement: float | None = Field(None, description="0-1: how much its change matches the other candidates' "
+                                                      "(same files, same changed lines); None without another")
+    agrees_with: list[str] = Field(default_factory=list, description="candidates that reached much the same change")
+    reviews: list[Review] = Field(default_factory=list)
+    review_score: float | None = Field(None, description="median score of its successful reviews")
     rounds: int = Field(1, description="how many prompts the attempt has had (continue_task adds one)")
     history: list[Round] = Field(default_factory=list, description="every round once there is a second; "
                                                                    "empty while the task's prompt is the only one")
@@ -125,6 +145,10 @@ class Task(BaseModel):
     error: ErrorInfo | None = Field(None, description="what broke the task itself (its attempts record their own)")
     warnings: list[str] = Field(default_factory=list, description="what the caller should know, e.g. a dirty checkout")
     attempts: list[Attempt] = Field(default_factory=list)
+
+    def spent(self) -> float:
+        """What the attempts and their current reviews cost (total_cost_usd)."""
+        return round(sum((a.cost_usd or 0.0) + sum(r.cost_usd or 0.0 for r in a.reviews) for a in self.attempts), 6)
 
     def attempt(self, agent: str) -> Attempt:
         for a in self.attempts:

@@ -38,7 +38,7 @@ async def start(engine: "Engine", task_id: str, agent: str, prompt: str, check: 
         "CLIs receive it as one argument: put the details in a file in the repo and refer to it"))
     if timeout_s is not None:
         inputs.number("timeout_s", timeout_s, low=0, low_open=True, high=inputs.MAX_TIMEOUT_S)
-    await _let_go(engine, inputs.task_id(task_id))
+    await let_go(engine, inputs.task_id(task_id))
     task = await engine.get(task_id)
     if task.state in ACTIVE_TASK or task_id in engine._hosted:
         raise CouncilError(f"task {task_id} is still {task.state}; wait for it (get_status with wait_s) "
@@ -88,6 +88,8 @@ async def start(engine: "Engine", task_id: str, agent: str, prompt: str, check: 
     if check:
         task.check = check  # the check the attempts are judged by from now on
     attempt.state, attempt.error, attempt.exit_code, attempt.check = AttemptState.queued, None, None, None
+    if attempt.reviews:  # they judged the change before this round; review_task again to judge the new one
+        attempt.reviews, attempt.review_score = [], None
     task.state, task.finished_at, task.error = TaskState.running, None, None
     await engine._save(task)
     answer = task.model_copy(deep=True)
@@ -95,7 +97,7 @@ async def start(engine: "Engine", task_id: str, agent: str, prompt: str, check: 
     return answer
 
 
-async def _let_go(engine: "Engine", task_id: str) -> None:
+async def let_go(engine: "Engine", task_id: str) -> None:
     """A run here that has just ended holds its task a moment longer (its last cleanup): wait for that."""
     with anyio.move_on_after(10):
         while (hosted := engine._hosted.get(task_id)) is not None and hosted.state not in ACTIVE_TASK:

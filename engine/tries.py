@@ -48,7 +48,7 @@ async def run(engine: "Engine", task: Task, attempt: Attempt, adapter: Adapter, 
     while True:
         outcome, result = await engine._run_agent(task, attempt, adapter, job, deadline - time.monotonic(), env)
         engine._account(attempt, outcome)
-        task.total_cost_usd = round(sum(a.cost_usd or 0.0 for a in task.attempts), 6)
+        task.total_cost_usd = task.spent()
         error = outcome.error
         if result.timed_out or error is None or error.kind not in TRANSIENT:
             return outcome, result

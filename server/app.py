@@ -61,7 +61,8 @@ in parallel. The user's checkout is not touched until merge_result.
 Workflow: submit_task returns a task_id at once -> follow it with stream_logs (pass next_cursor back
 as cursor, with wait_s to long-poll) until done is true, or get_status with wait_s -> read the
 attempts and `best`, and each attempt's changes with get_diff -> merge_result (dry_run first if unsure)
--> or cancel_task; discard_task throws a finished task's worktrees and branches away.
+-> or cancel_task; discard_task throws a finished task's worktrees and branches away. review_task (or
+submit_task with review=true) has other agents judge each attempt anonymously before the pick.
 continue_task sends a finished attempt a follow-up prompt (same worktree, branch and session);
 undo_merge takes a merge back while nothing came after it.
 list_agents tells which agents are configured and usable here (names for submit_task's `agents`).
@@ -225,6 +226,9 @@ async def submit_task(
         "Per-attempt time limit in seconds; default from the config (30 min)."))] = None,
     budget_usd: Annotated[float | None, Field(ge=0, description=(
         "Stop escalating to more agents once this much USD is spent."))] = None,
+    review: Annotated[bool | None, Field(description=(
+        "Cross-review the candidates (other agents judge each diff, anonymously, read-only) before the best "
+        "is picked; costs their runs. Omit for the config's [review] enabled (default false)."))] = None,
 ) -> Task:
     """Start a coding task on a council of AI coding agents, each in its own git worktree and branch, in parallel.
 
@@ -233,7 +237,7 @@ async def submit_task(
     """
     council = _council(ctx)
     task = await council.engine.submit(repo, prompt, agents=agents, tier=tier, base=base, check=check,
-                                       timeout_s=timeout_s, budget_usd=budget_usd)
+                                       timeout_s=timeout_s, budget_usd=budget_usd, review=review)
     council.updates.follow(task)
     return task
 
@@ -347,6 +351,27 @@ async def discard_task(task_id: TaskId, ctx: Context) -> GcReport:
 
 
 @_errors
+async def review_task(
+    task_id: TaskId,
+    ctx: Context,
+    reviewers: Annotated[list[str] | None, Field(description=(
+        'Agents that review, e.g. ["gemini", "ollama"]; never an attempt\'s own author. Omit for the config\'s '
+        "[review] reviewers (default: every enabled agent that can run here)."))] = None,
+) -> Task:
+    """Cross-review a finished task: each attempt's diff (with the task and its check result) is judged by
+    other agents under an anonymous label, read-only, as {score 0-10, verdict, issues, summary}; then the best
+    is picked again (check passed, then median review score, then agreement). Returns at once with the task
+    running; follow it with get_status (wait_s) or stream_logs. When it ends, attempts carry `reviews` and
+    `review_score` and `best_reason` names the evidence that decided. Each review is bounded by [review]
+    timeout_s; cancel_task stops them and the verdict goes on the reviews that ended. Refused while the task
+    runs, once it is merged or discarded, or when no attempt left changes."""
+    council = _council(ctx)
+    task = await council.engine.review(task_id, reviewers=reviewers)
+    council.updates.follow(task)
+    return task
+
+
+@_errors
 async def continue_task(
     task_id: TaskId,
     agent: Annotated[str, Field(description="Whose attempt gets the follow-up (one of the task's attempts).")],
@@ -415,6 +440,8 @@ TOOLS = [
     (get_diff, _annotations("Attempt diff", read_only=True, idempotent=True)),
     # discard_task deletes branches that may hold the only copy of an attempt's work; a second call finds nothing.
     (discard_task, _annotations("Discard a task", read_only=False, destructive=True, idempotent=True)),
+    # review_task runs other agents (they reach the network) and rewrites the task's best; it changes no branch.
+    (review_task, _annotations("Cross-review a task", read_only=False, open_world=True)),
     # continue_task runs an agent again (it reaches the network) and adds commits to its branch.
     (continue_task, _annotations("Continue an attempt", read_only=False, open_world=True)),
     # undo_merge moves the user's branch back; the undone commit stays under a ref of its own.

@@ -78,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, metavar="S", help="per-attempt limit in seconds (default [engine])")
     r.add_argument("--budget", type=float, dest="budget_usd", metavar="USD", help="stop escalating past this cost")
     r.add_argument("--wait", action="store_true", default=True, help="the default: stay until the task ends")
+    r.add_argument("--review", action="store_true", default=None,
+                   help="cross-review the attempts before the pick (default: [review] enabled)")
     r.add_argument("--json", action="store_true", help="print the finished task as JSON only")
     r.add_argument("prompt", help="what the agents should do")
 
@@ -127,6 +129,12 @@ def parser() -> argparse.ArgumentParser:
                     help=f"cut the patch after N bytes (default and most: {diffs.MAX_BYTES:,})")
     df.add_argument("--json", action="store_true", help="print the Diff the get_diff tool returns")
 
+    rv = sub.add_parser("review", help="cross-review a finished task's attempts and pick its best again")
+    rv.add_argument("task_id")
+    rv.add_argument("--reviewers", type=lambda v: [a.strip() for a in v.split(",") if a.strip()], metavar="A,B",
+                    help="agents that review (default: [review] reviewers, else every enabled agent)")
+    rv.add_argument("--json", action="store_true", help="print the Task the review_task tool returns")
+
     dc = sub.add_parser("discard", help="remove a finished task's worktrees and branches (cancel it first)")
     dc.add_argument("task_id")
     dc.add_argument("--json", action="store_true")
@@ -168,7 +176,8 @@ async def live_progress(engine: Engine, task_id: str) -> None:
 
 async def cmd_run(args, engine: Engine) -> int:
     task = await engine.submit(args.repo, args.prompt, agents=args.agents, tier=args.tier, base=args.base,
-                               check=args.check, timeout_s=args.timeout, budget_usd=args.budget_usd)
+                               check=args.check, timeout_s=args.timeout, budget_usd=args.budget_usd,
+                               review=args.review)
     print(f"task {task.task_id}", file=sys.stderr, flush=True)
     return await host(args, engine, task)
 
@@ -284,6 +293,12 @@ async def cmd_discard(args, engine: Engine) -> int:
     return 0
 
 
+async def cmd_review(args, engine: Engine) -> int:
+    task = await engine.review(args.task_id, reviewers=args.reviewers)
+    print(f"task {task.task_id}: reviewing", file=sys.stderr, flush=True)
+    return await host(args, engine, task)
+
+
 async def cmd_diff(args, engine: Engine) -> int:
     """The patch alone on stdout (so it pipes into `git apply`); what it is, on stderr."""
     diff = await engine.diff(args.task_id, agent=args.agent, max_bytes=args.max_bytes)
@@ -343,7 +358,7 @@ async def cmd_stats(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "status": cmd_status, "logs": cmd_logs, "merge": cmd_merge,
-            "cancel": cmd_cancel, "gc": cmd_gc, "diff": cmd_diff, "discard": cmd_discard,
+            "cancel": cmd_cancel, "gc": cmd_gc, "diff": cmd_diff, "discard": cmd_discard, "review": cmd_review,
             "continue": cmd_continue, "undo": cmd_undo}
 NO_ENGINE = {"doctor": cmd_doctor, "agents": cmd_agents, "stats": cmd_stats}  # no engine: they start nothing
 

@@ -27,6 +27,12 @@ def describe(task: Task, check_tails: dict[str, list[str]] | None = None) -> str
             lines.append(f"  {'':<12} branch {a.branch}" + (f"  worktree {a.worktree}" if a.worktree else ""))
         for text in (check_tails or {}).get(a.agent, []):
             lines.append(f"  {'':<12} | {text}")
+        if a.agreement is not None:
+            same = f", same change as {', '.join(a.agrees_with)}" if a.agrees_with else ""
+            lines.append(f"  {'':<12} agreement {a.agreement:.2f} with the others{same}")
+        for r in a.reviews:
+            said = f"{r.verdict} {r.score:g}/10: {r.summary or ''}" if r.error is None else f"failed: {r.error}"
+            lines.append(f"  {'':<12} review by {r.reviewer}: {said[:200]}")
     lines += [f"  warning: {w}" for w in task.warnings]
     if task.discarded_at:
         lines.append(f"  discarded at {task.discarded_at:%Y-%m-%d %H:%M:%S} UTC (what was kept is in its log)")

@@ -294,6 +294,10 @@ TOOL_CASES = [
     submit("submit-budget-inf-string", "budget_usd", budget_usd="inf"),
     submit("submit-budget-nan-string", "budget_usd", budget_usd="nan"),
     submit("submit-budget-string", "budget_usd", budget_usd="cheap"),
+    # review: a strict boolean
+    submit("submit-review-yes-string", "review", review="yes"),
+    submit("submit-review-int", "review", review=1),
+    submit("submit-review-list", "review", review=[True]),
     # arguments the tool does not have are reported, not ignored
     submit("submit-unknown-argument", "priority", priority="high"),
     submit("submit-typo-timeout", "timeout", timeout=60),
@@ -368,6 +372,19 @@ TOOL_CASES = [
          check="echo 'open"),
     tool("continue_task", "continue-still-running", "running", task_id="<running>", agent="stuck", prompt="more"),
     tool("continue_task", "continue-unknown-argument", "force", task_id="<done>", agent="fresh", prompt="m", force=True),
+
+    # review_task: a refused review runs no reviewer and leaves the task as it was
+    *[tool("review_task", f"review-id-{name}", "task", task_id=v) for name, v in BAD_IDS],
+    tool("review_task", "review-reviewer-unknown", "nobody", task_id="<done>", reviewers=["nobody"]),
+    tool("review_task", "review-reviewer-disabled", "off", task_id="<done>", reviewers=["off"]),
+    tool("review_task", "review-reviewer-nul", "agent", task_id="<done>", reviewers=["fr\x00esh"]),
+    tool("review_task", "review-reviewer-dotdot", "agent", task_id="<done>", reviewers=["../fake"]),
+    tool("review_task", "review-reviewers-empty", "reviewers", task_id="<done>", reviewers=[]),
+    tool("review_task", "review-reviewers-string", "reviewers", task_id="<done>", reviewers="fake"),
+    tool("review_task", "review-reviewers-10000-names", "reviewers", task_id="<done>",
+         reviewers=[f"a{i}" for i in range(10_000)]),
+    tool("review_task", "review-still-running", "running", task_id="<running>"),
+    tool("review_task", "review-unknown-argument", "force", task_id="<done>", force=True),
 
     # undo_merge
     *[tool("undo_merge", f"undo-id-{name}", "task", task_id=v) for name, v in BAD_IDS],

@@ -20,7 +20,7 @@ from server.app import build_server
 from tests.conftest import fake, git
 
 TOOLS = {"submit_task", "get_status", "list_tasks", "stream_logs", "merge_result", "cancel_task", "list_agents",
-         "get_diff", "discard_task", "continue_task", "undo_merge"}
+         "get_diff", "discard_task", "review_task", "continue_task", "undo_merge"}
 MODES = ["auto", "legacy"]  # 2026-07-28 direct dispatch, and the initialize handshake older clients use
 
 
@@ -72,6 +72,7 @@ async def test_tools_are_listed_with_schemas_and_true_annotations(server):
         "list_agents": (True, False, True, False),
         "get_diff": (True, False, True, False),
         "discard_task": (False, True, True, False),
+        "review_task": (False, False, False, True),
         "continue_task": (False, False, False, True),
         "undo_merge": (False, True, False, False),
     }

@@ -109,7 +109,7 @@ async def test_session_over_streamable_http_with_token(mode):
                 tools = {t.name for t in (await client.list_tools()).tools}
                 assert tools == {"submit_task", "get_status", "list_tasks", "stream_logs", "merge_result",
                                  "cancel_task", "list_agents", "get_diff", "discard_task", "continue_task",
-                                 "undo_merge"}
+                                 "undo_merge", "review_task"}
                 r = await client.call_tool("list_tasks", {})
                 assert r.structured_content == {"tasks": []}
 

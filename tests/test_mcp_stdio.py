@@ -141,7 +141,7 @@ def test_mcp_inspector_cli_lists_the_tools():
     assert out.returncode == 0, out.stderr
     tools = {t["name"]: t for t in json.loads(out.stdout)["tools"]}
     assert set(tools) == {"submit_task", "get_status", "list_tasks", "stream_logs", "merge_result", "cancel_task",
-                          "list_agents", "get_diff", "discard_task", "continue_task", "undo_merge"}
+                          "list_agents", "get_diff", "discard_task", "continue_task", "undo_merge", "review_task"}
     assert tools["merge_result"]["annotations"]["destructiveHint"] is True
     assert "outputSchema" in tools["get_status"]
 
