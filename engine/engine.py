@@ -28,7 +28,7 @@ from adapters.base import (TIERS, Adapter, Availability, ErrorInfo, ErrorKind, I
 
 from . import agents as agents_mod
 from . import cleanup as cleanup_mod
-from . import diffs, inputs, judge, rounds, routing, runner, tries
+from . import diffs, hosts, inputs, judge, rounds, routing, runner, tries
 from . import ports as ports_mod
 from . import pool as pool_mod
 from . import undo as undo_mod
@@ -119,7 +119,9 @@ class Engine:
         self.ports = Ports(self.home / "ports")
         self.pool = Pool(self.worktrees, self.home, self.environ, self.repo_configs, self.owner,
                          kill_grace_s=self.config.engine.kill_grace_s)
-        self._warm_pool = warm_pool
+        # Where attempts run ([runner], read once: a running attempt stays where it started).
+        self.host = hosts.make_host(self.config.runner, self)
+        self._warm_pool = warm_pool and self.host.local
         self._leases: dict[tuple[str, str], list[int]] = {}  # (task, agent): ports it holds while it runs
         self._global = anyio.CapacityLimiter(self.config.engine.max_parallel)
         self._per_agent: dict[str, anyio.CapacityLimiter] = {}
@@ -175,6 +177,7 @@ class Engine:
             with anyio.CancelScope(shield=True):
                 try:
                     await self.pool.close()
+                    await self.host.aclose()
                 finally:
                     await self.logbook.close()
                     await self.store.close()
@@ -800,6 +803,8 @@ class Engine:
                 attempt.state, attempt.started_at = AttemptState.running, now()
                 t0 = time.monotonic()
                 await self._attempt_body(task, attempt, adapter)
+        except hosts.HostLost as e:  # the machine went away mid-attempt: nothing re-runs it silently
+            attempt.state, attempt.error = AttemptState.interrupted, ErrorInfo(kind=ErrorKind.crash, message=str(e))
         except Exception as e:  # failures are results: whatever broke is this attempt's, not the engine's
             logger.exception("attempt %s/%s crashed", task.task_id, attempt.agent)
             attempt.state = AttemptState.failed
@@ -850,9 +855,16 @@ class Engine:
     async def _attempt_body(self, task: Task, attempt: Attempt, adapter: Adapter) -> None:
         if attempt.rounds > 1:  # a follow-up in the worktree it already has
             return await rounds.body(self, task, attempt, adapter)
-        work = await self._workspace(task, attempt)
+        work = await self.host.workspace(self, task, attempt)
         if work is None:
             return
+        try:
+            await self._attempt_in(task, attempt, adapter, work)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.host.finish(task, attempt, work)
+
+    async def _attempt_in(self, task: Task, attempt: Attempt, adapter: Adapter, work: Workspace) -> None:
         path = work.path
         job = Job(prompt=task.prompt, worktree=path, timeout_s=task.timeout_s, check=task.check,
                   budget_usd=task.budget_usd, tier=task.tier)
@@ -861,7 +873,7 @@ class Engine:
                                               work.env, task.base, tuple(work.keep_out))
         finally:
             with anyio.CancelScope(shield=True):  # whatever the agent did is kept, even when cancelled
-                files, attempt.insertions, attempt.deletions = await self.worktrees.commit_and_count(
+                files, attempt.insertions, attempt.deletions = await self.host.commit_and_count(
                     path, f"council {task.task_id}: {attempt.agent}\n\n{task.prompt.splitlines()[0][:200]}",
                     adapter.scratch + tuple(p.rstrip("/") for p in work.keep_out), task.base)
                 attempt.files_changed = len(files)
@@ -896,10 +908,8 @@ class Engine:
             inv.env.update(env)
         except (ValueError, OSError) as e:
             return Outcome(ok=False, error=ErrorInfo(kind=ErrorKind.invalid_output, message=str(e))), runner.RunResult(None)
-        # A private TMPDIR, removed when the task ends: CLIs leave files there (gemini's error reports).
-        tmp = self.home / "tmp" / task.task_id / attempt.agent
-        tmp.mkdir(parents=True, exist_ok=True)
-        inv.env.setdefault("TMPDIR", str(tmp))
+        if tmp := self.host.tmpdir(self.home, task.task_id, attempt.agent):
+            inv.env.setdefault("TMPDIR", tmp)
         secrets = self._secrets.setdefault(task.task_id, [])
         secrets += [s for s in inv.secrets if s not in secrets]
         parser = adapter.parser(job)
@@ -931,7 +941,9 @@ class Engine:
 
     async def _run_check(self, task: Task, attempt: Attempt, path: Path, ports: dict[str, str]) -> CheckResult:
         # The check runs what the agent wrote: it gets the agents' allow-listed environment, never our keys.
-        env = {**allowed_env(self.environ), "TMPDIR": str(self.home / "tmp" / task.task_id / attempt.agent), **ports}
+        env = {**allowed_env(self.environ), **ports}
+        if tmp := self.host.tmpdir(self.home, task.task_id, attempt.agent):
+            env["TMPDIR"] = tmp
         # A shell command line, as CI configs have it (`pytest -q && ruff check .`): the caller can run any
         # program through the check anyway, so the shell adds no power.
         inv = Invocation(argv=[SHELL, "-c", task.check], env=env, cwd=path)
@@ -963,8 +975,8 @@ class Engine:
             await self.store.set_proc(task.task_id, agent, pgid, runner.proc_start_time(pgid), marker=marker, role=role)
 
         try:
-            return await runner.run(inv, timeout_s=timeout_s, on_line=on_line, on_start=on_start,
-                                    kill_grace_s=self.config.engine.kill_grace_s, marker=marker)
+            return await self.host.run(inv, timeout_s=timeout_s, on_line=on_line, on_start=on_start,
+                                       kill_grace_s=self.config.engine.kill_grace_s, marker=marker)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.store.clear_proc(task.task_id, agent, role)
