@@ -756,6 +756,8 @@ class Engine:
     async def _available(self, agent: str, adapter: Adapter) -> Availability:
         """Whether the agent can run here. A yes is reused for AVAILABLE_TTL_S: probing starts the
         CLI (`--version`), which must not sit on every attempt's path; a no is asked again."""
+        if not self.host.local:  # its CLI is the worker's, found there when it starts (else not_installed)
+            return Availability(True, "resolved on the host that runs it")
         cached = self._avail.get(agent)
         if cached and time.monotonic() - cached[0] < AVAILABLE_TTL_S:
             return cached[1]
