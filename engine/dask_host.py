@@ -20,13 +20,13 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable
 
@@ -40,7 +40,7 @@ from adapters.base import PACKAGE_ROOT, ErrorInfo, ErrorKind, Invocation, allowe
 
 from . import runner
 from .config import RunnerSettings
-from .gitcmd import GitError, git
+from .gitcmd import NO_HOOKS, GitError, git, git_env
 from .hosts import HostLost
 from .models import AttemptState
 from .pool import Workspace
@@ -80,26 +80,54 @@ _RUNNING: dict[str, _Running] = {}  # on a worker: Dask task key -> the run it e
 
 class Reaper(WorkerPlugin):
     """Stops a run whose task stops executing for any reason but its end: Future.cancel() alone
-    leaves the subprocess running, e.g. when the server that submitted it is gone."""
+    leaves the subprocess running, e.g. when the server that submitted it is gone. When a worker
+    starts (a nanny's restart after a crash, or a new worker), the clones a dead worker on this
+    machine left are removed, and the processes still running in them stopped by their markers."""
 
     name = "cli-council-reaper"
+
+    def setup(self, worker) -> None:
+        threading.Thread(target=anyio.run, args=(_reap_orphans,), daemon=True).start()
 
     def transition(self, key, start, finish, **kwargs):
         if start == "executing" and finish not in ("memory", "error") and (run := _RUNNING.get(key)):
             threading.Thread(target=run.stop, daemon=True).start()  # never block the worker's loop
 
 
+CLONE = "cli-council-dask-"  # a clone's root: this prefix in the worker's temp dir
+OWNER = "owner"  # in a clone's root: "pid start-time" of the worker process that made it
+RUNS = "runs"  # in a clone's root: one file per running process, named by its marker
+
+
+def _owner_alive(root: Path) -> bool:
+    try:
+        pid, start = (int(x) for x in (root / OWNER).read_text().split())
+    except (OSError, ValueError):  # half made, or not ours: its maker may still be writing it
+        return True
+    return runner.proc_start_time(pid) == start
+
+
+async def _reap_orphans(grace_s: float = 5.0) -> None:
+    for root in Path(tempfile.gettempdir()).glob(f"{CLONE}*"):
+        if (root / OWNER).is_file() and not _owner_alive(root):
+            for marker in [p.name for p in (root / RUNS).glob("*")]:
+                await runner.stop_marked(marker, grace_s)
+            await anyio.to_thread.run_sync(shutil.rmtree, root, True)
+
+
 def _open(bundle: bytes, branch: str) -> tuple[str, str]:
     """A clone of the bundle on its branch in a new directory; (this worker's address, the clone)."""
-    root = Path(tempfile.mkdtemp(prefix="cli-council-"))
+    root = Path(tempfile.mkdtemp(prefix=CLONE))
+    (root / OWNER).write_text(f"{os.getpid()} {runner.proc_start_time(os.getpid())}")
+    (root / RUNS).mkdir()
     (root / "base.bundle").write_bytes(bundle)
     work = root / "work"
     (root / "tmp").mkdir()
-    done = subprocess.run(["git", "clone", "--quiet", "--branch", branch, str(root / "base.bundle"), str(work)],
-                          capture_output=True, text=True, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
-    if done.returncode != 0:
+    try:
+        anyio.run(partial(git, root, "clone", "--quiet", "--branch", branch, str(root / "base.bundle"), str(work)))
+    except GitError as e:
         shutil.rmtree(root, ignore_errors=True)
-        raise RuntimeError(f"git clone of the bundle failed on the worker: {done.stderr.strip()[-500:]}")
+        raise RuntimeError(f"git clone of the bundle failed on the worker: {e.stderr[-500:]}") from None
     return get_worker().address, str(work)
 
 
@@ -133,9 +161,12 @@ def _run(argv: list[str], env: dict[str, str], cwd: str, stdin: bytes | None, ti
         return None, False  # stopped: nobody waits for this answer
 
     done = threading.Event()
+    running = Path(cwd).parent / RUNS / marker  # for the reaper, should this worker die mid-run
+    running.touch()
     try:
         return anyio.run(main)
     finally:
+        running.unlink(missing_ok=True)
         _RUNNING.pop(key, None)
         done.set()
         worker.log_event(TOPIC, {"run": run_id, "end": count[0]})
@@ -163,18 +194,10 @@ def _reset(path: str, base: str, keep: tuple[str, ...]) -> None:
 
 def _close(path: str, branch: str, base: str) -> bytes | None:
     """The branch's commits since base as a bundle (None: it has none), then the clone is removed."""
-    root = Path(path).parent
     try:
-        out = root / "result.bundle"
-        done = subprocess.run(["git", "bundle", "create", "--quiet", str(out), f"{base}..refs/heads/{branch}"],
-                              cwd=path, capture_output=True, text=True)
-        if done.returncode != 0:
-            if "empty bundle" in done.stderr:
-                return None
-            raise RuntimeError(f"git bundle of the result failed on the worker: {done.stderr.strip()[-500:]}")
-        return out.read_bytes()
+        return anyio.run(_bundle, path, f"{base}..refs/heads/{branch}")
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(Path(path).parent, ignore_errors=True)
 
 
 # On the server ---------------------------------------------------------------------------------
@@ -283,7 +306,7 @@ class DaskHost:
         attempt.branch = branch
         await engine._save(task)
         try:
-            bundle = await _bundle(task.repo, branch)
+            bundle = await _bundle(task.repo, f"refs/heads/{branch}")
             client = await self._connected()
         except (OSError, GitError) as e:
             return refuse(str(e))
@@ -394,16 +417,25 @@ def _allowed_failures(dask_scheduler) -> int:
     return dask_scheduler.allowed_failures
 
 
-async def _bundle(repo: str, branch: str) -> bytes:
-    """The branch (at the base) with its history, as the bytes of a git bundle."""
-    with tempfile.TemporaryDirectory(prefix="cli-council-") as tmp:
-        out = Path(tmp) / "base.bundle"
-        await git(repo, "bundle", "create", "--quiet", str(out), f"refs/heads/{branch}")
-        return await anyio.Path(out).read_bytes()
+async def _bundle(repo: str, revs: str) -> bytes | None:
+    """What `revs` names, with its history, as the bytes of a git bundle; None when that is nothing.
+    As every git of ours: no hooks, no fsmonitor, the allow-listed environment (gitcmd)."""
+    done = await anyio.run_process(["git", *NO_HOOKS, "bundle", "create", "--quiet", "-", revs], cwd=str(repo),
+                                   env=git_env(), check=False)
+    if done.returncode != 0:
+        stderr = done.stderr.decode(errors="replace")
+        if "empty bundle" in stderr:
+            return None
+        raise GitError(["bundle", "create", "-", revs], done.returncode, stderr)
+    return done.stdout
 
 
 async def _fetch(repo: str, bundle: bytes, branch: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="cli-council-") as tmp:
-        path = Path(tmp) / "result.bundle"
-        await anyio.Path(path).write_bytes(bundle)
-        await git(repo, "fetch", "--quiet", "--no-tags", str(path), f"+refs/heads/{branch}:refs/heads/{branch}")
+    """The bundle's branch into the repo under the same name (git fetches from a file only)."""
+    tmp = Path(await anyio.to_thread.run_sync(partial(tempfile.mkdtemp, prefix="cli-council-bundle-")))
+    try:
+        await anyio.Path(tmp / "result.bundle").write_bytes(bundle)
+        await git(repo, "fetch", "--quiet", "--no-tags", str(tmp / "result.bundle"),
+                  f"+refs/heads/{branch}:refs/heads/{branch}")
+    finally:
+        await anyio.to_thread.run_sync(shutil.rmtree, tmp, True)

@@ -18,7 +18,7 @@ distributed = pytest.importorskip("distributed")
 import dask  # noqa: E402  (installed with distributed)
 
 from engine.config import ConfigError, parse_config  # noqa: E402
-from engine.dask_host import PYTHON, portable  # noqa: E402
+from engine.dask_host import CLONE, PYTHON, portable  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.models import AttemptState, TaskState  # noqa: E402
 from adapters.base import PACKAGE_ROOT, Invocation  # noqa: E402
@@ -62,7 +62,7 @@ def worker_dirs(client) -> list[str]:
     def look():
         import tempfile
         root = Path(tempfile.gettempdir())
-        return sorted(str(p) for p in root.glob("cli-council-*"))
+        return sorted(str(p) for p in root.glob(f"{CLONE}*"))
     return next(iter(client.run(look).values()))
 
 
@@ -122,7 +122,7 @@ async def test_the_check_runs_on_the_worker_and_the_best_attempt_merges(make_das
               "right": fake("--write", "app.py=def add(a, b):\n    return a + b", "--sleep", "0.3")}
     # With the worker's HOME and a TMPDIR beside its clone: nothing of the server's places.
     check = (f"python3 -c \"from app import add; assert add(2, 3) == 5\" && test \"$HOME\" = {worker_home} && "
-             "case \"$TMPDIR\" in */cli-council-*/tmp) true;; *) false;; esac")
+             "case \"$TMPDIR\" in */cli-council-dask-*/tmp) true;; *) false;; esac")
     async with make_dask_engine(agents) as engine:
         task = await run_task(engine, repo, agents=["wrong", "right"], check=check)
         assert task.best == "right", task.best_reason
@@ -228,7 +228,10 @@ async def test_a_worker_that_dies_mid_run_interrupts_its_attempt_and_nothing_rer
         assert git(repo, "rev-parse", doomed.branch) == task.base  # nothing came back
         client.wait_for_workers(1, timeout=60)
         assert int(pidfile.read_text()) == agent_pid  # the new worker did not start the agent again
+        with anyio.fail_after(30):  # the new worker's Reaper stops what the dead one left, and removes its clone
+            while pid_running(agent_pid) or worker_dirs(client):
+                await anyio.sleep(0.1)
     finally:
-        if agent_pid:
-            os.kill(agent_pid, signal.SIGKILL)  # orphaned with its worker: see the Reaper's setup
+        if agent_pid and pid_running(agent_pid):
+            os.kill(agent_pid, signal.SIGKILL)
         client.wait_for_workers(1, timeout=60)
