@@ -6,9 +6,12 @@ bundle, the agents run in the worker's clone, lines come back as events, the res
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -52,18 +55,24 @@ def make_dask_engine(cluster, council_home):
     return make
 
 
+def wait_until(predicate, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"waited {timeout_s:g}s for {what}"
+        time.sleep(0.05)
+
+
 async def run_task(engine, repo, prompt="do it", **kw):
     task = await engine.submit(str(repo), prompt, **kw)
     return await engine.wait(task.task_id, 60)
 
 
-def worker_dirs(client) -> list[str]:
-    """The attempt clones left on the worker (in its temp dir)."""
+def worker_dirs(client) -> set[str]:
+    """The attempt clones on the worker (in its temp dir)."""
     def look():
         import tempfile
-        root = Path(tempfile.gettempdir())
-        return sorted(str(p) for p in root.glob(f"{CLONE}*"))
-    return next(iter(client.run(look).values()))
+        return [str(p) for p in Path(tempfile.gettempdir()).glob(f"{CLONE}*")]
+    return set(next(iter(client.run(look).values())))
 
 
 async def test_agents_fan_out_to_the_worker_and_their_branches_come_back(make_dask_engine, repo, cluster):
@@ -84,7 +93,7 @@ async def test_agents_fan_out_to_the_worker_and_their_branches_come_back(make_da
         "fake agent got: do it", "line 0", "line 1", "line 2", "done"]
     assert ("two", "stderr", "working") in texts
     assert any(a == "one" and "on Dask worker tcp://" in t for a, s, t in texts)
-    assert worker_dirs(cluster[1]) == before  # each clone is removed once its branch is home
+    assert worker_dirs(cluster[1]) - before == set()  # each clone is removed once its branch is home
 
 
 async def test_timeout_kills_the_agent_and_its_children_on_the_worker(make_dask_engine, repo, tmp_path):
@@ -114,7 +123,7 @@ async def test_cancel_stops_the_remote_process_group_before_the_task_ends(make_d
         for f in (f"c{i}", f"p{i}"):
             pid = int((tmp_path / f).read_text())
             assert not pid_running(pid), f"{f} (pid {pid}) survived cancel"
-    assert worker_dirs(cluster[1]) == before
+    assert worker_dirs(cluster[1]) - before == set()
 
 
 async def test_the_check_runs_on_the_worker_and_the_best_attempt_merges(make_dask_engine, repo, worker_home):
@@ -202,6 +211,30 @@ def test_runner_config_is_checked():
         parse_config({"runner": {"kind": "k8s"}})
     with pytest.raises(ConfigError, match=r"scheduler = \"8786\" is refused"):
         parse_config({"runner": {"kind": "dask", "scheduler": "8786"}})
+
+
+def test_a_server_killed_mid_run_leaves_no_agent_running_on_the_worker(cluster, repo, tmp_path):
+    """The scheduler drops a dead client's tasks; the worker's Reaper stops the run that loses its task."""
+    pidfile = tmp_path / "agent.pid"
+    table = fake("--pidfile", str(pidfile), "--sleep", "60")
+    Path(os.environ["CLI_COUNCIL_CONFIG"]).write_text(
+        f'[runner]\nkind = "dask"\nscheduler = "{cluster[0].scheduler_address}"\n\n'
+        f'[agents.sleepy]\nkind = "command"\nargv = {json.dumps(table["argv"])}\n')
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "run", "--repo", str(repo), "--agents", "sleepy",
+                             "work"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    agent_pid = None
+    try:
+        wait_until(lambda: proc.poll() is None and pidfile.exists() and pidfile.read_text(), "the agent to start")
+        agent_pid = int(pidfile.read_text())
+        proc.kill()
+        proc.wait(10)
+        wait_until(lambda: not pid_running(agent_pid), f"agent pid {agent_pid} to stop with its server gone")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if agent_pid and pid_running(agent_pid):
+            os.kill(agent_pid, signal.SIGKILL)
 
 
 async def test_a_worker_that_dies_mid_run_interrupts_its_attempt_and_nothing_reruns(make_dask_engine, repo, tmp_path,
