@@ -140,8 +140,9 @@ def _local_env(env: dict[str, str], cwd: str) -> dict[str, str]:
 
 
 def _run(argv: list[str], env: dict[str, str], cwd: str, stdin: bytes | None, timeout_s: float,
-         kill_grace_s: float, marker: str, run_id: str) -> tuple[int | None, bool]:
-    """One process to its end through the process runner, its lines sent as events as they come."""
+         kill_grace_s: float, marker: str, run_id: str) -> tuple[int | None, bool, tuple[int, str] | None]:
+    """One process to its end through the process runner, its lines sent as events as they come:
+    (exit code, timed out, why it could not start: a user's setup, not the worker's failure)."""
     worker = get_worker()
     key = worker.get_current_task()
     argv = [sys.executable if i == 0 and a == PYTHON else a for i, a in enumerate(argv)]
@@ -152,13 +153,16 @@ def _run(argv: list[str], env: dict[str, str], cwd: str, stdin: bytes | None, ti
         count[0] += 1
         worker.log_event(TOPIC, {"run": run_id, "s": stream, "t": text})
 
-    async def main() -> tuple[int | None, bool]:
+    async def main() -> tuple[int | None, bool, tuple[int, str] | None]:
         with anyio.CancelScope() as scope:
             _RUNNING[key] = _Running(anyio.lowlevel.current_token(), scope, done)
-            result = await runner.run(inv, timeout_s=timeout_s, on_line=on_line, kill_grace_s=kill_grace_s,
-                                      marker=marker)
-            return result.exit_code, result.timed_out
-        return None, False  # stopped: nobody waits for this answer
+            try:
+                result = await runner.run(inv, timeout_s=timeout_s, on_line=on_line, kill_grace_s=kill_grace_s,
+                                          marker=marker)
+            except runner.SpawnError as e:
+                return None, False, (e.errno, str(e))
+            return result.exit_code, result.timed_out, None
+        return None, False, None  # stopped: nobody waits for this answer
 
     done = threading.Event()
     running = Path(cwd).parent / RUNS / marker  # for the reaper, should this worker die mid-run
@@ -351,15 +355,17 @@ class DaskHost:
                     await on_line(str(msg.get("s")), str(msg.get("t")))
             ended.set()
 
-        exit_code = timed_out = None
+        exit_code = timed_out = unstarted = failed = None
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(pump)
                 try:
                     with anyio.fail_after(timeout_s + kill_grace_s + STOP_S):
-                        exit_code, timed_out = await future
+                        exit_code, timed_out, unstarted = await future
                 except LOST as e:
                     session.lost = _lost(session.worker, e)
+                except Exception as e:  # raised as itself below, not inside the task group's ExceptionGroup
+                    failed = e
                 else:
                     with anyio.move_on_after(END_S):
                         await ended.wait()
@@ -376,6 +382,10 @@ class DaskHost:
                     await future.cancel()
         if session.lost:
             raise HostLost(session.lost)
+        if failed is not None:
+            raise failed
+        if unstarted:
+            raise runner.SpawnError(*unstarted)
         return runner.RunResult(exit_code=exit_code, timed_out=bool(timed_out))
 
     async def commit_and_count(self, path: Path, message: str, scratch: tuple[str, ...],

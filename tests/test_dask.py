@@ -162,6 +162,17 @@ async def test_a_retried_agent_starts_again_from_the_base_in_the_workers_clone(m
     assert not any(key in line.text for line in lines)
 
 
+async def test_a_cli_missing_on_the_worker_fails_its_attempt_as_not_installed(make_dask_engine, repo):
+    agents = {"ghost": {"kind": "command", "argv": ["no-such-cli-on-any-worker", "{prompt}"]},
+              "real": fake("--write", "r.txt=r")}
+    async with make_dask_engine(agents) as engine:
+        task = await run_task(engine, repo, agents=["ghost", "real"])
+    ghost = task.attempt("ghost")
+    assert ghost.state == AttemptState.failed and ghost.error.kind == "not_installed"
+    assert "no-such-cli-on-any-worker" in ghost.error.message and "PATH" in ghost.error.message
+    assert task.state == TaskState.succeeded and task.best == "real"
+
+
 def test_what_a_worker_receives_names_none_of_the_servers_places(tmp_path):
     environ = {"PATH": "/server/bin", "HOME": "/server/home", "TMPDIR": "/server/tmp", "LANG": "C.UTF-8"}
     inv = Invocation(argv=[sys.executable, "-m", "adapters.ollama", "--x"], cwd=Path("/worker/clone"),
