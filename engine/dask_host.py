@@ -411,7 +411,10 @@ class DaskHost:
         if self._client is not None:
             client, self._client = self._client, None
             with anyio.move_on_after(CONNECT_S):
-                await client.close()
+                try:
+                    await client.close()
+                except Exception:  # the scheduler already gone: nothing left to close
+                    pass
 
 
 LOST = (KilledWorker, FutureCancelledError, TimeoutError)  # what a worker or scheduler gone looks like here

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 from adapters.base import Invocation
 
 from . import runner
-from .config import RunnerSettings
+from .config import ConfigError, RunnerSettings
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -83,11 +83,15 @@ class LocalHost:
         return str(tmp)
 
     async def aclose(self) -> None:
-        pass
+        """Nothing held open."""
 
 
 def make_host(settings: RunnerSettings, engine: "Engine") -> Host:
     if settings.kind == "dask":
-        from .dask_host import DaskHost  # `distributed` is only needed by those who ask for it
+        try:  # `distributed` is only needed by those who ask for it
+            from .dask_host import DaskHost
+        except ImportError as e:
+            raise ConfigError(f'[runner] kind = "dask" needs Dask distributed here and on the workers: '
+                              f"pip install 'cli-council[dask]' ({e})") from None
         return DaskHost(settings, engine.environ)
     return LocalHost(engine)

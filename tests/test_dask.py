@@ -173,7 +173,7 @@ async def test_a_cli_missing_on_the_worker_fails_its_attempt_as_not_installed(ma
     assert task.state == TaskState.succeeded and task.best == "real"
 
 
-def test_what_a_worker_receives_names_none_of_the_servers_places(tmp_path):
+def test_what_a_worker_receives_names_none_of_the_servers_places():
     environ = {"PATH": "/server/bin", "HOME": "/server/home", "TMPDIR": "/server/tmp", "LANG": "C.UTF-8"}
     inv = Invocation(argv=[sys.executable, "-m", "adapters.ollama", "--x"], cwd=Path("/worker/clone"),
                      env={**environ, "PYTHONPATH": f"{PACKAGE_ROOT}{os.pathsep}/agent/lib", "HOME": "/agent/own/home",
@@ -222,6 +222,14 @@ def test_runner_config_is_checked():
         parse_config({"runner": {"kind": "k8s"}})
     with pytest.raises(ConfigError, match=r"scheduler = \"8786\" is refused"):
         parse_config({"runner": {"kind": "dask", "scheduler": "8786"}})
+
+
+def test_the_dask_runner_without_distributed_installed_is_a_clear_config_error(monkeypatch, council_home):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # what `import distributed` meets when it is absent
+    monkeypatch.delitem(sys.modules, "engine.dask_host")
+    cfg = parse_config({"runner": {"kind": "dask", "scheduler": "tcp://127.0.0.1:8786"}})
+    with pytest.raises(ConfigError, match=r"pip install 'cli-council\[dask\]'"):
+        Engine(cfg, home=council_home, environ=dict(os.environ))
 
 
 def test_a_server_killed_mid_run_leaves_no_agent_running_on_the_worker(cluster, repo, tmp_path):
@@ -279,3 +287,4 @@ async def test_a_worker_that_dies_mid_run_interrupts_its_attempt_and_nothing_rer
         if agent_pid and pid_running(agent_pid):
             os.kill(agent_pid, signal.SIGKILL)
         client.wait_for_workers(1, timeout=60)
+
