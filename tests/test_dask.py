@@ -108,21 +108,23 @@ async def test_timeout_kills_the_agent_and_its_children_on_the_worker(make_dask_
 
 
 async def test_cancel_stops_the_remote_process_group_before_the_task_ends(make_dask_engine, repo, tmp_path, cluster):
+    """One agent ignores TERM, so its group dies only at the KILL after the grace: the task ends after that."""
     before = worker_dirs(cluster[1])
-    agents = {f"a{i}": fake("--child", str(tmp_path / f"c{i}"), "--pidfile", str(tmp_path / f"p{i}"), "--sleep", "60")
-              for i in range(2)}
+    stubborn = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                f"open({str(tmp_path / 'p1')!r}, 'w').write(str(__import__('os').getpid())); time.sleep(60)")
+    agents = {"a0": fake("--child", str(tmp_path / "c0"), "--pidfile", str(tmp_path / "p0"), "--sleep", "60"),
+              "a1": {"kind": "command", "argv": [sys.executable, "-c", stubborn, "{prompt}"]}}
     async with make_dask_engine(agents) as engine:
         task = await engine.submit(str(repo), "sleep", agents=list(agents))
         with anyio.fail_after(20):
-            while not all((tmp_path / f"c{i}").exists() for i in range(2)):
+            while not all((tmp_path / f).exists() and (tmp_path / f).read_text() for f in ("c0", "p1")):
                 await anyio.sleep(0.05)
         task = await engine.cancel(task.task_id)
     assert task.state == TaskState.cancelled
     assert {a.state for a in task.attempts} == {AttemptState.cancelled}
-    for i in range(2):
-        for f in (f"c{i}", f"p{i}"):
-            pid = int((tmp_path / f).read_text())
-            assert not pid_running(pid), f"{f} (pid {pid}) survived cancel"
+    for f in ("c0", "p0", "p1"):
+        pid = int((tmp_path / f).read_text())
+        assert not pid_running(pid), f"{f} (pid {pid}) survived cancel"
     assert worker_dirs(cluster[1]) - before == set()
 
 
