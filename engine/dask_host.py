@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
-from distributed import Client, KilledWorker, WorkerPlugin, get_worker
+from distributed import Client, Future, KilledWorker, WorkerPlugin, get_worker
 from distributed.client import FutureCancelledError
 
 from adapters.base import PACKAGE_ROOT, ErrorInfo, ErrorKind, Invocation, allowed_env
@@ -67,6 +67,7 @@ class _Running:
     token: object  # the run's event loop, for cancelling it from another thread
     scope: anyio.CancelScope
     done: threading.Event
+    root: Path  # the clone it runs in
 
     def stop(self) -> None:
         try:
@@ -76,13 +77,17 @@ class _Running:
 
 
 _RUNNING: dict[str, _Running] = {}  # on a worker: Dask task key -> the run it executes
+# On a worker: the key of the task that made a clone -> the clone's root. The server holds that
+# task's future until the attempt ends; the scheduler releases it when the server goes away.
+_CLONES: dict[str, Path] = {}
 
 
 class Reaper(WorkerPlugin):
     """Stops a run whose task stops executing for any reason but its end: Future.cancel() alone
-    leaves the subprocess running, e.g. when the server that submitted it is gone. When a worker
-    starts (a nanny's restart after a crash, or a new worker), the clones a dead worker on this
-    machine left are removed, and the processes still running in them stopped by their markers."""
+    leaves the subprocess running, e.g. when the server that submitted it is gone. Removes a clone
+    once the task that made it is released (the attempt ended, or its server is gone). When a
+    worker starts (a nanny's restart after a crash, or a new worker), the clones a dead worker on
+    this machine left are removed, and the processes still running in them stopped by their markers."""
 
     name = "cli-council-reaper"
 
@@ -90,8 +95,22 @@ class Reaper(WorkerPlugin):
         threading.Thread(target=anyio.run, args=(_reap_orphans,), daemon=True).start()
 
     def transition(self, key, start, finish, **kwargs):
+        # Never block the worker's loop: stopping waits for processes to die.
         if start == "executing" and finish not in ("memory", "error") and (run := _RUNNING.get(key)):
-            threading.Thread(target=run.stop, daemon=True).start()  # never block the worker's loop
+            threading.Thread(target=run.stop, daemon=True).start()
+        # Not while its clone is still being made (a cancelled clone ends as cancelled -> released).
+        elif start != "executing" and finish in ("released", "forgotten") and (root := _CLONES.pop(key, None)):
+            threading.Thread(target=_drop_clone, args=(root,), daemon=True).start()
+
+
+def _drop_clone(root: Path) -> None:
+    """Stop what still runs in the clone (its server is gone), then remove it."""
+    runs = [run for run in list(_RUNNING.values()) if run.root == root]
+    for run in runs:
+        run.stop()
+    for run in runs:
+        run.done.wait(STOP_S)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 CLONE = "cli-council-dask-"  # a clone's root: this prefix in the worker's temp dir
@@ -118,6 +137,7 @@ async def _reap_orphans(grace_s: float = 5.0) -> None:
 def _open(bundle: bytes, branch: str) -> tuple[str, str]:
     """A clone of the bundle on its branch in a new directory; (this worker's address, the clone)."""
     root = Path(tempfile.mkdtemp(prefix=CLONE))
+    _CLONES[get_worker().get_current_task()] = root
     (root / OWNER).write_text(f"{os.getpid()} {runner.proc_start_time(os.getpid())}")
     (root / RUNS).mkdir()
     (root / "base.bundle").write_bytes(bundle)
@@ -155,7 +175,7 @@ def _run(argv: list[str], env: dict[str, str], cwd: str, stdin: bytes | None, ti
 
     async def main() -> tuple[int | None, bool, tuple[int, str] | None]:
         with anyio.CancelScope() as scope:
-            _RUNNING[key] = _Running(anyio.lowlevel.current_token(), scope, done)
+            _RUNNING[key] = _Running(anyio.lowlevel.current_token(), scope, done, Path(cwd).parent)
             try:
                 result = await runner.run(inv, timeout_s=timeout_s, on_line=on_line, kill_grace_s=kill_grace_s,
                                           marker=marker)
@@ -223,6 +243,7 @@ def portable(inv: Invocation, environ: dict[str, str]) -> tuple[list[str], dict[
 class _Session:
     worker: str
     path: str
+    opened: Future  # the task that made the clone: held while the attempt runs (see _CLONES)
     lost: str | None = None  # why the worker is gone
 
 
@@ -326,7 +347,7 @@ class DaskHost:
             if not future.done():
                 with anyio.CancelScope(shield=True):
                     await future.cancel()
-        self._sessions[path] = _Session(worker, path)
+        self._sessions[path] = _Session(worker, path, future)
         await engine._note(task, f"on Dask worker {worker}: {path}", attempt.agent)
         return Workspace(path=Path(path), branch=branch)
 
@@ -398,11 +419,14 @@ class DaskHost:
     async def finish(self, task: "Task", attempt: "Attempt", work: Workspace) -> None:
         """The result branch from the worker into the user's repo; the worker's clone is removed."""
         session = self._sessions.pop(str(work.path), None)
-        if session is None or session.lost:
+        if session is None:
             return
-        bundle = await self._pinned(session, _close, session.path, work.branch, task.base)
-        if bundle is not None:
-            await _fetch(task.repo, bundle, work.branch)
+        try:
+            if not session.lost and (bundle := await self._pinned(session, _close, session.path, work.branch,
+                                                                  task.base)) is not None:
+                await _fetch(task.repo, bundle, work.branch)
+        finally:
+            session.opened.release()
 
     def tmpdir(self, home: Path, task_id: str, agent: str) -> str | None:
         return None  # the worker's: beside its clone (see _local_env)

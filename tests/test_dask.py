@@ -234,8 +234,10 @@ def test_the_dask_runner_without_distributed_installed_is_a_clear_config_error(m
         Engine(cfg, home=council_home, environ=dict(os.environ))
 
 
-def test_a_server_killed_mid_run_leaves_no_agent_running_on_the_worker(cluster, repo, tmp_path):
-    """The scheduler drops a dead client's tasks; the worker's Reaper stops the run that loses its task."""
+def test_a_server_killed_mid_run_leaves_nothing_running_or_cloned_on_the_worker(cluster, repo, tmp_path):
+    """The scheduler drops a dead client's tasks; the worker's Reaper stops the run that loses its task
+    and removes the clone whose making task was released."""
+    before = worker_dirs(cluster[1])
     pidfile = tmp_path / "agent.pid"
     table = fake("--pidfile", str(pidfile), "--sleep", "60")
     Path(os.environ["CLI_COUNCIL_CONFIG"]).write_text(
@@ -249,7 +251,9 @@ def test_a_server_killed_mid_run_leaves_no_agent_running_on_the_worker(cluster, 
         agent_pid = int(pidfile.read_text())
         proc.kill()
         proc.wait(10)
+        assert worker_dirs(cluster[1]) - before
         wait_until(lambda: not pid_running(agent_pid), f"agent pid {agent_pid} to stop with its server gone")
+        wait_until(lambda: not worker_dirs(cluster[1]) - before, "the dead server's clone to be removed")
     finally:
         if proc.poll() is None:
             proc.kill()
