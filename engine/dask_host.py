@@ -119,6 +119,7 @@ RUNS = "runs"  # in a clone's root: one file per running process, named by its m
 
 
 def _owner_alive(root: Path) -> bool:
+    """Whether the worker process that made this clone still runs (not a reuse of its pid)."""
     try:
         pid, start = (int(x) for x in (root / OWNER).read_text().split())
     except (OSError, ValueError):  # half made, or not ours: its maker may still be writing it
@@ -167,10 +168,8 @@ def _run(argv: list[str], env: dict[str, str], cwd: str, stdin: bytes | None, ti
     key = worker.get_current_task()
     argv = [sys.executable if i == 0 and a == PYTHON else a for i, a in enumerate(argv)]
     inv = Invocation(argv=argv, env=_local_env(env, cwd), cwd=Path(cwd), stdin=stdin)
-    count = [0]
 
     async def on_line(stream: str, text: str) -> None:
-        count[0] += 1
         worker.log_event(TOPIC, {"run": run_id, "s": stream, "t": text})
 
     async def main() -> tuple[int | None, bool, tuple[int, str] | None]:
@@ -193,7 +192,7 @@ def _run(argv: list[str], env: dict[str, str], cwd: str, stdin: bytes | None, ti
         running.unlink(missing_ok=True)
         _RUNNING.pop(key, None)
         done.set()
-        worker.log_event(TOPIC, {"run": run_id, "end": count[0]})
+        worker.log_event(TOPIC, {"run": run_id, "end": True})  # after its last line, on the same stream
 
 
 async def _stop(key: str, wait_s: float) -> bool:
