@@ -24,7 +24,9 @@ import warnings
 from pathlib import Path
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from adapters import KINDS
 from adapters.base import TIERS, AgentSpec
@@ -73,6 +75,28 @@ class PoolSettings(BaseModel):
     size: int = Field(2, ge=0, le=32, description=(
         "ready worktrees kept per repo, made ahead at its HEAD with the repo's setup run; 0 turns the pool off"))
     max_files: int = Field(50_000, ge=0, description="no pool for repos with more tracked files than this")
+
+
+SCHEDULER = re.compile(r"(tcp|tls|ws|wss)://[^\s/]+:\d+/?")
+
+
+class RunnerSettings(BaseModel):
+    kind: Literal["local", "dask"] = Field("local", description=(
+        "where attempts run: this machine, or the workers of a Dask distributed scheduler"))
+    scheduler: str | None = Field(None, description='the Dask scheduler\'s address, e.g. "tcp://host:8786"')
+
+    @field_validator("scheduler")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not SCHEDULER.fullmatch(value):
+            raise ValueError('must be a scheduler address such as "tcp://host:8786"')
+        return value
+
+    @model_validator(mode="after")
+    def _dask_needs_scheduler(self) -> "RunnerSettings":
+        if self.kind == "dask" and not self.scheduler:
+            raise ValueError('kind = "dask" needs scheduler = "tcp://host:8786" (where `dask scheduler` listens)')
+        return self
 
 
 def copy_path_problem(path: str) -> str | None:
@@ -128,7 +152,7 @@ class ReviewSettings(BaseModel):
 
 SECTIONS: dict[str, type[BaseModel]] = {"engine": EngineSettings, "server": ServerSettings, "routing": Routing,
                                         "merge": MergeSettings, "pool": PoolSettings, "worktree": WorktreeSettings,
-                                        "review": ReviewSettings}
+                                        "review": ReviewSettings, "runner": RunnerSettings}
 AGENT_KEYS = tuple(k for k in AgentSpec.model_fields if k != "name")  # every kind's keys; `name` is the table's
 
 
@@ -141,6 +165,7 @@ class Config(BaseModel):
     pool: PoolSettings = Field(default_factory=PoolSettings)
     worktree: WorktreeSettings = Field(default_factory=WorktreeSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
+    runner: RunnerSettings = Field(default_factory=RunnerSettings)
 
     def agent(self, name: str) -> AgentSpec:
         try:

@@ -30,7 +30,7 @@ from adapters.base import (TIERS, Adapter, Availability, ErrorInfo, ErrorKind, I
 from . import agents as agents_mod
 from . import cleanup as cleanup_mod
 from . import compare as compare_mod
-from . import diffs, inputs, judge, rounds, routing, runner, tries
+from . import diffs, hosts, inputs, judge, rounds, routing, runner, tries
 from . import review as review_mod
 from . import ports as ports_mod
 from . import pool as pool_mod
@@ -122,7 +122,9 @@ class Engine:
         self.ports = Ports(self.home / "ports")
         self.pool = Pool(self.worktrees, self.home, self.environ, self.repo_configs, self.owner,
                          kill_grace_s=self.config.engine.kill_grace_s)
-        self._warm_pool = warm_pool
+        # Where attempts run ([runner], read once: a running attempt stays where it started).
+        self.host = hosts.make_host(self.config.runner, self)
+        self._warm_pool = warm_pool and self.host.local
         self._leases: dict[tuple[str, str], list[int]] = {}  # (task, agent): ports it holds while it runs
         self._global = anyio.CapacityLimiter(self.config.engine.max_parallel)
         self._per_agent: dict[str, anyio.CapacityLimiter] = {}
@@ -178,6 +180,7 @@ class Engine:
             with anyio.CancelScope(shield=True):
                 try:
                     await self.pool.close()
+                    await self.host.aclose()
                 finally:
                     await self.logbook.close()
                     await self.store.close()
@@ -597,8 +600,10 @@ class Engine:
             secrets = self._secrets.setdefault(task.task_id, [])
             secrets += [s for s in values if s not in secrets]
 
-        return review_mod.Seat(config=lambda: self.config, environ=self.environ, spawn=self._spawn, log=self._log,
-                               slots=slots, available=self._available, keep_secret=keep_secret,
+        # Reviews read a patch in a directory of this machine, whatever host runs the attempts.
+        return review_mod.Seat(config=lambda: self.config, environ=self.environ,
+                               spawn=partial(self._spawn, here=True), log=self._log, slots=slots,
+                               available=partial(self._available, here=True), keep_secret=keep_secret,
                                redact=lambda task, text: self._redact(task.task_id, text),
                                secrets=self._own_secrets, tmp=self.home / "tmp")
 
@@ -830,9 +835,11 @@ class Engine:
             state = TaskState.succeeded if ok and task.error is None else TaskState.failed
         return {"state": state, "best": best, "best_reason": reason, "finished_at": now()}
 
-    async def _available(self, agent: str, adapter: Adapter) -> Availability:
+    async def _available(self, agent: str, adapter: Adapter, here: bool = False) -> Availability:
         """Whether the agent can run here. A yes is reused for AVAILABLE_TTL_S: probing starts the
         CLI (`--version`), which must not sit on every attempt's path; a no is asked again."""
+        if not here and not self.host.local:  # its CLI is the worker's, found there when it starts (else not_installed)
+            return Availability(True, "resolved on the host that runs it")
         cached = self._avail.get(agent)
         if cached and time.monotonic() - cached[0] < AVAILABLE_TTL_S:
             return cached[1]
@@ -880,6 +887,8 @@ class Engine:
                 attempt.state, attempt.started_at = AttemptState.running, now()
                 t0 = time.monotonic()
                 await self._attempt_body(task, attempt, adapter)
+        except hosts.HostLost as e:  # the machine went away mid-attempt: nothing re-runs it silently
+            attempt.state, attempt.error = AttemptState.interrupted, ErrorInfo(kind=ErrorKind.crash, message=str(e))
         except Exception as e:  # failures are results: whatever broke is this attempt's, not the engine's
             logger.exception("attempt %s/%s crashed", task.task_id, attempt.agent)
             attempt.state = AttemptState.failed
@@ -930,9 +939,16 @@ class Engine:
     async def _attempt_body(self, task: Task, attempt: Attempt, adapter: Adapter) -> None:
         if attempt.rounds > 1:  # a follow-up in the worktree it already has
             return await rounds.body(self, task, attempt, adapter)
-        work = await self._workspace(task, attempt)
+        work = await self.host.workspace(self, task, attempt)
         if work is None:
             return
+        try:
+            await self._attempt_in(task, attempt, adapter, work)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.host.finish(task, attempt, work)
+
+    async def _attempt_in(self, task: Task, attempt: Attempt, adapter: Adapter, work: Workspace) -> None:
         path = work.path
         job = Job(prompt=task.prompt, worktree=path, timeout_s=task.timeout_s, check=task.check,
                   budget_usd=task.budget_usd, tier=task.tier)
@@ -941,7 +957,7 @@ class Engine:
                                               work.env, task.base, tuple(work.keep_out))
         finally:
             with anyio.CancelScope(shield=True):  # whatever the agent did is kept, even when cancelled
-                files, attempt.insertions, attempt.deletions = await self.worktrees.commit_and_count(
+                files, attempt.insertions, attempt.deletions = await self.host.commit_and_count(
                     path, f"council {task.task_id}: {attempt.agent}\n\n{task.prompt.splitlines()[0][:200]}",
                     adapter.scratch + tuple(p.rstrip("/") for p in work.keep_out), task.base)
                 attempt.files_changed = len(files)
@@ -976,10 +992,8 @@ class Engine:
             inv.env.update(env)
         except (ValueError, OSError) as e:
             return Outcome(ok=False, error=ErrorInfo(kind=ErrorKind.invalid_output, message=str(e))), runner.RunResult(None)
-        # A private TMPDIR, removed when the task ends: CLIs leave files there (gemini's error reports).
-        tmp = self.home / "tmp" / task.task_id / attempt.agent
-        tmp.mkdir(parents=True, exist_ok=True)
-        inv.env.setdefault("TMPDIR", str(tmp))
+        if tmp := self.host.tmpdir(self.home, task.task_id, attempt.agent):
+            inv.env.setdefault("TMPDIR", tmp)
         secrets = self._secrets.setdefault(task.task_id, [])
         secrets += [s for s in inv.secrets if s not in secrets]
         parser = adapter.parser(job)
@@ -1011,7 +1025,9 @@ class Engine:
 
     async def _run_check(self, task: Task, attempt: Attempt, path: Path, ports: dict[str, str]) -> CheckResult:
         # The check runs what the agent wrote: it gets the agents' allow-listed environment, never our keys.
-        env = {**allowed_env(self.environ), "TMPDIR": str(self.home / "tmp" / task.task_id / attempt.agent), **ports}
+        env = {**allowed_env(self.environ), **ports}
+        if tmp := self.host.tmpdir(self.home, task.task_id, attempt.agent):
+            env["TMPDIR"] = tmp
         # A shell command line, as CI configs have it (`pytest -q && ruff check .`): the caller can run any
         # program through the check anyway, so the shell adds no power.
         inv = Invocation(argv=[SHELL, "-c", task.check], env=env, cwd=path)
@@ -1032,9 +1048,10 @@ class Engine:
                            error=SHELL_EXIT.get(result.exit_code))
 
     async def _spawn(self, task: Task, agent: str, role: str, inv: Invocation, timeout_s: float,
-                     on_line: runner.LineSink) -> runner.RunResult:
+                     on_line: runner.LineSink, here: bool = False) -> runner.RunResult:
         """Run one agent or check process, recorded in the store while it runs, so that a later
-        process can stop it (and whatever it started, even outside its group) if we die."""
+        process can stop it (and whatever it started, even outside its group) if we die. On the
+        attempt's host, or `here` (reviews: read-only, in a directory of this machine)."""
         marker = f"{task.task_id}.{agent}.{role}.{uuid.uuid4().hex[:8]}"
 
         async def on_start(pgid: int) -> None:
@@ -1043,8 +1060,9 @@ class Engine:
             await self.store.set_proc(task.task_id, agent, pgid, runner.proc_start_time(pgid), marker=marker, role=role)
 
         try:
-            return await runner.run(inv, timeout_s=timeout_s, on_line=on_line, on_start=on_start,
-                                    kill_grace_s=self.config.engine.kill_grace_s, marker=marker)
+            run = runner.run if here else self.host.run
+            return await run(inv, timeout_s=timeout_s, on_line=on_line, on_start=on_start,
+                             kill_grace_s=self.config.engine.kill_grace_s, marker=marker)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.store.clear_proc(task.task_id, agent, role)

@@ -72,4 +72,4 @@ async def run(engine: "Engine", task: Task, attempt: Attempt, adapter: Adapter, 
         attempt.retries += 1
         retries_left -= 1
         await anyio.sleep(delay)
-        await engine.worktrees.reset(Path(job.worktree), start, keep_out)
+        await engine.host.reset(Path(job.worktree), start, keep_out)
