@@ -17,7 +17,6 @@ TMPDIR and this package's root are the worker's own.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
@@ -55,6 +54,10 @@ CONNECT_S = 10.0
 STEP_S = 300.0  # a git step on a worker (clone, commit, bundle) answers within this, or the worker is lost
 STOP_S = 30.0  # beyond the kill grace: how long a remote stop may take to confirm
 END_S = 5.0  # after a run's result, how long its last lines may take to arrive
+# A run's lines travel in batches: one scheduler event per line cost a message each way per line.
+BATCH_S = 0.02  # a line waits at most this long on the worker
+BATCH_BYTES = 64 * 1024  # or until this much is waiting
+PENDING_BATCHES = 512  # batches the server holds for a run before it drops lines (and says so)
 PYTHON = "{python}"  # argv[0] standing for the worker's own interpreter
 MACHINE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "TMPDIR", "VIRTUAL_ENV", "XDG_CONFIG_HOME",
                "XDG_DATA_HOME", "XDG_CACHE_HOME")  # where things are on a machine: the worker's own
@@ -169,17 +172,41 @@ def _run(argv: list[str], env: dict[str, str], cwd: str, stdin: bytes | None, ti
     argv = [sys.executable if i == 0 and a == PYTHON else a for i, a in enumerate(argv)]
     inv = Invocation(argv=argv, env=_local_env(env, cwd), cwd=Path(cwd), stdin=stdin)
 
+    batch: list[tuple[str, str]] = []
+    size = [0]
+
+    def send() -> None:
+        if batch:
+            worker.log_event(TOPIC, {"run": run_id, "lines": batch.copy()})
+            batch.clear()
+            size[0] = 0
+
     async def on_line(stream: str, text: str) -> None:
-        worker.log_event(TOPIC, {"run": run_id, "s": stream, "t": text})
+        batch.append((stream, text))
+        size[0] += len(text)
+        if size[0] >= BATCH_BYTES:
+            send()
+
+    async def every_batch_s() -> None:
+        while True:
+            await anyio.sleep(BATCH_S)
+            send()
 
     async def main() -> tuple[int | None, bool, tuple[int, str] | None]:
         with anyio.CancelScope() as scope:
             _RUNNING[key] = _Running(anyio.lowlevel.current_token(), scope, done, Path(cwd).parent)
             try:
-                result = await runner.run(inv, timeout_s=timeout_s, on_line=on_line, kill_grace_s=kill_grace_s,
-                                          marker=marker)
-            except runner.SpawnError as e:
-                return None, False, (e.errno, str(e))
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(every_batch_s)
+                    try:
+                        result = await runner.run(inv, timeout_s=timeout_s, on_line=on_line,
+                                                  kill_grace_s=kill_grace_s, marker=marker)
+                    except runner.SpawnError as e:
+                        return None, False, (e.errno, str(e))
+                    finally:
+                        tg.cancel_scope.cancel()
+            finally:
+                send()
             return result.exit_code, result.timed_out, None
         return None, False, None  # stopped: nobody waits for this answer
 
@@ -260,6 +287,7 @@ class DaskHost:
         self._connecting = anyio.Lock()
         self._sessions: dict[str, _Session] = {}  # the worktree's path on its worker: where it is
         self._lines: dict[str, anyio.abc.ObjectSendStream] = {}  # run id: where its lines go
+        self._dropped: dict[str, int] = {}  # run id: lines dropped since its pump last looked
 
     async def _connected(self) -> Client:
         async with self._connecting:
@@ -291,11 +319,16 @@ class DaskHost:
             return self._client
 
     def _event(self, event) -> None:
-        """A run's line or end, from whichever worker; anything else on the topic is ignored."""
+        """A run's batch of lines or its end, from whichever worker; anything else on the topic is
+        ignored. A run whose lines come faster than its log takes them loses lines, counted."""
         msg = event[1] if isinstance(event, tuple) and len(event) == 2 else None
         if isinstance(msg, dict) and (send := self._lines.get(msg.get("run"))) is not None:
             try:
                 send.send_nowait(msg)
+            except anyio.WouldBlock:
+                lines = msg.get("lines")
+                self._dropped[msg["run"]] = self._dropped.get(msg["run"], 0) + (
+                    len(lines) if isinstance(lines, list) else 0)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
 
@@ -361,7 +394,7 @@ class DaskHost:
         client = await self._connected()
         argv, env = portable(inv, self.environ)
         run_id = uuid.uuid4().hex
-        send, receive = anyio.create_memory_object_stream[dict](math.inf)
+        send, receive = anyio.create_memory_object_stream[dict](PENDING_BATCHES)
         self._lines[run_id] = send
         future = client.submit(_run, argv, env, str(inv.cwd), inv.stdin, timeout_s, kill_grace_s, marker, run_id,
                                workers=[session.worker], allow_other_workers=False, pure=False)
@@ -370,9 +403,14 @@ class DaskHost:
         async def pump() -> None:
             async with receive:
                 async for msg in receive:
+                    if dropped := self._dropped.pop(run_id, 0):
+                        await on_line("stderr", f"[cli-council: {dropped} line(s) from the worker dropped: "
+                                                "they came faster than the log could take them]")
                     if "end" in msg:
                         break
-                    await on_line(str(msg.get("s")), str(msg.get("t")))
+                    for line in msg.get("lines") or ():
+                        if isinstance(line, (list, tuple)) and len(line) == 2:
+                            await on_line(str(line[0]), str(line[1]))
             ended.set()
 
         exit_code = timed_out = unstarted = failed = None
@@ -392,6 +430,7 @@ class DaskHost:
                 tg.cancel_scope.cancel()
         finally:
             self._lines.pop(run_id, None)
+            self._dropped.pop(run_id, None)
             send.close()
             if not future.done():  # cancelled, or lost: make sure nothing of it runs on
                 with anyio.CancelScope(shield=True), anyio.move_on_after(kill_grace_s + STOP_S):

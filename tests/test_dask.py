@@ -21,7 +21,7 @@ distributed = pytest.importorskip("distributed")
 import dask  # noqa: E402  (installed with distributed)
 
 from engine.config import ConfigError, parse_config  # noqa: E402
-from engine.dask_host import CLONE, PYTHON, portable  # noqa: E402
+from engine.dask_host import CLONE, PYTHON, TOPIC, portable  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.models import AttemptState, TaskState  # noqa: E402
 from adapters.base import PACKAGE_ROOT, Invocation  # noqa: E402
@@ -309,3 +309,23 @@ async def test_reviews_run_on_this_machine_while_the_attempts_ran_on_the_worker(
     for agent, other in (("one", "two"), ("two", "one")):
         reviews = task.attempt(agent).reviews
         assert [(r.reviewer, r.score, r.error) for r in reviews] == [(other, 8, None)], reviews
+
+
+async def test_a_flood_of_lines_from_the_worker_arrives_whole_and_in_order(make_dask_engine, repo, cluster):
+    """Lines travel in batches (by time and size), a scheduler event per batch rather than per line:
+    every one arrives, in order, the last ones too."""
+    n = 30_000
+    since = time.time()
+    agents = {"flood": fake("--write", "f.txt=x", "--lines", str(n))}
+    async with make_dask_engine(agents, log_max_lines=n + 100) as engine:
+        task = await run_task(engine, repo, agents=["flood"])
+        lines, cursor = [], 0
+        while chunk := (await engine.logs(task.task_id, agent="flood", cursor=cursor, limit=5000)).lines:
+            lines += chunk
+            cursor = chunk[-1].seq
+    assert task.state == TaskState.succeeded, task
+    out = [line.text for line in lines if line.stream == "stdout"]
+    assert out == ["fake agent got: do it", *(f"line {i}" for i in range(n)), "done"]
+    assert not [line.text for line in lines if "dropped" in line.text]
+    events = [msg for t, msg in cluster[1].get_events(TOPIC) if t >= since and "end" not in msg]
+    assert 0 < len(events) < n / 50, len(events)
