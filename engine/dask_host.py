@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -138,8 +139,9 @@ async def _reap_orphans(grace_s: float = 5.0) -> None:
             await anyio.to_thread.run_sync(shutil.rmtree, root, True)
 
 
-def _open(bundle: bytes, branch: str) -> tuple[str, str]:
-    """A clone of the bundle on its branch in a new directory; (this worker's address, the clone)."""
+def _open(bundle: bytes, bundled: str, branch: str) -> tuple[str, str]:
+    """A clone of the bundle (whose branch is `bundled`) on `branch` in a new directory; (this worker's
+    address, the clone)."""
     root = Path(tempfile.mkdtemp(prefix=CLONE))
     _CLONES[get_worker().get_current_task()] = root
     (root / OWNER).write_text(f"{os.getpid()} {runner.proc_start_time(os.getpid())}")
@@ -148,7 +150,9 @@ def _open(bundle: bytes, branch: str) -> tuple[str, str]:
     work = root / "work"
     (root / "tmp").mkdir()
     try:
-        anyio.run(partial(git, root, "clone", "--quiet", "--branch", branch, str(root / "base.bundle"), str(work)))
+        anyio.run(partial(git, root, "clone", "--quiet", "--branch", bundled, str(root / "base.bundle"), str(work)))
+        if bundled != branch:
+            anyio.run(partial(git, work, "branch", "-m", bundled, branch))
     except GitError as e:
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"git clone of the bundle failed on the worker: {e.stderr[-500:]}") from None
@@ -273,6 +277,14 @@ class _Session:
     lost: str | None = None  # why the worker is gone
 
 
+class _Bundle:
+    """A repo at a base commit as a bundle's bytes, made once for the attempts that start there
+    together: held only while they clone it (see DaskHost._bases)."""
+
+    def __init__(self, data: bytes, branch: str):
+        self.data, self.branch = data, branch
+
+
 class DaskHost:
     """Attempts on the workers of one Dask scheduler; one client for the server's lifetime."""
 
@@ -286,6 +298,8 @@ class DaskHost:
         self._refused: tuple[float, str] | None = None  # the last failed connection: when, and why
         self._connecting = anyio.Lock()
         self._sessions: dict[str, _Session] = {}  # the worktree's path on its worker: where it is
+        self._bases: weakref.WeakValueDictionary[tuple[str, str], _Bundle] = weakref.WeakValueDictionary()
+        self._bundling: dict[tuple[str, str], anyio.Lock] = {}  # (repo, base): one bundle made at a time
         self._lines: dict[str, anyio.abc.ObjectSendStream] = {}  # run id: where its lines go
         self._dropped: dict[str, int] = {}  # run id: lines dropped since its pump last looked
 
@@ -363,11 +377,11 @@ class DaskHost:
         attempt.branch = branch
         await engine._save(task)
         try:
-            bundle = await _bundle(task.repo, f"refs/heads/{branch}")
+            bundle = await self._base_bundle(task.repo, task.base, branch)
             client = await self._connected()
         except (OSError, GitError) as e:
             return refuse(str(e))
-        future = client.submit(_open, bundle, branch, pure=False)
+        future = client.submit(_open, bundle.data, bundle.branch, branch, pure=False)
         try:
             with anyio.fail_after(STEP_S):
                 worker, path = await future
@@ -382,6 +396,20 @@ class DaskHost:
         self._sessions[path] = _Session(worker, path, future)
         await engine._note(task, f"on Dask worker {worker}: {path}", attempt.agent)
         return Workspace(path=Path(path), branch=branch)
+
+    async def _base_bundle(self, repo: str, base: str, branch: str) -> _Bundle:
+        """The repo at `base` as a bundle (of `branch`, made at base), shared with the attempts that
+        clone it meanwhile: a task's 4 attempts bundle the repo's history once, not 4 times."""
+        key = (repo, base)
+        lock = self._bundling.setdefault(key, anyio.Lock())
+        try:
+            async with lock:
+                if (got := self._bases.get(key)) is None:
+                    got = self._bases[key] = _Bundle(await _bundle(repo, f"refs/heads/{branch}"), branch)
+                return got
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._bundling.pop(key, None)
 
     async def run(self, inv: Invocation, *, timeout_s: float, on_line: runner.LineSink,
                   on_start: Callable[[int], Awaitable[None]], kill_grace_s: float,

@@ -329,3 +329,26 @@ async def test_a_flood_of_lines_from_the_worker_arrives_whole_and_in_order(make_
     assert not [line.text for line in lines if "dropped" in line.text]
     events = [msg for t, msg in cluster[1].get_events(TOPIC) if t >= since and "end" not in msg]
     assert 0 < len(events) < n / 50, len(events)
+
+
+async def test_attempts_starting_together_share_one_bundle_of_the_repo(make_dask_engine, repo):
+    """The repo's history is bundled once for the attempts that clone it at the same time, and the
+    bundle is let go once they have (nothing kept per repo and base afterwards)."""
+    base = git(repo, "rev-parse", "HEAD")
+    branches = [f"council/t/{name}" for name in ("a", "b", "c")]
+    for branch in branches:
+        git(repo, "branch", branch, base)
+    async with make_dask_engine({}) as engine:
+        host = engine.host
+        got: list = [None] * 3
+
+        async def one(i: int) -> None:
+            got[i] = await host._base_bundle(str(repo), base, branches[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(one, i)
+        assert got[0] is got[1] is got[2] and got[0].data.startswith(b"# v2 git bundle")
+        assert not host._bundling
+        got.clear()
+        assert not host._bases  # the last holder gone: so is the bundle
