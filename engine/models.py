@@ -137,6 +137,8 @@ class Task(BaseModel):
     best: str | None = None
     best_reason: str | None = None
     total_cost_usd: float = 0.0
+    replaced_reviews_cost_usd: float = Field(0.0, description="what reviews since replaced (a new review, a new "
+                                                               "round) cost: paid, so still in total_cost_usd")
     merge_commit: str | None = None
     merge_into: str | None = Field(None, description="the branch the merge moved (undo_merge moves it back)")
     merge_backup_ref: str | None = Field(None, description="the ref holding that branch's tip before the merge")
@@ -147,8 +149,15 @@ class Task(BaseModel):
     attempts: list[Attempt] = Field(default_factory=list)
 
     def spent(self) -> float:
-        """What the attempts and their current reviews cost (total_cost_usd)."""
-        return round(sum((a.cost_usd or 0.0) + sum(r.cost_usd or 0.0 for r in a.reviews) for a in self.attempts), 6)
+        """What the attempts and all their reviews cost (total_cost_usd)."""
+        return round(self.replaced_reviews_cost_usd + sum(
+            (a.cost_usd or 0.0) + sum(r.cost_usd or 0.0 for r in a.reviews) for a in self.attempts), 6)
+
+    def drop_reviews(self, attempt: "Attempt") -> None:
+        """The attempt's reviews no longer judge it (it is reviewed again, or changed); their cost stays."""
+        self.replaced_reviews_cost_usd = round(
+            self.replaced_reviews_cost_usd + sum(r.cost_usd or 0.0 for r in attempt.reviews), 6)
+        attempt.reviews, attempt.review_score = [], None
 
     def attempt(self, agent: str) -> Attempt:
         for a in self.attempts:

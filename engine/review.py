@@ -202,7 +202,7 @@ async def review(seat: Seat, task: Task, reviewers: list[str] | None = None) -> 
     scrub = scrubber(names, [str(Path(a.worktree)) for a in task.attempts if a.worktree] + [str(seat.tmp)])
     plan: list[tuple[Attempt, str, str, str]] = []  # candidate, label, reviewer, prompt
     for i, a in enumerate(found):
-        a.reviews, a.review_score = [], None
+        task.drop_reviews(a)
         mine = vendor(config, a.agent)
         chosen = sorted((r for r in ready if r != a.agent), key=lambda r: vendor(config, r) == mine)[:PER_CANDIDATE]
         if not chosen or tips[a.agent] is None:

@@ -88,8 +88,7 @@ async def start(engine: "Engine", task_id: str, agent: str, prompt: str, check: 
     if check:
         task.check = check  # the check the attempts are judged by from now on
     attempt.state, attempt.error, attempt.exit_code, attempt.check = AttemptState.queued, None, None, None
-    if attempt.reviews:  # they judged the change before this round; review_task again to judge the new one
-        attempt.reviews, attempt.review_score = [], None
+    task.drop_reviews(attempt)  # they judged the change before this round; review_task again to judge the new one
     task.state, task.finished_at, task.error = TaskState.running, None, None
     await engine._save(task)
     answer = task.model_copy(deep=True)

@@ -249,11 +249,16 @@ async def test_claude_and_gemini_review_in_their_read_only_modes(council_home, r
     agents = {"author": member("--write", FIX), "claude": standin("claude"), "gemini": standin("gemini")}
     async with engine_for(council_home, agents) as engine:
         task = await finished(engine, repo, ["author"], review=True, prompt="make add() add, as claude would")
+        await engine.review(task.task_id, reviewers=["claude"])
+        again = await engine.wait(task.task_id, 60)
     a = task.attempt("author")
     assert [(r.reviewer, r.score, r.verdict, r.issues, r.cost_usd) for r in a.reviews] == [
         ("claude", 8.5, "approve", ["no test for negative numbers"], 0.0123),
         ("gemini", 4, "request_changes", ["misses the edge case"], 0.0029)]  # its tokens at gemini's prices
     assert a.review_score == 6.25 and task.total_cost_usd == 0.0152 and task.best == "author"
+    # Reviewed again: the new reviews replace the old, whose cost was paid and stays in the total.
+    assert [r.reviewer for r in again.attempt("author").reviews] == ["claude"]
+    assert again.total_cost_usd == 0.0275 and again.replaced_reviews_cost_usd == 0.0152
     argvs = [json.loads(line)["argv"] for line in log.read_text().splitlines()]
     claude = next(v for v in argvs if "--permission-mode" in v)
     gemini = next(v for v in argvs if "--approval-mode" in v)
