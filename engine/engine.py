@@ -193,14 +193,19 @@ class Engine:
             if _alive(pid, start):
                 continue
             task = await self.store.get_task(task_id)
-            for a in task.attempts:
-                if a.state in (AttemptState.queued, AttemptState.running):
-                    a.state = AttemptState.interrupted
-                    a.error = ErrorInfo(kind=ErrorKind.crash, message="the process hosting this task stopped")
+            cut_short = [a for a in task.attempts if a.state in (AttemptState.queued, AttemptState.running)]
+            for a in cut_short:
+                a.state = AttemptState.interrupted
+                a.error = ErrorInfo(kind=ErrorKind.crash, message="the process hosting this task stopped")
             await self._stop_recorded(task_id)
             await self.store.clear_procs(task_id)
-            task.state = TaskState.interrupted
-            task.finished_at = now()
+            if cut_short or not task.attempts:
+                task.state, task.finished_at = TaskState.interrupted, now()
+            else:  # only a review of finished attempts was in flight: their results stand, judged again
+                for field, value in self._ended(task, cancelled=False).items():
+                    setattr(task, field, value)
+                await self._note(task, f"the process hosting this task's review stopped; the verdict stands on "
+                                       f"the evidence recorded: {task.state}, best {task.best}")
             self.events.emit(Event.of_task(task), rev=await self.store.save_task(task))
             found.append(task_id)
         return found

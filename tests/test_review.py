@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 
 import anyio
@@ -20,7 +22,7 @@ from engine.inputs import CouncilError
 from engine.models import ACTIVE_TASK, TaskState
 from server.app import build_server
 from tests.conftest import FAKES, git
-from tests.test_cli import cli, write_config
+from tests.test_cli import cli, wait_for, write_config
 
 REVIEWER = str(FAKES / "reviewer.py")
 FIX = "app.py=def add(a, b):\n    return a + b"
@@ -342,3 +344,28 @@ def test_cli_run_review_and_review_a_task_again(repo, tmp_path, monkeypatch):
     assert [[r["reviewer"] for r in a["reviews"]] for a in reviewed["attempts"]] == [[], ["alpha"]]
     refused = cli("review", "no-such-task", check_code=2)
     assert "no task" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_review_whose_host_was_killed_leaves_the_task_finished_on_its_evidence(repo, tmp_path, monkeypatch):
+    """The attempts had ended: a host killed mid-review must not strand the task as interrupted (which
+    could no longer be reviewed or merged). The next process gives it back its finished state."""
+    config, started = tmp_path / "config.toml", tmp_path / "started"
+    write_config(config, {"author": member("--write", FIX),
+                          "slow": member("--exec", json.dumps([sys.executable, "-c", f"open({str(started)!r}, 'w')"]),
+                                         "--say", said(9), "--sleep", "0"),
+                          "stuck": member("--sleep", "60", "--say", said(1))})
+    monkeypatch.setenv("CLI_COUNCIL_CONFIG", str(config))
+    ran = json.loads(cli("run", "--repo", str(repo), "--agents", "author", "--json", "fix add").stdout)
+    assert ran["state"] == "succeeded"
+    review = subprocess.Popen([sys.executable, "-m", "server.cli", "review", ran["task_id"], "--reviewers", "slow,stuck",
+                               "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(started.exists)
+        os.kill(review.pid, signal.SIGKILL)  # the host dies without any cleanup
+        review.wait(10)
+    finally:
+        review.kill()
+    task = json.loads(cli("status", ran["task_id"], "--json").stdout)  # a new process recovers it
+    assert task["state"] == "succeeded" and task["best"] == "author", task
+    merged = json.loads(cli("merge", ran["task_id"], "--json").stdout)
+    assert merged["merged"], merged
