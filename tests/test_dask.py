@@ -274,7 +274,7 @@ async def test_a_worker_that_dies_mid_run_interrupts_its_attempt_and_nothing_rer
         async with make_dask_engine(agents) as engine:
             task = await engine.submit(str(repo), "work", agents=["doomed"])
             with anyio.fail_after(20):
-                while not pidfile.exists():
+                while not (pidfile.exists() and pidfile.read_text()):  # written, not just created
                     await anyio.sleep(0.05)
             agent_pid = int(pidfile.read_text())
             os.kill(worker_pid, signal.SIGKILL)
