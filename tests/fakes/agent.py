@@ -23,13 +23,21 @@ p.add_argument("--pidfile")
 p.add_argument("prompt", nargs="?", default="")
 a = p.parse_args()
 
+
+def record(path: str, pid: int) -> None:
+    """Whole or not at all: a test waiting for the file may read it the moment it appears."""
+    with open(f"{path}.tmp", "w") as f:
+        f.write(str(pid))
+    os.replace(f"{path}.tmp", path)
+
+
 if a.pidfile:
-    open(a.pidfile, "w").write(str(os.getpid()))
+    record(a.pidfile, os.getpid())
 print(f"fake agent got: {a.prompt}", flush=True)
 print("working", file=sys.stderr, flush=True)
 if a.child:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
-    open(a.child, "w").write(str(child.pid))
+    record(a.child, child.pid)
 for i in range(a.lines):
     print(f"line {i}", flush=True)
 time.sleep(a.sleep)
