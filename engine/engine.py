@@ -95,6 +95,17 @@ def _what_failed(task: Task, attempt: Attempt) -> str | None:
     return None
 
 
+def _enabled_agent(config: Config, name: str) -> None:
+    """Refuse a name that is no agent of the config, or one that is disabled there."""
+    inputs.agent(name)
+    try:
+        spec = config.agent(name)
+    except ConfigError as e:
+        raise CouncilError(str(e)) from None
+    if not spec.enabled:
+        raise CouncilError(f"agent {name!r} is disabled in the config ([agents.{name}] enabled = false)")
+
+
 class Engine:
     def __init__(self, config: Config | None = None, home: Path | None = None,
                  environ: dict[str, str] | None = None, require_roots: bool = False, warm_pool: bool = True):
@@ -553,13 +564,7 @@ class Engine:
                 raise CouncilError(f"reviewers must be a list of 1 to {inputs.MAX_AGENTS} agent names, or left out "
                                    "for [review] reviewers (default: every enabled agent)")
             for name in reviewers:
-                inputs.agent(name)
-                try:
-                    spec = config.agent(name)
-                except ConfigError as e:
-                    raise CouncilError(str(e)) from None
-                if not spec.enabled:
-                    raise CouncilError(f"agent {name!r} is disabled in the config ([agents.{name}] enabled = false)")
+                _enabled_agent(config, name)
         await rounds.let_go(self, task_id)
         task = await self.get(task_id)
         if task.state in ACTIVE_TASK or task_id in self._hosted:
@@ -641,13 +646,7 @@ class Engine:
             if len(agents) > inputs.MAX_AGENTS:
                 raise CouncilError(f"{len(agents)} agents named; at most {inputs.MAX_AGENTS}")
             for name in agents:
-                inputs.agent(name)
-                try:
-                    spec = config.agent(name)
-                except ConfigError as e:
-                    raise CouncilError(str(e)) from None
-                if not spec.enabled:
-                    raise CouncilError(f"agent {name!r} is disabled in the config ([agents.{name}] enabled = false)")
+                _enabled_agent(config, name)
         if base is not None:
             inputs.ref("base", base)
             if ".." in base:
