@@ -10,6 +10,7 @@ SIGINT/SIGTERM, HTTP shutdown) stops the attempts that are still running.
 from __future__ import annotations
 
 import functools
+import gc
 import importlib.metadata
 import inspect
 import logging
@@ -644,13 +645,23 @@ async def _until_signal(fn: Callable[..., Awaitable[Any]], *args: Any) -> int | 
     return received
 
 
+def _freeze_what_start_built() -> None:
+    """Modules, schemas and tools built at start live as long as the server: moved out of the cyclic
+    collector's sight, a full collection no longer walks them each time. Seen under bench load: 36-42 ms
+    full collections every few seconds, each one a pause of the event loop (a late log line, a slow call)."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -> int:
     """Run the server in the foreground until it is stopped; returns the exit status. Bad config, an unsafe
     bind or a busy port raise ConfigError before anything starts."""
     config = load_config()  # fail now on a broken file; the engine then follows later edits itself
     if transport == "stdio":
+        server = build_server()
+        _freeze_what_start_built()
         try:
-            anyio.run(_serve_stdio, build_server())
+            anyio.run(_serve_stdio, server)
         except Exception:  # the lifespan (the Engine) died: exit, so the client sees it rather than silence
             logger.exception("the server's engine stopped unexpectedly; exiting (start it again)")
             return 1
@@ -662,6 +673,7 @@ def serve(transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -
     header_timeout_s, body_timeout_s = http_transport.timeouts(os.environ)
     sockets = http_transport.bind(host, port)
     app = build_http_app(host, token, require_roots=not auth.is_loopback(host))
+    _freeze_what_start_built()
     shown = f"[{host}]" if ":" in host else host
     banner = (f"cli-council: MCP on http://{shown}:{sockets[0].getsockname()[1]}/mcp"
               + (" (bearer token required)" if token else ""))
