@@ -965,17 +965,22 @@ class Engine:
                     path, f"council {task.task_id}: {attempt.agent}\n\n{task.prompt.splitlines()[0][:200]}",
                     adapter.scratch + tuple(p.rstrip("/") for p in work.keep_out), task.base)
                 attempt.files_changed = len(files)
-        attempt.exit_code = result.exit_code
-        attempt.error = outcome.error
         attempt.session_id, attempt.summary = outcome.session_id, outcome.summary
+        await self._conclude(task, attempt, outcome, result, path, work.env, f"no result within {task.timeout_s:g}s")
+
+    async def _conclude(self, task: Task, attempt: Attempt, outcome: Outcome, result: runner.RunResult, path: Path,
+                        env: dict[str, str], timed_out: str) -> None:
+        """What an ended run (the first, or a follow-up round) makes of its attempt, its changes committed:
+        timed out (`timed_out` says how), no changes, the check's verdict, succeeded or failed."""
+        attempt.exit_code, attempt.error = result.exit_code, outcome.error
         if result.timed_out:
             attempt.state = AttemptState.timed_out
-            attempt.error = ErrorInfo(kind=ErrorKind.timeout, message=f"no result within {task.timeout_s:g}s; the process group was killed")
+            attempt.error = ErrorInfo(kind=ErrorKind.timeout, message=f"{timed_out}; the process group was killed")
             return
         if outcome.ok and not attempt.files_changed:
             attempt.error = ErrorInfo(kind=ErrorKind.no_changes, message="the agent finished without changing any file")
         if task.check and attempt.files_changed and attempt.error is None:
-            attempt.check = await self._run_check(task, attempt, path, work.env)
+            attempt.check = await self._run_check(task, attempt, path, env)
             if not attempt.check.passed:
                 attempt.error = ErrorInfo(kind=ErrorKind.check_failed,
                                           message=f"`{task.check}` failed ({attempt.check.outcome()})")

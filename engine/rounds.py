@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING
 import anyio
 
 from adapters import make_adapter
-from adapters.base import Adapter, ErrorInfo, ErrorKind, Job
+from adapters.base import Adapter, Job
 
 from . import inputs, ports as ports_mod, setup, tries
 from .config import ConfigError
 from .events import wait_for
 from .gitcmd import git
 from .inputs import CouncilError
-from .models import ACTIVE_TASK, Attempt, AttemptState, Round, Task, TaskState, now
+from .models import ACTIVE_TASK, Attempt, AttemptState, Round, Task, TaskState
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -150,25 +150,12 @@ async def body(engine: "Engine", task: Task, attempt: Attempt, adapter: Adapter)
                 adapter.scratch + keep_out, task.base)
             attempt.files_changed = len(files)
     round_changed = await git(path, "rev-parse", "HEAD") != start_commit
-    attempt.exit_code, attempt.error = result.exit_code, outcome.error
     attempt.session_id = outcome.session_id or attempt.session_id
     attempt.summary = this.summary = outcome.summary
-    if result.timed_out:
-        attempt.state = AttemptState.timed_out
-        attempt.error = ErrorInfo(kind=ErrorKind.timeout,
-                                  message=f"round {attempt.rounds}: no result within {timeout_s:g}s; the process "
-                                          "group was killed")
-        return
-    if outcome.ok and not round_changed:
+    if outcome.ok and not result.timed_out and not round_changed:
         await engine._note(task, f"round {attempt.rounds} changed no file", attempt.agent)
-    if outcome.ok and not attempt.files_changed:
-        attempt.error = ErrorInfo(kind=ErrorKind.no_changes, message="the agent finished without changing any file")
-    if task.check and attempt.files_changed and attempt.error is None:
-        attempt.check = await engine._run_check(task, attempt, path, env)
-        if not attempt.check.passed:
-            attempt.error = ErrorInfo(kind=ErrorKind.check_failed,
-                                      message=f"`{task.check}` failed ({attempt.check.outcome()})")
-    attempt.state = AttemptState.succeeded if outcome.ok and attempt.error is None else AttemptState.failed
+    await engine._conclude(task, attempt, outcome, result, path, env,
+                           f"round {attempt.rounds}: no result within {timeout_s:g}s")
 
 
 async def _ports(engine: "Engine", task: Task, attempt: Attempt) -> dict[str, str]:
