@@ -242,8 +242,9 @@ async def _checkout_or_refusal(repo: str | Path, into: str) -> tuple[str | None,
         return None, e
 
 
-async def _check_checkout(worktree: str, into: str, old: str, new: str) -> None:
-    """Refuse unless moving `into` from old to new in `worktree` is certain to lose nothing."""
+async def _check_checkout(worktree: str, into: str, old: str, new: str, action: str = "merge") -> None:
+    """Refuse unless moving `into` from old to new in `worktree` is certain to lose nothing; the
+    refusal names the `action` to try again (a merge, or undo_merge's move back)."""
     git_dir, status, changes = await concurrently(
         lambda: _git_dir(worktree),
         lambda: git(worktree, "status", "--porcelain=v1", "-z", "--untracked-files=no", "--no-renames"),
@@ -251,20 +252,21 @@ async def _check_checkout(worktree: str, into: str, old: str, new: str) -> None:
     busy = await _in_progress(git_dir)
     if busy:
         raise MergeRefused(f"{worktree} (on {into}) has an operation in progress ({', '.join(busy)}): "
-                           "finish or abort it, then merge again")
+                           f"finish or abort it, then {action} again")
     dirty = [p for p in status.split("\0") if p]
     if dirty:
         shown = ", ".join(p[3:] for p in dirty[:5]) + (" ..." if len(dirty) > 5 else "")
+        preview = " (or merge with --dry-run to preview)" if action == "merge" else ""
         raise MergeRefused(f"{worktree} (on {into}) has uncommitted changes ({shown}): "
-                           "commit or stash them, then merge again (or merge with --dry-run to preview)")
+                           f"commit or stash them, then {action} again{preview}")
     status = changes.split("\0")
     pairs = list(zip(status[0::2], status[1::2]))
     added = [p for s, p in pairs if s == "A"]
     deleted = {p for s, p in pairs if s == "D"}
     blocked = await anyio.to_thread.run_sync(_in_the_way, worktree, added, deleted)
     if blocked:
-        raise MergeRefused(f"untracked files in {worktree} would be overwritten by the merge "
-                           f"({', '.join(blocked[:5])}): move or delete them, then merge again")
+        raise MergeRefused(f"untracked files in {worktree} would be overwritten by the {action} "
+                           f"({', '.join(blocked[:5])}): move or delete them, then {action} again")
 
 
 async def _checkout_refusal(checkout: str | None, into: str, old: str, new: str,

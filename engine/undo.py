@@ -11,15 +11,13 @@ task can be merged again.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 
 from .gitcmd import COUNCIL_ENV, COUNCIL_IDENTITY, GitError, git, git_ok, resolve_commit
 from .inputs import CouncilError
-from .merge import (BACKUP_PREFIX, MergeRefused, _in_progress, _in_the_way, _three_way, check_target,
-                    _find_checkout)
+from .merge import BACKUP_PREFIX, MergeRefused, _check_checkout, _find_checkout, _three_way, check_target
 from .models import ACTIVE_TASK, AttemptState, MergeResult, Task, TaskState
 
 if TYPE_CHECKING:
@@ -58,7 +56,7 @@ async def undo_merge(engine: "Engine", task_id: str) -> MergeResult:
     try:
         checkout = await _find_checkout(repo, into)
         if checkout:
-            await _check_checkout(checkout, into, merged, old)
+            await _check_checkout(checkout, into, merged, old, "undo")
     except MergeRefused as e:
         return refuse(str(e), into)
     reflog = f"cli-council: undo the merge of task {task_id}"
@@ -124,27 +122,6 @@ async def _moved(repo: str, into: str, merged: str, tip: str | None) -> str:
                 f"Undoing would drop them; revert the merge instead (`git revert {merged[:12]}`)")
     return (f"{into} no longer contains the merge commit {merged[:12]} (it is at {(tip or 'nothing')[:12]}): "
             "it was reset or rewritten since, so there is nothing to undo there")
-
-
-async def _check_checkout(worktree: str, into: str, merged: str, old: str) -> None:
-    """Refuse unless moving the checkout of `into` from merged back to old loses nothing of the user's."""
-    status = await git(worktree, "status", "--porcelain=v1", "-z", "--untracked-files=no", "--no-renames")
-    dirty = [p[3:] for p in status.split("\0") if p]
-    if dirty:
-        shown = ", ".join(dirty[:5]) + (" ..." if len(dirty) > 5 else "")
-        raise MergeRefused(f"{worktree} (on {into}) has uncommitted changes ({shown}): commit or stash them, "
-                           "then undo again")
-    busy = await _in_progress(Path(await git(worktree, "rev-parse", "--absolute-git-dir")))
-    if busy:
-        raise MergeRefused(f"{worktree} (on {into}) has an operation in progress ({', '.join(busy)}): finish or "
-                           "abort it, then undo again")
-    changes = (await git(worktree, "diff", "--name-status", "-z", "--no-renames", merged, old)).split("\0")
-    pairs = list(zip(changes[0::2], changes[1::2]))
-    added = [p for s, p in pairs if s == "A"]
-    blocked = await anyio.to_thread.run_sync(_in_the_way, worktree, added, {p for s, p in pairs if s == "D"})
-    if blocked:
-        raise MergeRefused(f"untracked files in {worktree} would be overwritten by the undo "
-                           f"({', '.join(blocked[:5])}): move or delete them, then undo again")
 
 
 async def _free_name(repo: str, task_id: str) -> str:
