@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .gitcmd import COUNCIL_ENV, COUNCIL_IDENTITY, GitError, git, git_ok, resolve_commit
+from .gitcmd import COUNCIL_ENV, GitError, git, git_ok, resolve_commit
 from .inputs import CouncilError
-from .merge import BACKUP_PREFIX, MergeRefused, _check_checkout, _find_checkout, _three_way, check_target
+from .merge import (BACKUP_PREFIX, MergeRefused, _check_checkout, _commit, _find_checkout, _three_way,
+                    check_target)
 from .models import ACTIVE_TASK, AttemptState, MergeResult, Task, TaskState
 
 if TYPE_CHECKING:
@@ -145,9 +146,8 @@ async def _restore_branch(task: Task, agent: str | None, old: str, merged: str) 
         tree, conflicts = await _three_way(task.repo, old, task.base, merged)
         if conflicts:  # the merge's changes do not apply to the base alone: the merged tree itself
             tree = await git(task.repo, "rev-parse", f"{merged}^{{tree}}")
-        commit = await git(task.repo, *COUNCIL_IDENTITY, "commit-tree", tree, "-p", task.base, "-F", "-",
-                           input=f"council {task.task_id}: {attempt.agent} (made again by undo_merge)\n".encode(),
-                           env=COUNCIL_ENV)
+        commit = await _commit(task.repo, tree, [task.base],
+                               f"council {task.task_id}: {attempt.agent} (made again by undo_merge)\n", env=COUNCIL_ENV)
         await git(task.repo, "update-ref", "-m", "cli-council: undo_merge", f"refs/heads/{attempt.branch}", commit, "")
     except GitError as e:
         return f"; its branch {attempt.branch} could not be made again ({e.stderr or e})"
