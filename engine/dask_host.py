@@ -40,7 +40,8 @@ from adapters.base import PACKAGE_ROOT, ErrorInfo, ErrorKind, Invocation, allowe
 
 from . import runner
 from .config import RunnerSettings
-from .gitcmd import NO_HOOKS, GitError, git, git_env
+from .gitcmd import GitError, git
+from .gitcmd import _run as _git_run
 from .hosts import HostLost
 from .models import AttemptState
 from .pool import Workspace
@@ -232,10 +233,7 @@ async def _stop(key: str, wait_s: float) -> bool:
     if run is None:
         return True
     await anyio.to_thread.run_sync(run.stop)
-    with anyio.move_on_after(wait_s):
-        while not run.done.is_set():
-            await anyio.sleep(0.02)
-    return run.done.is_set()
+    return await anyio.to_thread.run_sync(run.done.wait, wait_s)
 
 
 def _commit(path: str, message: str, scratch: tuple[str, ...], base: str) -> tuple[list[str], int, int]:
@@ -522,9 +520,8 @@ def _allowed_failures(dask_scheduler) -> int:
 
 async def _bundle(repo: str, revs: str) -> bytes | None:
     """What `revs` names, with its history, as the bytes of a git bundle; None when that is nothing.
-    As every git of ours: no hooks, no fsmonitor, the allow-listed environment (gitcmd)."""
-    done = await anyio.run_process(["git", *NO_HOOKS, "bundle", "create", "--quiet", "-", revs], cwd=str(repo),
-                                   env=git_env(), check=False)
+    As every git of ours (gitcmd): no hooks, no fsmonitor, the allow-listed environment."""
+    done = await _git_run(repo, ("bundle", "create", "--quiet", "-", revs))  # bytes out, stderr read on failure
     if done.returncode != 0:
         stderr = done.stderr.decode(errors="replace")
         if "empty bundle" in stderr:
