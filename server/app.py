@@ -658,9 +658,9 @@ def serve(transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -
     bind or a busy port raise ConfigError before anything starts."""
     config = load_config()  # fail now on a broken file; the engine then follows later edits itself
     if transport == "stdio":
-        server = build_server()
-        _freeze_what_start_built()
         try:
+            server = build_server()
+            _freeze_what_start_built()
             anyio.run(_serve_stdio, server)
         except Exception:  # the lifespan (the Engine) died: exit, so the client sees it rather than silence
             logger.exception("the server's engine stopped unexpectedly; exiting (start it again)")
