@@ -122,6 +122,8 @@ class Pool:
             with anyio.CancelScope(shield=True):
                 if work.pooled is not None and not copied:
                     work.keep_out = work.pooled.output  # what the take just verified
+                elif work.pooled is None and not copied and not ws.setup:
+                    work.keep_out = []  # a checkout nothing ran in: a status would stat every file to say so
                 else:
                     work.keep_out = await setup.untracked_and_changed(work.path)
                 if work.keep_out:
