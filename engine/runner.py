@@ -63,20 +63,7 @@ def proc_start_time(pid: int) -> int | None:
 def group_alive(pgid: int) -> bool:
     """Whether any process of the group still runs. Zombies do not count: an init that reaps
     orphans late would otherwise keep a dead group 'alive' for seconds."""
-    if not os.path.isdir("/proc/self"):
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            fields = _stat(entry.name)
-            if fields and int(fields[2]) == pgid and fields[0] != b"Z":
-                return True
-    return False
+    return _look(pgid, None)[0]
 
 
 def signal_group(pgid: int, sig: int) -> None:
@@ -107,14 +94,28 @@ def marked_pids(marker: str) -> list[int]:
 
 def _marked(marker: str) -> list[tuple[int, int]]:
     """(pid, start time) of each live marked process."""
-    needle, uid, me = _needle(marker), os.getuid(), os.getpid()
-    found = []
+    return _look(None, marker)[1]
+
+
+def _look(pgid: int | None, marker: str | None) -> tuple[bool, list[tuple[int, int]]]:
+    """One pass over /proc for both questions a stop asks: whether group `pgid` has a live (non-zombie)
+    process, and (pid, start time) of each live process of this uid, other than this one, carrying
+    `marker`. Without /proc, the group is asked with signal 0 and nothing can be found by its mark."""
+    needle, uid, me = (_needle(marker) if marker is not None else None), os.getuid(), os.getpid()
+    alive, found = False, []
     try:
-        entries = list(os.scandir("/proc"))
-    except OSError:  # no /proc: nothing can be found by its mark
-        return found
+        entries = list(os.scandir("/proc")) if os.path.isdir("/proc/self") else None
+    except OSError:
+        entries = None
+    if entries is None:
+        return pgid is not None and _killpg_alive(pgid), found
     for entry in entries:
-        if not entry.name.isdigit() or int(entry.name) == me:
+        if not entry.name.isdigit():
+            continue
+        if pgid is not None and not alive:
+            fields = _stat(entry.name)
+            alive = bool(fields) and int(fields[2]) == pgid and fields[0] != b"Z"
+        if needle is None or int(entry.name) == me:
             continue
         try:
             if entry.stat().st_uid != uid:
@@ -127,7 +128,17 @@ def _marked(marker: str) -> list[tuple[int, int]]:
             fields = _stat(entry.name)
             if fields and fields[0] != b"Z":
                 found.append((int(entry.name), int(fields[19])))
-    return found
+    return alive, found
+
+
+def _killpg_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _running(pid: int, start: int) -> bool:
@@ -136,11 +147,10 @@ def _running(pid: int, start: int) -> bool:
     return bool(fields) and int(fields[19]) == start and fields[0] != b"Z"
 
 
-def _signal_marked(marker: str, sig: int, signalled: dict[int, int]) -> bool:
-    """Send sig to every marked process (TERM only to those not sent it yet) and note them in
+def _signal_found(found: list[tuple[int, int]], sig: int, signalled: dict[int, int]) -> bool:
+    """Send sig to every marked process found (TERM only to those not sent it yet) and note them in
     signalled. Whether any is left, counting those signalled before that are still dying:
     a dying process loses its environment before it becomes a zombie."""
-    found = _marked(marker)
     for pid, start in found:
         if sig != signal.SIGTERM or signalled.get(pid) != start:
             try:
@@ -160,31 +170,32 @@ async def _stop(pgid: int | None, marker: str | None, grace_s: float, proc: Proc
     signalled (pid: start time)."""
     signalled: dict[int, int] = {}
 
-    async def sweep(sig: int) -> bool:
-        """Signal the group and the marked processes: is any marked one left?"""
+    def look_and_signal(sig: int, group: bool, reaped: bool) -> tuple[bool, bool]:
+        alive, found = _look(pgid, marker)
         # Once the leader is reaped and the group empty, its id may be reused: leave it alone then.
-        if pgid is not None and (proc is None or proc.returncode is None or group_alive(pgid)):
+        if group and pgid is not None and (not reaped or alive):
             signal_group(pgid, sig)
-        if marker is None:
-            return False
-        return await anyio.to_thread.run_sync(_signal_marked, marker, sig, signalled)
+        return alive, _signal_found(found, sig, signalled)
 
-    left = await sweep(signal.SIGTERM)
+    async def sweep(sig: int, group: bool = True) -> tuple[bool, bool]:
+        """Signal the marked processes, and the group unless only looking for new marked ones, from
+        one look at /proc in a worker thread (it reads every process's stat and environ: not on the
+        loop): is the group alive, is any marked one left?"""
+        reaped = proc is not None and proc.returncode is not None
+        return await anyio.to_thread.run_sync(look_and_signal, sig, group, reaped)
+
+    alive, left = await sweep(signal.SIGTERM)
     with anyio.move_on_after(grace_s):
-        while True:
+        while alive or left or (proc is not None and proc.returncode is None):
             if proc is not None and proc.returncode is None:
                 with anyio.move_on_after(0.05):
                     await proc.wait()
-            elif pgid is not None and group_alive(pgid):
+            else:
                 await anyio.sleep(0.05)
-            elif not left:
-                return signalled
-            else:  # TERM any marked process started since the last sweep
-                await anyio.sleep(0.05)
-                left = await sweep(signal.SIGTERM)
-    await sweep(signal.SIGKILL)
+            alive, left = await sweep(signal.SIGTERM, group=False)  # TERM any marked one started since
+        return signalled
     with anyio.move_on_after(KILL_ROUNDS_S):
-        while await sweep(signal.SIGKILL) or (pgid is not None and group_alive(pgid)):
+        while any(await sweep(signal.SIGKILL)):
             await anyio.sleep(0.01)
     if proc is not None:
         await proc.wait()
