@@ -31,7 +31,7 @@ from anyio.abc import TaskGroup
 
 from . import runner, setup
 from .config import Config, ConfigError
-from .gitcmd import GitError, git, resolve_commit
+from .gitcmd import GitError, concurrently, git, resolve_commit
 from .models import GcReport
 from .repoconfig import RepoConfigs, WorktreeSetup
 from .worktrees import Worktrees, branch_name
@@ -247,19 +247,32 @@ class Pool:
         where, made_branch, ok = entry.path, False, False
         try:
             await anyio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
-            await _retried(repo, "worktree", "move", str(entry.path), str(dest))
-            where = dest
             if entry.base == base:  # only the branch is new: no file to touch, no index to refresh
-                await git(dest, "update-ref", f"refs/heads/{branch}", base, "")  # "": it must not exist yet
-                made_branch = True
-                await git(dest, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
+                # Each pair at once (a take is on the path of the agent's start): the move and the new
+                # branch touch different files, and the status reads the tree of the same commit
+                # whether HEAD is still detached at the base or already on the branch made at it.
+                async def move() -> None:
+                    nonlocal where
+                    await _retried(repo, "worktree", "move", str(entry.path), str(dest))
+                    where = dest
+
+                async def new_branch() -> None:
+                    nonlocal made_branch
+                    await git(repo, "update-ref", f"refs/heads/{branch}", base, "")  # "": it must not exist yet
+                    made_branch = True
+
+                await concurrently(move, new_branch)
+                _, status = await concurrently(lambda: git(dest, "symbolic-ref", "HEAD", f"refs/heads/{branch}"),
+                                               lambda: setup.untracked_and_changed(dest))
                 head = base
             else:
+                await _retried(repo, "worktree", "move", str(entry.path), str(dest))
+                where = dest
                 await git(dest, "checkout", "--quiet", "--no-recurse-submodules", "-b", branch, base)
                 made_branch = True
                 head = await resolve_commit(dest, "HEAD")
+                status = await setup.untracked_and_changed(dest)
             # HEAD's tree vs the index vs the files: anything but what the setup left means not clean
-            status = await setup.untracked_and_changed(dest)
             if head != base or status != entry.output:
                 logger.warning("warm pool entry %s for %s is not clean (HEAD %s, status %s); a fresh worktree "
                                "is made instead", entry.path.name, repo, head, status[:5])
