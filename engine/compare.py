@@ -14,7 +14,7 @@ from __future__ import annotations
 import anyio
 
 from . import diffs
-from .gitcmd import GitError, concurrently, resolve_commit
+from .gitcmd import GitError, concurrently
 from .judge import NOT_CANDIDATES
 from .models import Attempt, Task
 
@@ -81,11 +81,8 @@ async def compare(task: Task, secrets: list[str] = ()) -> None:
     changes: dict[str, Change] = {}
 
     async def read(a: Attempt) -> None:
-        try:
-            tip = await resolve_commit(task.repo, f"refs/heads/{a.branch}")
-            if tip is None:
-                return
-            patch, _ = await diffs.patch(task.repo, task.base, tip, MAX_PATCH_BYTES, list(secrets))
+        try:  # one git per candidate, on the path of every verdict: the branch is named, not resolved first
+            patch, _ = await diffs.patch(task.repo, task.base, f"refs/heads/{a.branch}", MAX_PATCH_BYTES, list(secrets))
         except (GitError, OSError):  # a branch gone or a repo moved: no evidence, not an error
             return
         changes[a.agent] = await anyio.to_thread.run_sync(parse_patch, patch)  # up to 400 KB: not on the loop
