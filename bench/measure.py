@@ -86,6 +86,7 @@ async def fanout(world: World, repos: dict[str, Path], samples: int) -> dict:
                 where.mkdir()
                 floor_repo = fresh_clone(src, where / "floor-repo", world.env)
                 repo = fresh_clone(src, where / "repo", world.env)
+                await anyio.to_thread.run_sync(refresh_indexes, [repo], world.env)
 
                 async def floor() -> None:
                     await anyio.to_thread.run_sync(settle)
@@ -162,6 +163,7 @@ async def warm_fanout(world: World, repos: dict[str, Path], samples: int) -> dic
     async with world.serve("warm", config) as s:
         for size, src in repos.items():
             repo = fresh_clone(src, world.root / f"warm-{size}", world.env)
+            await anyio.to_thread.run_sync(refresh_indexes, [repo], world.env)
             times, hits = [], []
             for k in range(samples + 1):  # the first task makes the pool; it is not counted
                 for n in names:
@@ -192,6 +194,8 @@ async def efficiency(world: World, repo_src: Path, samples: int, sleep_s: float 
     async with world.serve("efficiency", config) as s:
         for k in range(samples):
             repo = fresh_clone(repo_src, world.root / f"eff-{k}", world.env)
+            await anyio.to_thread.run_sync(refresh_indexes, [repo], world.env)
+            await anyio.to_thread.run_sync(settle)
             t0 = time.perf_counter()
             task = await s.call("submit_task", repo=str(repo), prompt="sleep", agents=names)
             task = await s.finish(task["task_id"])
@@ -320,8 +324,10 @@ async def http_load(clients: int, calls: int) -> dict:
 
 
 def refresh_indexes(checkouts: list[Path], env: dict[str, str]) -> None:
-    """Make fresh clones' indexes trustworthy, as a user's checkout is: an index written in the same
-    second as the files it lists makes git re-read every file at its next look ("racily clean")."""
+    """Make fresh clones' indexes trustworthy, as a user's checkout is (any `git status` of theirs
+    refreshes it): an index written in the same second as the files it lists makes git re-read every
+    file at its next look ("racily clean"), and the server's look (submit_task's check for uncommitted
+    changes, which writes nothing back) would pay that at every sample."""
     time.sleep(1.1)
     for repo in checkouts:
         subprocess.run(["git", "update-index", "-q", "--refresh"], cwd=repo, env=env, check=True)
