@@ -137,6 +137,7 @@ class Engine:
         self.host = hosts.make_host(self.config.runner, self)
         self._warm_pool = warm_pool and self.host.local
         self._leases: dict[tuple[str, str], list[int]] = {}  # (task, agent): ports it holds while it runs
+        self._starting: dict[str, set[str]] = {}  # per task: the stage's agents not started (nor ended) yet
         self._global = anyio.CapacityLimiter(self.config.engine.max_parallel)
         self._per_agent: dict[str, anyio.CapacityLimiter] = {}
         self._avail: dict[str, tuple[float, Availability]] = {}
@@ -775,6 +776,7 @@ class Engine:
                 task.attempts += [Attempt(agent=a, stage=stage) for a in agents]
                 await self._save(task)
             async with anyio.create_task_group() as tg:
+                self._starting[task.task_id] = {a.agent for a in task.attempts if a.stage == stage}
                 for attempt in [a for a in task.attempts if a.stage == stage]:
                     tg.start_soon(self._run_attempt, task, attempt)
 
@@ -903,12 +905,23 @@ class Engine:
                     attempt.duration_s = round(time.monotonic() - t0, 3)
                     attempt.finished_at = now()
                 task.total_cost_usd = task.spent()
-                self.pool.want(self.config, task.repo)  # also when its agent never started
+                self._started(task, attempt.agent)  # also when its agent never started
                 if leased := self._leases.pop((task.task_id, attempt.agent), None):
                     await anyio.to_thread.run_sync(self.ports.release, leased)
                 if attempt.state in (AttemptState.succeeded, AttemptState.failed, AttemptState.timed_out):
                     await self._note(task, f"{attempt.state}" + (f": {attempt.error.message}" if attempt.error else ""), attempt.agent)
                 await self._save(task)
+
+    def _started(self, task: Task, agent: str) -> None:
+        """The agent's process started, or its attempt ended: once the whole stage's have, the repo's warm
+        pool refills (its checkout beside the agents' starts would slow them down)."""
+        waiting = self._starting.get(task.task_id)
+        if waiting:
+            waiting.discard(agent)
+            if waiting:
+                return
+        self._starting.pop(task.task_id, None)
+        self.pool.want(self.config, task.repo)
 
     async def _workspace(self, task: Task, attempt: Attempt) -> Workspace | None:
         """The attempt's worktree from the one place (ready from the warm pool, or fresh), with the repo's
@@ -1064,8 +1077,8 @@ class Engine:
         marker = f"{task.task_id}.{agent}.{role}.{uuid.uuid4().hex[:8]}"
 
         async def on_start(pgid: int) -> None:
-            if role == "agent":  # the refill's checkout waits until it no longer slows this start
-                self.pool.want(self.config, task.repo)
+            if role == "agent":
+                self._started(task, agent)
             await self.store.set_proc(task.task_id, agent, pgid, runner.proc_start_time(pgid), marker=marker, role=role)
 
         try:

@@ -313,3 +313,30 @@ async def test_a_take_whose_branch_cannot_be_made_removes_the_moved_entry_and_de
         assert not entry.exists()
         assert not [w for w in registered(repo) if task.task_id in w], registered(repo)
         assert git(repo, "rev-parse", "--verify", "--quiet", "refs/heads/council")
+
+
+# Says it started (a file named after it in argv[1]), then waits for its release (the same in argv[2]).
+WAITER = ("import os, sys, time\nopen(os.path.join(sys.argv[1], sys.argv[3]), 'w').close()\n"
+          "while not os.path.exists(os.path.join(sys.argv[2], sys.argv[3])):\n    time.sleep(0.02)\n"
+          "open('done.txt', 'w').write('done')\n")
+
+
+async def test_the_refill_waits_until_every_agent_of_the_stage_has_started(council_home, repo, tmp_path):
+    """A refill's checkout beside the agents' starts slows them down: with one slot, the second agent
+    starts only after the first ends, and the pool does not fill before then."""
+    started, release = tmp_path / "started", tmp_path / "release"
+    started.mkdir()
+    release.mkdir()
+    agents = {name: {"kind": "command", "argv": [sys.executable, "-c", WAITER, str(started), str(release), name]}
+              for name in ("one", "two")}
+    cfg = parse_config({"agents": agents, "engine": {"kill_grace_s": 1, "max_parallel": 1},
+                        "pool": {"size": 1, "max_files": 50_000}})
+    async with Engine(cfg, home=council_home, environ=dict(os.environ)) as engine:
+        task = await engine.submit(str(repo), "wait", agents=["one", "two"])
+        await until(lambda: any(started.iterdir()), "the first agent started")
+        assert not engine.pool.filling(task.repo) and engine.pool.ready(task.repo) == 0
+        for name in agents:
+            (release / name).touch()
+        done = await engine.wait(task.task_id, 60)
+        assert [a.state for a in done.attempts] == ["succeeded", "succeeded"], [a.error for a in done.attempts]
+        await until(lambda: engine.pool.ready(task.repo) == 1, "the pool filled once both had started")
