@@ -37,7 +37,7 @@ from . import pool as pool_mod
 from . import undo as undo_mod
 from .config import Config, ConfigError, LiveConfig, config_path, home_dir
 from .events import Event, Events, wait_for
-from .gitcmd import GitError, git, resolve_commit
+from .gitcmd import GitError, git, resolve_commit, resolve_many
 from .inputs import CouncilError, NotFound
 from .merge import STRATEGIES, MergeRefused, check_target, merge_branch
 from .models import (ACTIVE_TASK, AgentList, Attempt, AttemptState, CheckResult, Diff, GcReport, LogChunk,
@@ -48,7 +48,7 @@ from .ports import Ports
 from .repoconfig import RepoConfigs
 from .setup import SetupFailed
 from .store import Store
-from .worktrees import Worktrees
+from .worktrees import BRANCH_ROOT, Worktrees
 
 MAX_PROMPT_BYTES = 120_000  # Linux refuses a single argv element over 128 KiB (framing is checked per agent)
 AVAILABLE_TTL_S = 30.0
@@ -659,19 +659,24 @@ class Engine:
         repo = inputs.repo_path(repo, config.server.allowed_roots)
         top = await self._toplevel(repo)
         ref = base or "HEAD"
-        # Two questions to git at once: they are on the path of every submit_task call.
+        # Three questions to git in two processes at once, on the path of every submit_task call: the
+        # base's commit and whether a branch named `council` blocks every attempt's, then the branch.
         found: dict[str, str | None] = {}
 
         async def ask(key: str, question) -> None:
             found[key] = await question()
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(ask, "commit", lambda: resolve_commit(top, ref))
+            tg.start_soon(ask, "both", lambda: resolve_many(top, f"{ref}^{{commit}}", f"refs/heads/{BRANCH_ROOT}"))
             tg.start_soon(ask, "into", lambda: git(top, "symbolic-ref", "--quiet", "--short", "HEAD", check=False))
-        commit = found["commit"]
+        commit, blocker = found["both"]
         if not commit:
             raise CouncilError(f"base {ref!r} does not resolve to a commit in {top}" if base else
                                f"{top} has no commits yet; commit something first")
+        if blocker:  # git keeps a branch and the branches under its name apart: it would refuse every one
+            raise CouncilError(f"{top} has a branch named {BRANCH_ROOT!r}, so git cannot make the council's branches "
+                               f"({BRANCH_ROOT}/<task>/<agent>) beside it; rename it "
+                               f"(git branch -m {BRANCH_ROOT} <new name>) and submit again")
         into = found["into"] or None
         try:  # the repo's .cli-council.toml at the base: a broken one is refused now, not in every attempt
             await self.repo_configs.settings(config, top, commit)

@@ -26,8 +26,11 @@ def _exactly(path: str) -> str:
     return "/" + re.sub(r"([][*?\\])", r"\\\1", path)
 
 
+BRANCH_ROOT = "council"  # every attempt's branch is under it: a branch of this very name blocks them all
+
+
 def branch_name(task_id: str, agent: str) -> str:
-    return f"council/{task_id}/{agent}"
+    return f"{BRANCH_ROOT}/{task_id}/{agent}"
 
 
 class Worktrees:

@@ -129,6 +129,17 @@ async def test_bad_input_is_an_error_result_and_changes_nothing(server, repo, tm
         assert (await client.call_tool("list_tasks", {})).structured_content == {"tasks": []}
 
 
+async def test_a_repo_with_a_branch_named_council_is_refused_with_the_fix(server, repo):
+    """git cannot make council/<task>/<agent> beside a branch named council: every attempt would fail."""
+    git(repo, "branch", "council")
+    async with Client(server) as client:
+        r = await client.call_tool("submit_task", {"repo": str(repo), "prompt": "do it", "agents": ["fake"]})
+        assert r.is_error and "branch named 'council'" in r.content[0].text
+        assert "git branch -m council <new name>" in r.content[0].text
+        assert (await client.call_tool("list_tasks", {})).structured_content == {"tasks": []}
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+
+
 @pytest.mark.parametrize("tool, extra", [
     ("get_status", {}), ("stream_logs", {}), ("cancel_task", {}), ("merge_result", {}),
 ])

@@ -299,20 +299,21 @@ async def test_a_setup_that_fails_in_the_pool_is_not_tried_again_at_the_same_com
         assert len(runs.read_text().split()) == 3 and engine.pool.ready(first.repo) == 0
 
 
-async def test_a_take_whose_branch_cannot_be_made_removes_the_moved_entry_and_deletes_no_branch(council_home, repo):
-    """A branch named `council` stops git making council/<task>/<agent>. The take moves the entry and
-    makes the branch at once: the moved entry is removed from where it went, and the user's branch stays."""
+async def test_a_take_whose_branch_cannot_be_made_removes_the_moved_entry_and_deletes_no_ref(council_home, repo):
+    """A dangling symbolic ref named `council` (it resolves to nothing, so submit does not refuse the
+    repo) stops git making council/<task>/<agent>. The take moves the entry and makes the branch at
+    once: the moved entry is removed from where it went, and the user's ref stays."""
     async with pool_engine(council_home, {"obs": observer()}, size=1) as engine:
         first = await run(engine, repo)
         await engine.discard(first.task_id)  # its branch council/<task>/obs would stop `council`
         await until(lambda: engine.pool.ready(first.repo) == 1, "the pool filled")
         [entry] = pool_entries(council_home)
-        git(repo, "branch", "council")
+        git(repo, "symbolic-ref", "refs/heads/council", "refs/heads/nowhere")
         task = await run(engine, repo)
         assert task.attempt("obs").state == "failed"  # a fresh worktree cannot make the branch either
         assert not entry.exists()
         assert not [w for w in registered(repo) if task.task_id in w], registered(repo)
-        assert git(repo, "rev-parse", "--verify", "--quiet", "refs/heads/council")
+        assert git(repo, "symbolic-ref", "refs/heads/council") == "refs/heads/nowhere"
 
 
 # Says it started (a file named after it in argv[1]), then waits for its release (the same in argv[2]).
