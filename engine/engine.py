@@ -760,6 +760,7 @@ class Engine:
                         self._scopes.pop(task.task_id, None)
                         self._hosted.pop(task.task_id, None)
                         self._secrets.pop(task.task_id, None)
+                        self._starting.pop(task.task_id, None)  # an attempt cancelled before it ran never said
                         self.events.publish(task.task_id)
 
     async def _run_stages(self, task: Task, explicit_agents: list[str] | None) -> None:
