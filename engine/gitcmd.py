@@ -161,20 +161,31 @@ async def concurrently(*calls: Callable[[], Awaitable]) -> list:
     return results
 
 
+async def changes(cwd: str | Path, a: str, b: str) -> list[tuple[str, str, int | None, int | None]]:
+    """(status letter, path, insertions, deletions) of every file changed between two commits (or, with
+    a="--cached", between commit b and the index), from one diff; a binary file's counts are None. No
+    textconv program runs (an agent can configure one) and paths are from the top."""
+    out = await git(cwd, "diff", "--raw", "--numstat", "-z", "--no-renames", "--no-relative", "--no-textconv", a, b)
+    fields = out.split("\0")
+    status, i = [], 0
+    while i + 1 < len(fields) and fields[i].startswith(":"):  # the raw records: ":<modes> <oids> <status>", path
+        status.append(fields[i].rsplit(" ", 1)[-1])
+        i += 2
+    counts = [rec.split("\t", 2) for rec in fields[i:] if rec]  # then the numstat ones, in the same order
+    return [(letter, path, int(added) if added.isdigit() else None, int(deleted) if deleted.isdigit() else None)
+            for letter, (added, deleted, path) in zip(status, counts)]
+
+
 async def numstat(cwd: str | Path, a: str, b: str) -> list[tuple[str, int | None, int | None]]:
-    """(path, insertions, deletions) of every file changed between two commits (or, with a="--cached",
-    between commit b and the index); a binary file's counts are None. No textconv program runs (an
-    agent can configure one) and paths are from the top."""
-    out = await git(cwd, "diff", "--numstat", "-z", "--no-renames", "--no-relative", "--no-textconv", a, b)
-    found = []
-    for rec in out.split("\0"):
-        if rec:
-            added, deleted, path = rec.split("\t", 2)
-            found.append((path, int(added) if added.isdigit() else None, int(deleted) if deleted.isdigit() else None))
-    return found
+    """(path, insertions, deletions) of every file changed, as in `changes`."""
+    return [(path, ins, dels) for _, path, ins, dels in await changes(cwd, a, b)]
 
 
 async def diff_stat(cwd: str | Path, a: str, b: str) -> tuple[list[str], int, int]:
     """Files changed, insertions, deletions between two commits (binary files count as changed)."""
-    stat = await numstat(cwd, a, b)
-    return [path for path, _, _ in stat], sum(i or 0 for _, i, _ in stat), sum(d or 0 for _, _, d in stat)
+    return summed(await changes(cwd, a, b))
+
+
+def summed(found: list[tuple[str, str, int | None, int | None]]) -> tuple[list[str], int, int]:
+    """`changes` as files changed, insertions, deletions."""
+    return [path for _, path, _, _ in found], sum(i or 0 for *_, i, _ in found), sum(d or 0 for *_, d in found)

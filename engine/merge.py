@@ -34,8 +34,8 @@ from pathlib import Path
 
 import anyio
 
-from engine.gitcmd import (COUNCIL_ENV, COUNCIL_IDENTITY, GitError, commits_and_trees, concurrently, diff_stat, git,
-                           git_ok, resolve_many, user_identity)
+from engine.gitcmd import (COUNCIL_ENV, COUNCIL_IDENTITY, GitError, changes, commits_and_trees, concurrently,
+                           diff_stat, git, git_ok, resolve_many, summed, user_identity)
 from engine.models import MergeResult
 
 __all__ = ["MergeRefused", "STRATEGIES", "check_target", "merge_branch", "changes_in"]
@@ -194,11 +194,25 @@ async def _worktrees(repo: str | Path) -> list[dict[str, str]]:
 
 
 async def _git_dir(worktree: str) -> Path:
-    return Path(await git(worktree, "rev-parse", "--absolute-git-dir"))
+    """A checkout's own git dir: read as git reads it (`.git` is that directory, or a file naming it)
+    without a process, else asked of git (e.g. a checkout that a `core.worktree` setting names)."""
+    def read() -> Path | None:
+        dot = Path(worktree, ".git")
+        if dot.is_dir():
+            return dot
+        try:
+            text = dot.read_text()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return Path(worktree, text[len("gitdir: "):].strip()) if text.startswith("gitdir: ") else None
+
+    return await anyio.to_thread.run_sync(read) or Path(await git(worktree, "rev-parse", "--absolute-git-dir"))
 
 
-async def _in_progress(git_dir: Path) -> list[str]:
-    return [name for name in _IN_PROGRESS if await anyio.Path(git_dir / name).exists()]
+async def _in_progress(worktree: str) -> list[str]:
+    """The operations in `worktree` that wait for the user (rebase, merge, cherry-pick...)."""
+    git_dir = await _git_dir(worktree)
+    return await anyio.to_thread.run_sync(lambda: [name for name in _IN_PROGRESS if (git_dir / name).exists()])
 
 
 async def _find_checkout(repo: str | Path, into: str) -> str | None:
@@ -242,41 +256,52 @@ async def _checkout_or_refusal(repo: str | Path, into: str) -> tuple[str | None,
         return None, e
 
 
+async def _checkout_state(worktree: str | None) -> tuple[list[str], list[str]] | None:
+    """The operations waiting for the user in the checkout and its uncommitted changes (None: no checkout)."""
+    if worktree is None:
+        return None
+    busy, status = await concurrently(
+        lambda: _in_progress(worktree),
+        lambda: git(worktree, "status", "--porcelain=v1", "-z", "--untracked-files=no", "--no-renames"))
+    return busy, [p for p in status.split("\0") if p]
+
+
 async def _check_checkout(worktree: str, into: str, old: str, new: str, action: str = "merge") -> None:
     """Refuse unless moving `into` from old to new in `worktree` is certain to lose nothing; the
     refusal names the `action` to try again (a merge, or undo_merge's move back)."""
-    git_dir, status, changes = await concurrently(
-        lambda: _git_dir(worktree),
-        lambda: git(worktree, "status", "--porcelain=v1", "-z", "--untracked-files=no", "--no-renames"),
-        lambda: git(worktree, "diff", "--name-status", "-z", "--no-renames", old, new))
-    busy = await _in_progress(git_dir)
+    state, changed = await concurrently(lambda: _checkout_state(worktree), lambda: changes(worktree, old, new))
+    await _judge_checkout(worktree, into, state, changed, action)
+
+
+async def _judge_checkout(worktree: str, into: str, state: tuple[list[str], list[str]],
+                          changed: list[tuple[str, str, int | None, int | None]], action: str = "merge") -> None:
+    """_check_checkout's verdict from the checkout's state and the `changes` the move makes."""
+    busy, dirty = state
     if busy:
         raise MergeRefused(f"{worktree} (on {into}) has an operation in progress ({', '.join(busy)}): "
                            f"finish or abort it, then {action} again")
-    dirty = [p for p in status.split("\0") if p]
     if dirty:
         shown = ", ".join(p[3:] for p in dirty[:5]) + (" ..." if len(dirty) > 5 else "")
         preview = " (or merge with --dry-run to preview)" if action == "merge" else ""
         raise MergeRefused(f"{worktree} (on {into}) has uncommitted changes ({shown}): "
                            f"commit or stash them, then {action} again{preview}")
-    status = changes.split("\0")
-    pairs = list(zip(status[0::2], status[1::2]))
-    added = [p for s, p in pairs if s == "A"]
-    deleted = {p for s, p in pairs if s == "D"}
+    added = [path for letter, path, *_ in changed if letter == "A"]
+    deleted = {path for letter, path, *_ in changed if letter == "D"}
     blocked = await anyio.to_thread.run_sync(_in_the_way, worktree, added, deleted)
     if blocked:
         raise MergeRefused(f"untracked files in {worktree} would be overwritten by the {action} "
                            f"({', '.join(blocked[:5])}): move or delete them, then {action} again")
 
 
-async def _checkout_refusal(checkout: str | None, into: str, old: str, new: str,
+async def _checkout_refusal(checkout: str | None, into: str, state: tuple[list[str], list[str]] | None,
+                            changed: list[tuple[str, str, int | None, int | None]],
                             refused: MergeRefused | None) -> MergeRefused | None:
-    """Why `into` can't move from old to new (a tree will do) in its checkout now, or None;
-    `refused`: a reason found already."""
-    if refused or not checkout:
+    """Why `into` can't move in its checkout now (`state` from _checkout_state, `changed` the move's
+    `changes`), or None; `refused`: a reason found already."""
+    if refused or not checkout or state is None:
         return refused
     try:
-        await _check_checkout(checkout, into, old, new)
+        await _judge_checkout(checkout, into, state, changed)
     except MergeRefused as e:
         return e
     return None
@@ -421,15 +446,15 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
         if conflicts or unchanged:
             new = old
         else:  # the counts and the checkout's check come from the tree the commit will have, while it is written
-            new, stat, refused = await concurrently(lambda: _commit(repo, tree, parents, message, env=who),
-                                                    lambda: diff_stat(repo, old, tree),
-                                                    lambda: _checkout_refusal(checkout, into, old, tree, refused))
+            new, changed, state = await concurrently(
+                lambda: _commit(repo, tree, parents, message, env=who), lambda: changes(repo, old, tree),
+                lambda: _checkout_state(None if refused else checkout))
     else:
         new, conflicts, note = await _rebase(repo, base_c, branch_tip, old, who, trailers)
         unchanged = not conflicts and await _tree(repo, new) == old_tree
         if not conflicts and not unchanged:
-            stat, refused = await concurrently(lambda: diff_stat(repo, old, new),
-                                               lambda: _checkout_refusal(checkout, into, old, new, refused))
+            changed, state = await concurrently(lambda: changes(repo, old, new),
+                                                lambda: _checkout_state(None if refused else checkout))
 
     if conflicts:
         files, ins, dels = await diff_stat(repo, base_c, branch_tip)
@@ -439,8 +464,9 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     if unchanged:
         return result(False, f"{into} already has the changes of {branch}; nothing to merge")
 
-    files, ins, dels = stat
+    files, ins, dels = summed(changed)
     counts = dict(files=files, insertions=ins, deletions=dels)
+    refused = await _checkout_refusal(checkout, into, state, changed, refused)
     if refused:
         if not dry_run:
             raise refused

@@ -310,6 +310,26 @@ async def test_into_checked_out_in_another_worktree_is_updated_there(repo, root,
     assert snapshot(repo)["files"] == before["files"]
 
 
+async def test_an_operation_in_progress_in_a_linked_checkout_is_refused(repo, root, tmp_path):
+    """The checkout's git dir is found through its `.git` file, not only as a `.git` directory."""
+    g(repo, "branch", "feature")
+    g(repo, "branch", "other")
+    other = tmp_path / "feature-wt"
+    g(repo, "worktree", "add", "-q", str(other), "feature")
+    branch, _ = attempt(repo, root, "t1", "claude", {"a.txt": edited(0, "agent")}, base="feature")
+    commit(other, {"b.txt": edited(0, "mine")})
+    g(other, "checkout", "-q", "other")
+    commit(other, {"b.txt": edited(0, "theirs")})
+    g(other, "checkout", "-q", "feature")
+    g(other, "merge", "other", check=False)  # conflicts: MERGE_HEAD waits in the worktree's own git dir
+    assert (other / ".git").is_file()
+    tip = g(repo, "rev-parse", "feature")
+
+    with pytest.raises(MergeRefused, match="operation in progress"):
+        await merge(repo, branch, into="feature", base="feature~1")
+    assert g(repo, "rev-parse", "feature") == tip
+
+
 async def test_no_changes_is_not_merged(repo, root):
     branch, _ = attempt(repo, root, "t1", "claude", {})
     before = snapshot(repo)
