@@ -39,7 +39,7 @@ from .config import Config, ConfigError, LiveConfig, config_path, home_dir
 from .events import Event, Events, wait_for
 from .gitcmd import GitError, git, resolve_commit, resolve_many
 from .inputs import CouncilError, NotFound
-from .merge import STRATEGIES, MergeRefused, check_target, merge_branch
+from .merge import STRATEGIES, BadTarget, MergeRefused, check_target, merge_branch
 from .models import (ACTIVE_TASK, AgentList, Attempt, AttemptState, CheckResult, Diff, GcReport, LogChunk,
                      MergeResult, Task, TaskList, TaskState, TaskSummary, now)
 from .logbook import Logbook
@@ -357,19 +357,21 @@ class Engine:
         into = into or task.into
         if not into:
             raise CouncilError("the repo was on a detached HEAD when the task was submitted; pass into=BRANCH")
-        try:
-            into = await check_target(task.repo, into)
-        except MergeRefused as e:  # a target that is no branch of the user's is bad input, not a refusal
-            raise CouncilError(str(e)) from None
 
-        def refuse(message: str) -> MergeResult:
-            return MergeResult(merged=False, task_id=task_id, agent=agent, strategy=strategy, into=into,
+        async def target() -> str:  # a target that is no branch of the user's is bad input, not a refusal
+            try:
+                return await check_target(task.repo, into)
+            except BadTarget as e:
+                raise CouncilError(str(e)) from None
+
+        async def refuse(message: str) -> MergeResult:  # bad input is said first
+            return MergeResult(merged=False, task_id=task_id, agent=agent, strategy=strategy, into=await target(),
                                dry_run=dry_run, message=message)
 
         explicit = agent is not None
         if agent is None:
             if task.best is None:
-                return refuse(f"no attempt to merge: {task.best_reason or 'the task picked no best attempt'}")
+                return await refuse(f"no attempt to merge: {task.best_reason or 'the task picked no best attempt'}")
             agent = task.best
         try:
             attempt = task.attempt(agent)
@@ -377,9 +379,10 @@ class Engine:
             raise CouncilError(f"task {task_id} has no attempt by {agent!r}; "
                                f"its attempts: {', '.join(a.agent for a in task.attempts)}") from None
         if not attempt.branch or not attempt.files_changed:
-            return refuse(f"{agent}'s attempt ({attempt.state}) left no changes to merge")
+            return await refuse(f"{agent}'s attempt ({attempt.state}) left no changes to merge")
         failed = _what_failed(task, attempt)
         if failed and not explicit:
+            await target()
             raise CouncilError(f"not merging task {task_id} by default: {failed}. Look at its diff first; to merge "
                                f"it anyway, name the attempt: agent={agent!r} (`--agent {agent}`)")
         first = task.prompt.strip().splitlines()[0][:72]
@@ -388,13 +391,12 @@ class Engine:
         try:
             result = await merge_branch(task.repo, branch=attempt.branch, base=task.base, into=into, strategy=strategy,
                                         message=message, task_id=task_id, agent=agent,
-                                        run_hooks=self.config.merge.run_hooks, dry_run=dry_run,
-                                        target_checked=True)
-        except MergeRefused as e:
-            return refuse(str(e))
+                                        run_hooks=self.config.merge.run_hooks, dry_run=dry_run)
+        except MergeRefused as e:  # a BadTarget too: refuse() says it as the error it is
+            return await refuse(str(e))
         except GitError as e:  # e.g. another process merged or cleaned this task at the same moment
-            return refuse(f"git could not compute the merge, nothing was changed: {e}")
-        result.agent = agent
+            return await refuse(f"git could not compute the merge, nothing was changed: {e}")
+        result.agent, into = agent, result.into or into  # the branch's name as merge_branch read it
         if failed:
             result.message = f"warning: {failed}. {result.message}"
         if not result.merged:

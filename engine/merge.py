@@ -38,7 +38,7 @@ from engine.gitcmd import (COUNCIL_ENV, COUNCIL_IDENTITY, GitError, changes, com
                            diff_stat, git, git_ok, resolve_many, summed, user_identity)
 from engine.models import MergeResult
 
-__all__ = ["MergeRefused", "STRATEGIES", "check_target", "merge_branch", "changes_in"]
+__all__ = ["BadTarget", "MergeRefused", "STRATEGIES", "check_target", "merge_branch", "changes_in"]
 
 STRATEGIES = ("squash", "merge", "rebase")
 _HELPER_MSG = "cli-council: throwaway commit for a three-way merge with an explicit base\n"
@@ -50,6 +50,7 @@ _MAX_NAME = 1024  # bytes; far above any real branch name, far below the argv li
 _AGENT = re.compile(r"[A-Za-z0-9._-]{1,100}")
 _TRAILER = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*:.*")
 _CONTINUATION = re.compile(r"[ \t]+\S.*")
+_PLAIN_COMPONENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 class MergeRefused(ValueError):
@@ -307,34 +308,64 @@ async def _checkout_refusal(checkout: str | None, into: str, state: tuple[list[s
     return None
 
 
+class BadTarget(MergeRefused):
+    """`into` is no branch of the user's the council may move: bad input rather than a refusal."""
+
+
+def _target_name(into: str) -> str:
+    """The branch name in `into`, or BadTarget for what no git needs asking about."""
+    name = into.removeprefix("refs/heads/")
+    if not name or "\0" in name or len(name.encode()) > _MAX_NAME or name.startswith("-"):
+        raise BadTarget(f"into {into!r} is not a branch name; give a local branch such as main")
+    if name.split("/", 1)[0].casefold() == "council" and "/" in name:
+        raise BadTarget(f"into {name!r} is one of the council's own attempt branches; "
+                        "merge into a branch of yours (such as main) instead")
+    return name
+
+
+def _plain_branch(name: str) -> bool:
+    """True for a name git surely takes as a branch name (`check-ref-format --branch`): components of
+    letters, digits and `._-`, none starting with a dot or ending with `.lock`, no `..`, not starting
+    with a dash or ending in a dot, not HEAD. Checked here because most names are like that; git judges every other one."""
+    return name != "HEAD" and not name.startswith("-") and not name.endswith(".") and ".." not in name and all(
+        _PLAIN_COMPONENT.fullmatch(part) and not part.endswith(".lock") for part in name.split("/"))
+
+
+async def _target_facts(repo: str | Path, into: str, name: str) -> str | BadTarget:
+    """`name` as a branch of the user's in `repo` the council may move, or why not (returned, so
+    that it can be asked together with other questions and raised first)."""
+    formatted, listed = await concurrently(
+        lambda: _given(name) if _plain_branch(name) else git(repo, "check-ref-format", "--branch", name,
+                                                                check=False),
+        # A valid branch name has no glob character: the pattern matches that ref and the refs under it.
+        lambda: git(repo, "for-each-ref", "--format=%(refname) %(symref)", f"refs/heads/{name}", check=False))
+    if formatted != name:
+        return BadTarget(f"into {into!r} is not a valid branch name (no ~ ^ : .. @{{ or spaces); "
+                         "give a local branch such as main")
+    found = dict(line.partition(" ")[::2] for line in listed.splitlines())
+    if f"refs/heads/{name}" not in found:
+        return BadTarget(f"into {name!r}: there is no local branch of that name in {repo}; "
+                         "create it first or pick another")
+    points_to = found[f"refs/heads/{name}"]
+    if points_to:  # moving it would move another branch, behind the back of any checkout of that one
+        return BadTarget(f"{name} is a symbolic ref to {points_to}; merge into that branch instead")
+    return name
+
+
+async def _given(value: str) -> str:
+    return value
+
+
 async def check_target(repo: str | Path, into: str) -> str:
-    """`into` as the name of an existing local branch the council may move, or MergeRefused.
+    """`into` as the name of an existing local branch the council may move, or BadTarget.
 
     Only a plain branch name: no revision syntax (`main~1`, `@{-1}`, `a..b`), no option-like name,
     and never one of the council's own attempt branches (`council/<task>/<agent>`).
     """
-    name = into.removeprefix("refs/heads/")
-    if not name or "\0" in name or len(name.encode()) > _MAX_NAME or name.startswith("-"):
-        raise MergeRefused(f"into {into!r} is not a branch name; give a local branch such as main")
-    if name.split("/", 1)[0].casefold() == "council" and "/" in name:
-        raise MergeRefused(f"into {name!r} is one of the council's own attempt branches; "
-                           "merge into a branch of yours (such as main) instead")
-    # Asked at once; the listing is only read once the name is known to be a valid branch name
-    # (which has no glob character, so the pattern matches that ref and the refs under it).
-    formatted, listed = await concurrently(
-        lambda: git(repo, "check-ref-format", "--branch", name, check=False),
-        lambda: git(repo, "for-each-ref", "--format=%(refname) %(symref)", f"refs/heads/{name}", check=False))
-    if formatted != name:
-        raise MergeRefused(f"into {into!r} is not a valid branch name (no ~ ^ : .. @{{ or spaces); "
-                           "give a local branch such as main")
-    found = dict(line.partition(" ")[::2] for line in listed.splitlines())
-    if f"refs/heads/{name}" not in found:
-        raise MergeRefused(f"into {name!r}: there is no local branch of that name in {repo}; "
-                           "create it first or pick another")
-    points_to = found[f"refs/heads/{name}"]
-    if points_to:  # moving it would move another branch, behind the back of any checkout of that one
-        raise MergeRefused(f"{name} is a symbolic ref to {points_to}; merge into that branch instead")
-    return name
+    found = await _target_facts(repo, into, _target_name(into))
+    if isinstance(found, BadTarget):
+        raise found
+    return found
 
 
 def _backup_name(task_id: str, n: int) -> str:
@@ -386,7 +417,7 @@ async def _backup(repo: str | Path, task_id: str, old: str, reflog: str) -> tupl
 
 async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, strategy: str = "squash",
                        message: str, task_id: str, agent: str | None = None, run_hooks: bool = False,
-                       dry_run: bool = False, target_checked: bool = False) -> MergeResult:
+                       dry_run: bool = False) -> MergeResult:
     """Bring `branch` (an attempt that started at `base`) into the local branch `into`.
 
     squash: one council commit on into's tip with the attempt's own changes (base..branch);
@@ -395,8 +426,8 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     Every new commit is the user's (see above) and gets the trailers `Council-Task: <task_id>` and,
     given `agent`, `Council-Agent: <agent>`. `run_hooks` lets the update of a checkout run its hooks.
     Returns merged=True with `commit` the new tip and `backup_ref` at the old one, or merged=False
-    with the reason (and `conflicts`); raises MergeRefused when the target can't move safely now.
-    `target_checked`: `into` is what check_target just returned (the caller asked it already).
+    with the reason (and `conflicts`); raises MergeRefused when the target can't move safely now
+    (first BadTarget, when `into` is no branch the council may move: see check_target).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
@@ -407,15 +438,17 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     for name in (branch, base):
         if "\0" in name or len(name.encode()) > _MAX_NAME:
             raise MergeRefused(f"{name[:80]!r} is not a commit or branch name")
-    if not target_checked:
-        into = await check_target(repo, into)
+    asked = into
+    into = _target_name(into)
     ref = f"refs/heads/{into}"
-    # The commits with their trees, the identity and where `into` is checked out, asked at once; a
-    # refusal from the last is raised where it always was, after the outcomes that need no checkout
-    # (no changes, conflicts).
-    found, who, (checkout, refused) = await concurrently(
-        lambda: commits_and_trees(repo, branch, base, ref), lambda: user_identity(repo),
-        lambda: _checkout_or_refusal(repo, into))
+    # Whether `into` may move, the commits with their trees, the identity and where `into` is checked
+    # out, asked at once (all only read). A bad target is raised first; a refusal from the checkout
+    # where it always was, after the outcomes that need no checkout (no changes, conflicts).
+    target, found, who, (checkout, refused) = await concurrently(
+        lambda: _target_facts(repo, asked, into), lambda: commits_and_trees(repo, branch, base, ref),
+        lambda: user_identity(repo), lambda: _checkout_or_refusal(repo, into))
+    if isinstance(target, BadTarget):
+        raise target
     for name, value in zip((branch, base, into), found):
         if value is None:
             raise MergeRefused(f"{name} is not a commit or branch in {repo}")

@@ -59,6 +59,24 @@ async def test_dry_run_reports_and_changes_nothing(make_engine, repo):
         assert git(repo, "for-each-ref") == refs and (await engine.get(task.task_id)).state == TaskState.succeeded
 
 
+async def test_a_bad_target_is_bad_input_whatever_else_is_wrong(make_engine, repo):
+    """The target's check is asked within the merge's first git round; a bad one is still said as an
+    error before any refusal, and a target named as a full ref is stored under its branch name."""
+    async with make_engine({**AGENTS, "empty": fake()}) as engine:
+        empty = await finished(engine, repo, ["empty"])  # no changes: a refusal, were the target fine
+        for into in ("main~1", "nope", "council/x/y"):
+            with pytest.raises(CouncilError):
+                await engine.merge(empty.task_id, into=into)
+            task = await finished(engine, repo, ["right"])
+            refs = git(repo, "for-each-ref")
+            with pytest.raises(CouncilError):
+                await engine.merge(task.task_id, into=into)
+            assert git(repo, "for-each-ref") == refs
+        assert not (await engine.merge(empty.task_id)).merged
+        result = await engine.merge(task.task_id, into="refs/heads/main")
+        assert result.merged and result.into == "main" and (await engine.get(task.task_id)).merge_into == "main"
+
+
 async def test_dirty_checkout_is_refused_with_nothing_changed(make_engine, repo):
     async with make_engine(AGENTS) as engine:
         task = await finished(engine, repo, ["right"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.merge import MergeRefused, changes_in, merge_branch
+from engine.merge import MergeRefused, _plain_branch, changes_in, merge_branch
 from engine.worktrees import Worktrees
 
 ID = ["-c", "user.name=Agent Smith", "-c", "user.email=agent@example.com", "-c", "commit.gpgsign=false"]
@@ -608,3 +608,19 @@ async def test_trailers_are_what_git_parses_whatever_the_message(repo, root, mes
     assert parsed == [*trailers, "Council-Task: t1", "Council-Agent: claude"]
     if message.strip():
         assert g(repo, "log", "-1", "--format=%B", "main").startswith(message.strip())
+
+
+def test_a_branch_name_taken_without_asking_git_is_one_git_takes(repo):
+    """check_target answers the common names itself (a process fewer per merge): every name it takes
+    so must be a valid branch name to git, and each tricky one must be left to git."""
+    tricky = ["HEAD", "main.", "a..b", ".main", "a/.b", "main.lock", "a/b.lock/c", "a//b", "a/", "/a", "@",
+              "a@{1}", "ma in", "é", "a:b", "a~1", "a^", "a*", "a?", "a[b", "a\\b", "-", "-a/b"]
+    assert not any(_plain_branch(name) for name in tricky)
+    rng = random.Random(11)
+    alphabet = "abcXYZ019._-/" + "." * 3 + "/" * 2
+    names = ["main", "feature/x-1", "release_2.0", "a.b/c-d", "a/-b", "v1.2.3", "x.locked", "lock.lock_"]
+    names += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(3000)]
+    taken = sorted({name for name in names if _plain_branch(name)})
+    assert len(taken) > 100
+    for name in taken:
+        assert g(repo, "check-ref-format", "--branch", name, check=False) == name, name
