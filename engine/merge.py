@@ -77,6 +77,20 @@ async def _commit(repo: str | Path, tree: str, parents: list[str], message: str,
                      input=message.encode(), env=env)
 
 
+async def _commit_as_user(repo: str | Path, tree: str, parents: list[str], message: str) -> tuple[str, bool]:
+    """A commit as the user's own `git commit` would record it: commit-tree takes their identity from
+    their config itself (never a guess from the host: user.useConfigOnly), so it needs no question of
+    its own; the council's identity when they have none. (commit, made as the council)."""
+    parent_args = [arg for p in parents for arg in ("-p", p)]
+    try:
+        return await git(repo, "-c", "user.useConfigOnly=true", "-c", "commit.gpgsign=false", "commit-tree", tree,
+                         *parent_args, "-F", "-", input=message.encode()), False
+    except GitError:
+        if await user_identity(repo) is not None:
+            raise  # the user has an identity: git failed for another reason
+    return await _commit(repo, tree, parents, message, env=COUNCIL_ENV), True
+
+
 def with_trailers(message: str, trailers: list[tuple[str, str]]) -> str:
     """`message` ending with `trailers`: added to its trailer block when its last paragraph (not the
     subject) is one, else as a new paragraph after a blank line, so `git interpret-trailers --parse`
@@ -441,12 +455,14 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     asked = into
     into = _target_name(into)
     ref = f"refs/heads/{into}"
-    # Whether `into` may move, the commits with their trees, the identity and where `into` is checked
-    # out, asked at once (all only read). A bad target is raised first; a refusal from the checkout
-    # where it always was, after the outcomes that need no checkout (no changes, conflicts).
+    # Whether `into` may move, the commits with their trees, where `into` is checked out and (for a
+    # rebase, which commits as the user with its own dates) the user's identity, asked at once (all
+    # only read). A bad target is raised first; a refusal from the checkout where it always was, after
+    # the outcomes that need no checkout (no changes, conflicts).
     target, found, who, (checkout, refused) = await concurrently(
         lambda: _target_facts(repo, asked, into), lambda: commits_and_trees(repo, branch, base, ref),
-        lambda: user_identity(repo), lambda: _checkout_or_refusal(repo, into))
+        lambda: user_identity(repo) if strategy == "rebase" else _given(None),
+        lambda: _checkout_or_refusal(repo, into))
     if isinstance(target, BadTarget):
         raise target
     for name, value in zip((branch, base, into), found):
@@ -463,10 +479,7 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
 
     trailers = [("Council-Task", task_id)] + ([("Council-Agent", agent)] if agent else [])
     message = with_trailers(message.strip() or f"cli-council: {strategy} {branch} (task {task_id})", trailers)
-    as_council = "" if who else (f"; committed as cli-council <cli-council@localhost>: {repo} has no "
-                                 "user.name/user.email configured (git config user.name/user.email sets them)")
-    who = who or COUNCIL_ENV
-    note = ""
+    note, council = "", False
     if strategy in ("squash", "merge"):
         if strategy == "merge":
             tree, conflicts = await _merge_trees(repo, old, branch_tip)
@@ -479,11 +492,12 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
         if conflicts or unchanged:
             new = old
         else:  # the counts and the checkout's check come from the tree the commit will have, while it is written
-            new, changed, state = await concurrently(
-                lambda: _commit(repo, tree, parents, message, env=who), lambda: changes(repo, old, tree),
+            (new, council), changed, state = await concurrently(
+                lambda: _commit_as_user(repo, tree, parents, message), lambda: changes(repo, old, tree),
                 lambda: _checkout_state(None if refused else checkout))
     else:
-        new, conflicts, note = await _rebase(repo, base_c, branch_tip, old, who, trailers)
+        council = who is None
+        new, conflicts, note = await _rebase(repo, base_c, branch_tip, old, who or COUNCIL_ENV, trailers)
         unchanged = not conflicts and await _tree(repo, new) == old_tree
         if not conflicts and not unchanged:
             changed, state = await concurrently(lambda: changes(repo, old, new),
@@ -498,6 +512,8 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
         return result(False, f"{into} already has the changes of {branch}; nothing to merge")
 
     files, ins, dels = summed(changed)
+    as_council = (f"; committed as cli-council <cli-council@localhost>: {repo} has no user.name/user.email "
+                  "configured (git config user.name/user.email sets them)") if council else ""
     counts = dict(files=files, insertions=ins, deletions=dels)
     refused = await _checkout_refusal(checkout, into, state, changed, refused)
     if refused:
@@ -514,7 +530,8 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
         if checkout:  # the backup ref is written while the checkout moves, and taken back if it can't
             moved, (backup_ref, saved) = await concurrently(
                 lambda: _attempt(git(checkout, "merge", "--ff-only", "--no-stat", "-q", new,
-                                     env={**who, "GIT_REFLOG_ACTION": reflog}, hooks=run_hooks)),
+                                     env={**(COUNCIL_ENV if council else {}), "GIT_REFLOG_ACTION": reflog},
+                                     hooks=run_hooks)),
                 lambda: _backup(repo, task_id, old, reflog))
             if isinstance(moved, GitError):
                 if backup_ref:

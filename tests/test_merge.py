@@ -552,9 +552,11 @@ async def test_commits_landing_on_the_users_branch_are_the_users_with_trailers(r
         assert g(repo, "log", "-1", "--format=%B", "main") == "Fix it\n\nPrompt:\nfix it\n\nCouncil-Task: t1\nCouncil-Agent: claude"
 
 
-async def test_without_any_identity_the_council_commits_and_says_so(repo, root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", ["", "[user]\n\temail = only-an-email@example.com\n"])
+async def test_without_any_identity_the_council_commits_and_says_so(repo, root, tmp_path, monkeypatch, config):
+    """Never an identity guessed from the host: with no name configured git would take the login's."""
     empty = tmp_path / "empty.gitconfig"
-    empty.write_text("")
+    empty.write_text(config)
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(empty))
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     for name in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):  # the server's environment is no identity
