@@ -31,6 +31,7 @@ import os
 import re
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 
@@ -41,6 +42,7 @@ from engine.models import MergeResult
 __all__ = ["BadTarget", "MergeRefused", "STRATEGIES", "check_target", "merge_branch", "changes_in"]
 
 STRATEGIES = ("squash", "merge", "rebase")
+_T = TypeVar("_T")
 _HELPER_MSG = "cli-council: throwaway commit for a three-way merge with an explicit base\n"
 # Files git leaves in a worktree's git dir while an operation waits for the user.
 _IN_PROGRESS = ("MERGE_HEAD", "CHERRY_PICK_HEAD", "REVERT_HEAD", "rebase-merge", "rebase-apply", "sequencer")
@@ -208,20 +210,32 @@ async def _worktrees(repo: str | Path) -> list[dict[str, str]]:
     return entries
 
 
-async def _git_dir(worktree: str) -> Path:
-    """A checkout's own git dir: read as git reads it (`.git` is that directory, or a file naming it)
-    without a process, else asked of git (e.g. a checkout that a `core.worktree` setting names)."""
-    def read() -> Path | None:
-        dot = Path(worktree, ".git")
-        if dot.is_dir():
-            return dot
-        try:
-            text = dot.read_text()
-        except (OSError, UnicodeDecodeError):
-            return None
-        return Path(worktree, text[len("gitdir: "):].strip()) if text.startswith("gitdir: ") else None
+def _read_git_dir(worktree: str | Path) -> Path | None:
+    """A checkout's own git dir as git reads it (`.git` is that directory, or a file naming it), or None."""
+    dot = Path(worktree, ".git")
+    if dot.is_dir():
+        return dot
+    try:
+        text = dot.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return Path(worktree, text[len("gitdir: "):].strip()) if text.startswith("gitdir: ") else None
 
-    return await anyio.to_thread.run_sync(read) or Path(await git(worktree, "rev-parse", "--absolute-git-dir"))
+
+async def _git_dir(worktree: str) -> Path:
+    """A checkout's own git dir, read without a process, else asked of git (e.g. a checkout that a
+    `core.worktree` setting names)."""
+    return (await anyio.to_thread.run_sync(_read_git_dir, worktree)
+            or Path(await git(worktree, "rev-parse", "--absolute-git-dir")))
+
+
+def _on_branch(worktree: str | Path, ref: str) -> bool:
+    """Whether the checkout's HEAD names `ref`, read from its HEAD file (a guess the caller confirms)."""
+    git_dir = _read_git_dir(worktree)
+    try:
+        return git_dir is not None and (git_dir / "HEAD").read_text().strip() == f"ref: {ref}"
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 async def _in_progress(worktree: str) -> list[str]:
@@ -279,6 +293,14 @@ async def _checkout_state(worktree: str | None) -> tuple[list[str], list[str]] |
         lambda: _in_progress(worktree),
         lambda: git(worktree, "status", "--porcelain=v1", "-z", "--untracked-files=no", "--no-renames"))
     return busy, [p for p in status.split("\0") if p]
+
+
+async def _state_if_on(worktree: str | Path, ref: str) -> tuple[str, tuple[list[str], list[str]]] | None:
+    """(worktree, _checkout_state) when `worktree`'s HEAD names `ref`: the checkout the merge will most
+    likely move (the repo itself, on the target), asked before the worktree list confirms it."""
+    if not await anyio.to_thread.run_sync(_on_branch, worktree, ref):
+        return None
+    return str(worktree), await _checkout_state(str(worktree))
 
 
 async def _check_checkout(worktree: str, into: str, old: str, new: str, action: str = "merge") -> None:
@@ -366,8 +388,18 @@ async def _target_facts(repo: str | Path, into: str, name: str) -> str | BadTarg
     return name
 
 
-async def _given(value: str) -> str:
+async def _given(value: _T) -> _T:
     return value
+
+
+async def _changes_if_known(repo: str | Path, a: str, b: str) -> list[tuple[str, str, int | None, int | None]] | None:
+    """`changes` between two revs, or None where git can't name them (the caller says why, later)."""
+    if a.startswith("-") or b.startswith("-"):  # an option to git diff, not a rev
+        return None
+    try:
+        return await changes(repo, a, b)
+    except GitError:
+        return None
 
 
 async def check_target(repo: str | Path, into: str) -> str:
@@ -458,17 +490,24 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     # Whether `into` may move, the commits with their trees, where `into` is checked out and (for a
     # rebase, which commits as the user with its own dates) the user's identity, asked at once (all
     # only read). A bad target is raised first; a refusal from the checkout where it always was, after
-    # the outcomes that need no checkout (no changes, conflicts).
-    target, found, who, (checkout, refused) = await concurrently(
+    # the outcomes that need no checkout (no changes, conflicts). Asked with them, for the usual case
+    # (`into` has not moved since the task began and is checked out in the repo itself): the attempt's
+    # changes and that checkout's state, which the merge then needs from no further round of git. A
+    # guess that turns out wrong only costs its processes; the changes decide the counts and which
+    # untracked files are in the way, and `merge --ff-only` refuses to overwrite any that were missed.
+    target, found, who, (checkout, refused), early_changes, early_state = await concurrently(
         lambda: _target_facts(repo, asked, into), lambda: commits_and_trees(repo, branch, base, ref),
         lambda: user_identity(repo) if strategy == "rebase" else _given(None),
-        lambda: _checkout_or_refusal(repo, into))
+        lambda: _checkout_or_refusal(repo, into),
+        lambda: _changes_if_known(repo, base, branch) if strategy != "rebase" else _given(None),
+        lambda: _state_if_on(repo, ref))
     if isinstance(target, BadTarget):
         raise target
     for name, value in zip((branch, base, into), found):
         if value is None:
             raise MergeRefused(f"{name} is not a commit or branch in {repo}")
     (branch_tip, tip_tree), (base_c, base_tree), (old, old_tree) = found
+    early_state = early_state[1] if early_state and early_state[0] == checkout and not refused else None
 
     def result(merged: bool, text: str, **fields) -> MergeResult:
         return MergeResult(merged=merged, task_id=task_id, strategy=strategy, into=into,
@@ -492,9 +531,11 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
         if conflicts or unchanged:
             new = old
         else:  # the counts and the checkout's check come from the tree the commit will have, while it is written
+            early = old == base_c and tree == tip_tree and early_changes is not None
             (new, council), changed, state = await concurrently(
-                lambda: _commit_as_user(repo, tree, parents, message), lambda: changes(repo, old, tree),
-                lambda: _checkout_state(None if refused else checkout))
+                lambda: _commit_as_user(repo, tree, parents, message),
+                lambda: _given(early_changes) if early else changes(repo, old, tree),
+                lambda: _given(early_state) if early_state else _checkout_state(None if refused else checkout))
     else:
         council = who is None
         new, conflicts, note = await _rebase(repo, base_c, branch_tip, old, who or COUNCIL_ENV, trailers)
@@ -529,7 +570,10 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     try:
         if checkout:  # the backup ref is written while the checkout moves, and taken back if it can't
             moved, (backup_ref, saved) = await concurrently(
-                lambda: _attempt(git(checkout, "merge", "--ff-only", "--no-stat", "-q", new,
+                # No `maintenance run --auto` after it (a process the answer waits for): the
+                # user's own next git command runs it when it is due.
+                lambda: _attempt(git(checkout, "-c", "maintenance.auto=false", "merge", "--ff-only", "--no-stat",
+                                     "-q", new,
                                      env={**(COUNCIL_ENV if council else {}), "GIT_REFLOG_ACTION": reflog},
                                      hooks=run_hooks)),
                 lambda: _backup(repo, task_id, old, reflog))

@@ -156,6 +156,20 @@ async def test_into_moved_since_submission_keeps_both(repo, root, strategy):
     assert g(repo, "rev-parse", res.backup_ref) == user and g(repo, "status", "--porcelain") == ""
 
 
+@pytest.mark.parametrize("strategy", ["squash", "merge"])
+async def test_counts_are_of_what_lands_when_into_already_has_part_of_the_change(repo, root, strategy):
+    """`into` moved on since the task began, with one of the attempt's two edits already in it: the
+    result counts what the merge changes on `into`, not the attempt's whole diff from its base."""
+    base = g(repo, "rev-parse", "main")
+    branch, _ = attempt(repo, root, "t1", "claude", {"a.txt": edited(1, "agent"), "dir/c.txt": "agent c\n"})
+    commit(repo, {"dir/c.txt": "agent c\n"}, "the user made the same edit")
+
+    res = await merge(repo, branch, strategy, base=base)
+
+    assert res.merged and res.files == ["a.txt"] and (res.insertions, res.deletions) == (1, 1)
+    assert (repo / "a.txt").read_text() == edited(1, "agent") and g(repo, "status", "--porcelain") == ""
+
+
 async def test_squash_carries_only_the_attempts_own_changes(repo, root):
     """The task's base was later dropped from `into` (reset): squash must not bring it back."""
     dropped = commit(repo, {"b.txt": edited(0, "dropped later")}, "to be dropped")
