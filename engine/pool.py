@@ -318,7 +318,11 @@ def _fits(entry: Entry, base: str, ws: WorktreeSetup) -> bool:
 
 def _rename(src: Path, dest: Path) -> None:
     """The worktree's directory to its new place, unless git would refuse: a locked worktree, one with
-    submodules (their git dirs name the old place), an existing destination."""
+    submodules (their git dirs name the old place), an existing destination. One whose `.git` names
+    its git dir relative to where it is (newer git's `worktree.useRelativePaths`) is refused too:
+    the name would be wrong from the new place."""
+    if not Path((src / ".git").read_text()[len("gitdir: "):].strip()).is_absolute():
+        raise OSError(f"{src}/.git names its git dir by a relative path")
     admin = setup.own_git_dir(src)
     for refusal in (admin / "locked", admin / "modules", dest):
         if refusal.exists():

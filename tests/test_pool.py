@@ -151,17 +151,26 @@ async def test_an_agent_never_sees_another_tasks_files_and_entries_are_used_once
         assert not entry.exists() and str(entry) not in registered(repo)
 
 
-async def test_a_locked_entry_is_not_moved_and_is_removed(council_home, repo):
-    """git refuses to move a locked worktree, and so does a take: the attempt gets a fresh worktree."""
+async def test_an_entry_a_take_cannot_move_as_git_does_is_removed(council_home, repo, caplog):
+    """git refuses to move a locked worktree, and so does a take; an entry whose `.git` names its git
+    dir by a relative path (newer git's worktree.useRelativePaths) would be wrong once moved. Either
+    way the attempt gets a fresh worktree and the entry goes."""
     async with pool_engine(council_home, {"obs": observer()}, size=1) as engine:
         top = (await run(engine, repo)).repo
-        await until(lambda: engine.pool.ready(top) == 1, "the pool filled")
-        [entry] = pool_entries(council_home)
-        git(repo, "worktree", "lock", str(entry))
-        task = await run(engine, repo)
-        assert task.attempt("obs").state == "succeeded"
-        assert not any(AHEAD in n for n in await notes(engine, task.task_id))
-        assert not entry.exists() and str(entry) not in registered(repo)
+        for spoil in ("lock", "relative"):
+            await until(lambda: engine.pool.ready(top) == 1, "the pool filled")
+            [entry] = pool_entries(council_home)
+            if spoil == "lock":
+                git(repo, "worktree", "lock", str(entry))
+            else:
+                dot = entry / ".git"
+                dot.write_text(f"gitdir: {os.path.relpath(dot.read_text()[8:].strip(), entry)}\n")
+                assert git(entry, "rev-parse", "HEAD")  # git itself reads it
+            task = await run(engine, repo)
+            assert task.attempt("obs").state == "succeeded", (spoil, task.attempt("obs").error)
+            assert not any(AHEAD in n for n in await notes(engine, task.task_id)), spoil
+            assert not entry.exists() and str(entry) not in registered(repo), spoil
+            assert {"lock": "locked exists", "relative": "by a relative path"}[spoil] in caplog.text
 
 
 async def test_entries_made_with_another_setup_are_not_used(council_home, repo):
