@@ -509,6 +509,9 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
     (branch_tip, tip_tree), (base_c, base_tree), (old, old_tree) = found
     early_state = early_state[1] if early_state and early_state[0] == checkout and not refused else None
 
+    def checkout_state() -> Awaitable[tuple[list[str], list[str]] | None]:
+        return _given(early_state) if early_state else _checkout_state(None if refused else checkout)
+
     def result(merged: bool, text: str, **fields) -> MergeResult:
         return MergeResult(merged=merged, task_id=task_id, strategy=strategy, into=into,
                            source_commit=branch_tip, dry_run=dry_run, message=text, **fields)
@@ -534,15 +537,13 @@ async def merge_branch(repo: str | Path, *, branch: str, base: str, into: str, s
             early = old == base_c and tree == tip_tree and early_changes is not None
             (new, council), changed, state = await concurrently(
                 lambda: _commit_as_user(repo, tree, parents, message),
-                lambda: _given(early_changes) if early else changes(repo, old, tree),
-                lambda: _given(early_state) if early_state else _checkout_state(None if refused else checkout))
+                lambda: _given(early_changes) if early else changes(repo, old, tree), checkout_state)
     else:
         council = who is None
         new, conflicts, note = await _rebase(repo, base_c, branch_tip, old, who or COUNCIL_ENV, trailers)
         unchanged = not conflicts and await _tree(repo, new) == old_tree
         if not conflicts and not unchanged:
-            changed, state = await concurrently(lambda: changes(repo, old, new),
-                                                lambda: _checkout_state(None if refused else checkout))
+            changed, state = await concurrently(lambda: changes(repo, old, new), checkout_state)
 
     if conflicts:
         files, ins, dels = await diff_stat(repo, base_c, branch_tip)

@@ -257,13 +257,13 @@ class Pool:
                     made_branch = True
 
                 _, status = await concurrently(new_branch, lambda: setup.untracked_and_changed(entry.path))
-                await anyio.to_thread.run_sync(_rename, entry.path, dest)
+                admin = await anyio.to_thread.run_sync(_rename, entry.path, dest)
                 where, head = dest, base
-                await anyio.to_thread.run_sync(_register, dest, branch)
+                await anyio.to_thread.run_sync(_register, admin, dest, branch)
             else:
-                await anyio.to_thread.run_sync(_rename, entry.path, dest)
+                admin = await anyio.to_thread.run_sync(_rename, entry.path, dest)
                 where = dest
-                await anyio.to_thread.run_sync(_register, dest, None)
+                await anyio.to_thread.run_sync(_register, admin, dest, None)
                 await git(dest, "checkout", "--quiet", "--no-recurse-submodules", "-b", branch, base)
                 made_branch = True
                 head = await resolve_commit(dest, "HEAD")
@@ -316,23 +316,23 @@ def _fits(entry: Entry, base: str, ws: WorktreeSetup) -> bool:
 # branch as `git symbolic-ref` does: without their two processes, half of a take's, which are on the
 # path of the agent's start. What git would refuse to move is refused with OSError.
 
-def _rename(src: Path, dest: Path) -> None:
+def _rename(src: Path, dest: Path) -> Path:
     """The worktree's directory to its new place, unless git would refuse: a locked worktree, one with
     submodules (their git dirs name the old place), an existing destination. One whose `.git` names
     its git dir relative to where it is (newer git's `worktree.useRelativePaths`) is refused too:
-    the name would be wrong from the new place."""
-    if not Path((src / ".git").read_text()[len("gitdir: "):].strip()).is_absolute():
+    the name would be wrong from the new place. Returns the worktree's admin dir."""
+    admin = Path(setup.git_dir_named(src))
+    if not admin.is_absolute():
         raise OSError(f"{src}/.git names its git dir by a relative path")
-    admin = setup.own_git_dir(src)
     for refusal in (admin / "locked", admin / "modules", dest):
         if refusal.exists():
             raise OSError(f"cannot move {src} to {dest}: {refusal} exists")
     os.rename(src, dest)
+    return admin
 
 
-def _register(worktree: Path, branch: str | None) -> None:
+def _register(admin: Path, worktree: Path, branch: str | None) -> None:
     """The moved worktree's admin dir told where it is now (`gitdir`) and, given one, its branch."""
-    admin = setup.own_git_dir(worktree)
     _write_locked(admin / "gitdir", f"{worktree.resolve()}/.git\n")
     if branch is not None:
         _write_locked(admin / "HEAD", f"ref: refs/heads/{branch}\n")

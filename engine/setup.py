@@ -152,12 +152,18 @@ async def untracked_and_changed(path: Path, keep: bool = False) -> list[str]:
     return sorted(entry[3:] for entry in out.split("\0") if entry)
 
 
-def own_git_dir(path: Path) -> Path:
-    """The worktree's private git dir, from its `.git` file (`gitdir: PATH`), as git itself reads it."""
+def git_dir_named(path: Path) -> str:
+    """The PATH in the worktree's `.git` file (`gitdir: PATH`), as written: absolute as git writes it."""
     text = (path / ".git").read_text()
     if not text.startswith("gitdir: "):
         raise OSError(f"{path}/.git is not a worktree's .git file")
-    return path / text[len("gitdir: "):].strip()  # absolute as git writes it; relative joins the worktree
+    return text[len("gitdir: "):].strip()
+
+
+def own_git_dir(path: Path) -> Path:
+    """The worktree's private git dir, from its `.git` file, as git itself reads it (a relative PATH
+    joins the worktree)."""
+    return path / git_dir_named(path)
 
 
 async def _own_git_dir(path: Path) -> Path:
