@@ -274,3 +274,18 @@ async def test_a_dirty_checkout_is_warned_of_in_the_answer_and_in_the_stored_tas
         assert any("uncommitted changes" in w for w in done.warnings), done.warnings
         clean = await engine.submit(str(repo), "do it", agents=["gone"], base="HEAD")
         assert clean.warnings == []
+
+
+async def test_a_submission_refused_after_the_dirty_check_began_leaves_the_engine_whole(make_engine, repo):
+    """The dirty check starts in the engine's background as soon as the repo is known; a refusal that
+    comes after it (here a branch named `council`) cancels it, and the engine goes on."""
+    (repo / "README.md").write_text("# changed, not committed\n")
+    git(repo, "branch", "council")
+    async with make_engine({"one": fake("--write", "x=1")}) as engine:
+        for _ in range(3):
+            with pytest.raises(CouncilError, match="branch named 'council'"):
+                await engine.submit(str(repo), "do it", agents=["one"])
+        git(repo, "branch", "-m", "council", "old-council")
+        task = await engine.submit(str(repo), "do it", agents=["one"])
+        assert any("uncommitted changes" in w for w in task.warnings), task.warnings
+        assert (await engine.wait(task.task_id, wait_s=30)).state == "succeeded"
