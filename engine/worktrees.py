@@ -105,9 +105,12 @@ class Worktrees:
     async def _commit_staged(self, path: Path, message: str) -> bool:
         # Committed straight away (one git process, not a `diff --cached` first): commit exits 1 when
         # nothing is staged, and only then is the index asked whether that was the reason.
-        # The variables beat a repo's author.name / committer.name, which beat user.name.
+        # The variables beat a repo's author.name / committer.name, which beat user.name. No
+        # `maintenance run --auto` after each attempt's commit (a process per attempt): the user's own
+        # git does the repo's housekeeping.
         try:
-            await git(path, *COUNCIL_IDENTITY, "commit", "--quiet", "--no-verify", "-m", message, env=COUNCIL_ENV)
+            await git(path, *COUNCIL_IDENTITY, "-c", "maintenance.auto=false", "commit", "--quiet", "--no-verify",
+                      "-m", message, env=COUNCIL_ENV)
         except GitError as e:
             if e.code == 1 and await git_ok(path, "diff", "--cached", "--quiet"):
                 return False

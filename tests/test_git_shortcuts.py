@@ -145,3 +145,21 @@ async def test_changes_in_without_a_base_uses_the_merge_base_and_refuses_unrelat
     g(repo, "checkout", "-q", "--orphan", "lone")
     commit(repo, {"a.txt": edited(0, "agent")}, "unrelated")
     assert not await changes_in(repo, branch, "lone")  # no merge base: nothing can be shown to be in it
+
+
+@pytest.mark.parametrize("strategy", ["squash", "merge", "rebase"])
+async def test_neither_an_attempt_commit_nor_a_merge_runs_the_repos_auto_maintenance(repo, root, strategy):
+    """Each would start `git maintenance run --auto`, a process the answer waits for; the user's own
+    git does the repo's housekeeping. Here that maintenance writes a commit-graph after any commit."""
+    for key, value in (("maintenance.gc.enabled", "false"), ("maintenance.commit-graph.enabled", "true"),
+                       ("maintenance.commit-graph.auto", "1")):
+        g(repo, "config", key, value)
+    graphs = repo / ".git" / "objects" / "info" / "commit-graphs"
+    _, wt = attempt(repo, root, "t1", "claude", {})
+    (wt / "b.txt").write_text("work\n")
+    assert await Worktrees(root).commit_all(wt, "council t1: claude")
+    assert not graphs.exists()
+    assert (await merge(repo, "council/t1/claude", strategy)).merged
+    assert not graphs.exists()
+    commit(repo, {"c.txt": "by hand\n"})  # the check can fail: the user's own commit runs it
+    assert graphs.exists()
