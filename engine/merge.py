@@ -38,6 +38,7 @@ import anyio
 from engine.gitcmd import (COUNCIL_ENV, COUNCIL_IDENTITY, GitError, changes, commits_and_trees, concurrently,
                            diff_stat, git, git_ok, resolve_many, summed, user_identity)
 from engine.models import MergeResult
+from engine.setup import own_git_dir
 
 __all__ = ["BadTarget", "MergeRefused", "STRATEGIES", "check_target", "merge_branch", "changes_in"]
 
@@ -216,10 +217,9 @@ def _read_git_dir(worktree: str | Path) -> Path | None:
     if dot.is_dir():
         return dot
     try:
-        text = dot.read_text()
-    except (OSError, UnicodeDecodeError):
+        return own_git_dir(Path(worktree))
+    except OSError:
         return None
-    return Path(worktree, text[len("gitdir: "):].strip()) if text.startswith("gitdir: ") else None
 
 
 async def _git_dir(worktree: str) -> Path:

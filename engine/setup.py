@@ -153,8 +153,10 @@ async def untracked_and_changed(path: Path, keep: bool = False) -> list[str]:
 
 
 def git_dir_named(path: Path) -> str:
-    """The PATH in the worktree's `.git` file (`gitdir: PATH`), as written: absolute as git writes it."""
-    text = (path / ".git").read_text()
+    """The PATH in the worktree's `.git` file (`gitdir: PATH`), as written: absolute as git writes it.
+    Read as bytes, as git reads it: a path need not be UTF-8, and bytes that are not a `.git` file's
+    are an OSError like any other unreadable one."""
+    text = os.fsdecode((path / ".git").read_bytes())
     if not text.startswith("gitdir: "):
         raise OSError(f"{path}/.git is not a worktree's .git file")
     return text[len("gitdir: "):].strip()

@@ -153,24 +153,37 @@ async def test_an_agent_never_sees_another_tasks_files_and_entries_are_used_once
 
 async def test_an_entry_a_take_cannot_move_as_git_does_is_removed(council_home, repo, caplog):
     """git refuses to move a locked worktree, and so does a take; an entry whose `.git` names its git
-    dir by a relative path (newer git's worktree.useRelativePaths) would be wrong once moved. Either
-    way the attempt gets a fresh worktree and the entry goes."""
+    dir by a relative path (newer git's worktree.useRelativePaths) would be wrong once moved, and one
+    whose `.git` holds bytes that name nothing cannot be moved at all. Either way, at the pool's base
+    or at a newer one (where the take moves the entry before git looks at it), the attempt gets a fresh
+    worktree and the entry goes."""
+    why = {"lock": "locked exists", "relative": "by a relative path", "bytes": "is not a worktree's .git file"}
     async with pool_engine(council_home, {"obs": observer()}, size=1) as engine:
         top = (await run(engine, repo)).repo
-        for spoil in ("lock", "relative"):
-            await until(lambda: engine.pool.ready(top) == 1, "the pool filled")
-            [entry] = pool_entries(council_home)
-            if spoil == "lock":
-                git(repo, "worktree", "lock", str(entry))
-            else:
+        for spoil in why:
+            for newer_base in (False, True):
+                await until(lambda: engine.pool.ready(top) == 1 and not engine.pool.filling(top), "the pool filled")
+                [entry] = pool_entries(council_home)
                 dot = entry / ".git"
-                dot.write_text(f"gitdir: {os.path.relpath(dot.read_text()[8:].strip(), entry)}\n")
-                assert git(entry, "rev-parse", "HEAD")  # git itself reads it
-            task = await run(engine, repo)
-            assert task.attempt("obs").state == "succeeded", (spoil, task.attempt("obs").error)
-            assert not any(AHEAD in n for n in await notes(engine, task.task_id)), spoil
-            assert not entry.exists() and str(entry) not in registered(repo), spoil
-            assert {"lock": "locked exists", "relative": "by a relative path"}[spoil] in caplog.text
+                if spoil == "lock":
+                    git(repo, "worktree", "lock", str(entry))
+                elif spoil == "relative":
+                    dot.write_text(f"gitdir: {os.path.relpath(dot.read_text()[8:].strip(), entry)}\n")
+                    assert git(entry, "rev-parse", "HEAD")  # git itself reads it
+                else:
+                    dot.write_bytes(b"\xff\xfe gitdir")
+                if newer_base:
+                    (repo / f"{spoil}.txt").write_text("newer\n")
+                    git(repo, "add", ".")
+                    git(repo, "commit", "-qm", f"newer than the pool's entry ({spoil})")
+                caplog.clear()
+                task = await run(engine, repo)
+                case = (spoil, newer_base)
+                assert task.attempt("obs").state == "succeeded", (case, task.attempt("obs").error)
+                assert not any(AHEAD in n for n in await notes(engine, task.task_id)), case
+                assert not entry.exists() and str(entry) not in registered(repo), case
+                if newer_base or spoil != "bytes":  # at the pool's base, git's own status refuses it first
+                    assert why[spoil] in caplog.text, case
 
 
 async def test_entries_made_with_another_setup_are_not_used(council_home, repo):
