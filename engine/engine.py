@@ -37,9 +37,9 @@ from . import pool as pool_mod
 from . import undo as undo_mod
 from .config import Config, ConfigError, LiveConfig, config_path, home_dir
 from .events import Event, Events, wait_for
-from .gitcmd import GitError, git, resolve_commit, resolve_many
+from .gitcmd import GitError, concurrently, git, is_object_id, resolve_commit, resolve_many
 from .inputs import CouncilError, NotFound
-from .merge import STRATEGIES, BadTarget, MergeRefused, check_target, merge_branch
+from .merge import STRATEGIES, BadTarget, MergeRefused, check_target, merge_branch, read_head
 from .models import (ACTIVE_TASK, AgentList, Attempt, AttemptState, CheckResult, Diff, GcReport, LogChunk,
                      MergeResult, Task, TaskList, TaskState, TaskSummary, now)
 from .logbook import Logbook
@@ -689,17 +689,12 @@ class Engine:
             self._tg.start_soon(dirty.ask, partial(git, top, "status", "--porcelain", "--untracked-files=no",
                                                    check=False))
         ref = base or "HEAD"
-        # Three questions to git in two processes at once, on the path of every submit_task call: the
-        # base's commit and whether a branch named `council` blocks every attempt's, then the branch.
-        found: dict[str, str | None] = {}
-
-        async def ask(key: str, question) -> None:
-            found[key] = await question()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(ask, "both", lambda: resolve_many(top, f"{ref}^{{commit}}", f"refs/heads/{BRANCH_ROOT}"))
-            tg.start_soon(ask, "into", lambda: git(top, "symbolic-ref", "--quiet", "--short", "HEAD", check=False))
-        commit, blocker = found["both"]
+        # On the path of every submit_task call: the base's commit and whether a branch named `council`
+        # blocks every attempt's, from one git process; beside it, the checkout's branch, from its HEAD
+        # file (git is asked only when that file can't be read as git writes it).
+        (commit, blocker), into = await concurrently(
+            lambda: resolve_many(top, f"{ref}^{{commit}}", f"refs/heads/{BRANCH_ROOT}"),
+            lambda: self._checkout_branch(top))
         if not commit:
             raise CouncilError(f"base {ref!r} does not resolve to a commit in {top}" if base else
                                f"{top} has no commits yet; commit something first")
@@ -707,7 +702,6 @@ class Engine:
             raise CouncilError(f"{top} has a branch named {BRANCH_ROOT!r}, so git cannot make the council's branches "
                                f"({BRANCH_ROOT}/<task>/<agent>) beside it; rename it "
                                f"(git branch -m {BRANCH_ROOT} <new name>) and submit again")
-        into = found["into"] or None
         try:  # the repo's .cli-council.toml at the base: a broken one is refused now, not in every attempt
             await self.repo_configs.settings(config, top, commit)
         except ConfigError as e:
@@ -739,6 +733,15 @@ class Engine:
         except Exception:  # the attempt will record what is wrong with this agent; not the caller's input
             return
         inputs.argv_fits(agent, inv)
+
+    @staticmethod
+    async def _checkout_branch(top: str) -> str | None:
+        """The branch checked out at `top` (None when HEAD is detached). Its whole name: git's
+        `symbolic-ref --short` says heads/x for a branch x beside a tag x, and that names no branch."""
+        head = await anyio.to_thread.run_sync(read_head, top)
+        if head is None or not (head.startswith("ref: ") or is_object_id(head)):
+            head = "ref: " + await git(top, "symbolic-ref", "--quiet", "HEAD", check=False)
+        return head.removeprefix("ref: refs/heads/") if head.startswith("ref: refs/heads/") else None
 
     async def _toplevel(self, repo: str | Path, must_exist: bool = True) -> str | None:
         path = Path(repo).expanduser()

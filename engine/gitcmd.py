@@ -45,6 +45,11 @@ _IDENT = re.compile(r"(.+) <(.*)> \d+ [+-]\d{4}")
 _OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
+def is_object_id(text: str) -> bool:
+    """Whether `text` is a full object id (SHA-1 or SHA-256), as git writes one."""
+    return bool(_OID.fullmatch(text))
+
+
 def git_env(environ: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
     """The environment of a git the server runs: agents' allow-list, git's own locations, fixed settings."""
     source = dict(os.environ if environ is None else environ)

@@ -40,7 +40,7 @@ from engine.gitcmd import (COUNCIL_ENV, COUNCIL_IDENTITY, GitError, changes, com
 from engine.models import MergeResult
 from engine.setup import own_git_dir
 
-__all__ = ["BadTarget", "MergeRefused", "STRATEGIES", "check_target", "merge_branch", "changes_in"]
+__all__ = ["BadTarget", "MergeRefused", "STRATEGIES", "check_target", "merge_branch", "changes_in", "read_head"]
 
 STRATEGIES = ("squash", "merge", "rebase")
 _T = TypeVar("_T")
@@ -229,13 +229,19 @@ async def _git_dir(worktree: str) -> Path:
             or Path(await git(worktree, "rev-parse", "--absolute-git-dir")))
 
 
-def _on_branch(worktree: str | Path, ref: str) -> bool:
-    """Whether the checkout's HEAD names `ref`, read from its HEAD file (a guess the caller confirms)."""
+def read_head(worktree: str | Path) -> str | None:
+    """The checkout's HEAD file as git writes it (`ref: refs/heads/main`, or a commit id), or None
+    when it can't be read that way (no git dir found, a symlink HEAD, not text): then ask git."""
     git_dir = _read_git_dir(worktree)
     try:
-        return git_dir is not None and (git_dir / "HEAD").read_text().strip() == f"ref: {ref}"
+        return None if git_dir is None or (git_dir / "HEAD").is_symlink() else (git_dir / "HEAD").read_text().strip()
     except (OSError, UnicodeDecodeError):
-        return False
+        return None
+
+
+def _on_branch(worktree: str | Path, ref: str) -> bool:
+    """Whether the checkout's HEAD names `ref`, read from its HEAD file (a guess the caller confirms)."""
+    return read_head(worktree) == f"ref: {ref}"
 
 
 async def _in_progress(worktree: str) -> list[str]:

@@ -163,3 +163,29 @@ async def test_neither_an_attempt_commit_nor_a_merge_runs_the_repos_auto_mainten
     assert not graphs.exists()
     commit(repo, {"c.txt": "by hand\n"})  # the check can fail: the user's own commit runs it
     assert graphs.exists()
+
+
+async def test_the_checkout_branch_a_task_merges_into_is_read_from_head_as_git_answers(make_engine, repo, tmp_path):
+    """submit_task reads the checkout's branch from its HEAD file; git answers when the file can't be
+    read that way. A branch that shares its name with a tag is still that branch (git's --short would
+    say heads/x, which names no branch)."""
+    linked = tmp_path / "linked"
+    g(repo, "worktree", "add", "-q", "-b", "feat/linked", str(linked))
+    async with make_engine({"one": fake("--write", "x=1")}) as engine:
+        async def into(path=repo):
+            return (await engine.submit(str(path), "do it", agents=["one"], base="HEAD")).into
+
+        assert await into() == "main"
+        assert await into(linked) == "feat/linked"
+        g(repo, "checkout", "-q", "--detach")
+        assert await into() is None
+        g(repo, "checkout", "-q", "-b", "x")
+        g(repo, "tag", "x")
+        assert await into() == "x"
+        head = repo / ".git" / "HEAD"  # a HEAD git can read but the file reader doesn't: git answers
+        head.write_text("ref:refs/heads/main\n")
+        assert g(repo, "symbolic-ref", "HEAD") == "refs/heads/main"
+        assert await into() == "main"
+        head.unlink()
+        head.symlink_to("refs/heads/x")  # the symlink HEAD of old gits
+        assert await into() == "x"
