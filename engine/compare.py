@@ -1,6 +1,7 @@
-"""Comparison of a task's candidates, always on and free: which files each touched, and how much
-each change agrees with the others'. Attempts that reach the same change independently reinforce
-each other; the judge uses it after the check and the reviews.
+"""Comparison of a task's candidates, always on and free: how much each change agrees with the
+others'. Attempts that reach the same change independently reinforce each other; the judge uses it
+after the check and the reviews. (The files each attempt touched are listed when its work is
+committed, from the same count: `listed`.)
 
 Agreement of two changes weighs two Jaccard indices, a third for the files they touch and two
 thirds for the lines they add (path and text, surrounding whitespace ignored; the lines they
@@ -75,9 +76,19 @@ def agreements(changes: dict[str, Change]) -> dict[str, tuple[float | None, list
     return found
 
 
+def listed(files: list[str]) -> list[str]:
+    """An attempt's files_touched, from the paths its branch changed."""
+    return sorted(files)[:MAX_LISTED]
+
+
 async def compare(task: Task, secrets: list[str] = ()) -> None:
-    """Record files_touched, agreement and agrees_with on every candidate of a finished task."""
+    """Record agreement and agrees_with on every candidate of a finished task. A lone candidate has
+    no one to agree with: no patch is read for it."""
     found = candidates(task)
+    if len(found) < 2:
+        for a in found:
+            a.agreement, a.agrees_with = None, []
+        return
     changes: dict[str, Change] = {}
 
     async def read(a: Attempt) -> None:
@@ -91,5 +102,4 @@ async def compare(task: Task, secrets: list[str] = ()) -> None:
     result = await anyio.to_thread.run_sync(agreements, changes)
     for a in found:
         if a.agent in changes:
-            a.files_touched = sorted(changes[a.agent][0])[:MAX_LISTED]
             a.agreement, a.agrees_with = result[a.agent]

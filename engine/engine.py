@@ -1016,7 +1016,7 @@ class Engine:
                 files, attempt.insertions, attempt.deletions = await self.host.commit_and_count(
                     path, f"council {task.task_id}: {attempt.agent}\n\n{task.prompt.splitlines()[0][:200]}",
                     adapter.scratch + tuple(p.rstrip("/") for p in work.keep_out), task.base)
-                attempt.files_changed = len(files)
+                attempt.files_changed, attempt.files_touched = len(files), compare_mod.listed(files)
         attempt.session_id, attempt.summary = outcome.session_id, outcome.summary
         await self._conclude(task, attempt, outcome, result, path, work.env, f"no result within {task.timeout_s:g}s")
 

@@ -18,7 +18,7 @@ import anyio
 from adapters import make_adapter
 from adapters.base import Adapter, Job
 
-from . import inputs, ports as ports_mod, setup, tries
+from . import compare as compare_mod, inputs, ports as ports_mod, setup, tries
 from .config import ConfigError
 from .events import wait_for
 from .gitcmd import git
@@ -148,7 +148,7 @@ async def body(engine: "Engine", task: Task, attempt: Attempt, adapter: Adapter)
             files, attempt.insertions, attempt.deletions = await engine.worktrees.commit_and_count(
                 path, f"council {task.task_id}: {attempt.agent}, round {attempt.rounds}\n\n{first}",
                 adapter.scratch + keep_out, task.base)
-            attempt.files_changed = len(files)
+            attempt.files_changed, attempt.files_touched = len(files), compare_mod.listed(files)
     round_changed = await git(path, "rev-parse", "HEAD") != start_commit
     attempt.session_id = outcome.session_id or attempt.session_id
     attempt.summary = this.summary = outcome.summary

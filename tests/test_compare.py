@@ -69,3 +69,17 @@ async def test_a_lone_attempt_has_no_agreement(make_engine, repo):
         task = await run_task(engine, repo, agents=["solo"])
     solo = task.attempt("solo")
     assert solo.files_touched == ["app.py"] and solo.agreement is None and solo.agrees_with == []
+
+
+async def test_files_touched_are_listed_for_every_attempt_with_changes_as_its_work_is_committed(make_engine, repo):
+    """Listed from the count made with the commit, not from the comparison: a lone candidate's
+    verdict reads no patch, and an attempt that is no candidate (it timed out) still shows what it
+    touched."""
+    slow = "open('notes.txt', 'w').write('x'); import time; time.sleep(60)"
+    agents = {"good": fake("--write", FIX), "slow": {"kind": "command", "argv": ["python3", "-c", slow]}}
+    async with make_engine(agents) as engine:
+        task = await run_task(engine, repo, agents=list(agents), timeout_s=3)
+    good, slow = task.attempt("good"), task.attempt("slow")
+    assert slow.state == "timed_out" and slow.files_touched == ["notes.txt"]
+    assert good.files_touched == ["app.py"] and good.agreement is None and good.agrees_with == []
+    assert task.best == "good"
