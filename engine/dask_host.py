@@ -492,7 +492,7 @@ class DaskHost:
         finally:
             session.opened.release()
 
-    def tmpdir(self, home: Path, task_id: str, agent: str) -> str | None:
+    async def tmpdir(self, home: Path, task_id: str, agent: str) -> str | None:
         return None  # the worker's: beside its clone (see _local_env)
 
     async def aclose(self) -> None:

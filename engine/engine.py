@@ -1053,7 +1053,7 @@ class Engine:
             inv.env.update(env)
         except (ValueError, OSError) as e:
             return Outcome(ok=False, error=ErrorInfo(kind=ErrorKind.invalid_output, message=str(e))), runner.RunResult(None)
-        if tmp := self.host.tmpdir(self.home, task.task_id, attempt.agent):
+        if tmp := await self.host.tmpdir(self.home, task.task_id, attempt.agent):
             inv.env.setdefault("TMPDIR", tmp)
         secrets = self._secrets.setdefault(task.task_id, [])
         secrets += [s for s in inv.secrets if s not in secrets]
@@ -1087,7 +1087,7 @@ class Engine:
     async def _run_check(self, task: Task, attempt: Attempt, path: Path, ports: dict[str, str]) -> CheckResult:
         # The check runs what the agent wrote: it gets the agents' allow-listed environment, never our keys.
         env = {**allowed_env(self.environ), **ports}
-        if tmp := self.host.tmpdir(self.home, task.task_id, attempt.agent):
+        if tmp := await self.host.tmpdir(self.home, task.task_id, attempt.agent):
             env["TMPDIR"] = tmp
         # A shell command line, as CI configs have it (`pytest -q && ruff check .`): the caller can run any
         # program through the check anyway, so the shell adds no power.

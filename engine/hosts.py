@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
+import anyio
+
 from adapters.base import Invocation
 
 from . import runner
@@ -44,7 +46,7 @@ class Host(Protocol):
 
     async def finish(self, task: "Task", attempt: "Attempt", work: "Workspace") -> None: ...
 
-    def tmpdir(self, home: Path, task_id: str, agent: str) -> str | None: ...
+    async def tmpdir(self, home: Path, task_id: str, agent: str) -> str | None: ...
 
     async def aclose(self) -> None: ...
 
@@ -76,10 +78,11 @@ class LocalHost:
     async def finish(self, task: "Task", attempt: "Attempt", work: "Workspace") -> None:
         """Nothing to hand over: the worktree's branch is already the user's repo's."""
 
-    def tmpdir(self, home: Path, task_id: str, agent: str) -> str | None:
-        """A private TMPDIR, removed when the task ends: CLIs leave files there (gemini's error reports)."""
-        tmp = home / "tmp" / task_id / agent
-        tmp.mkdir(parents=True, exist_ok=True)
+    async def tmpdir(self, home: Path, task_id: str, agent: str) -> str | None:
+        """A private TMPDIR, removed when the task ends: CLIs leave files there (gemini's error reports).
+        Made in a worker thread: a mkdir on a busy disk can take milliseconds, which the loop can't spare."""
+        tmp = anyio.Path(home / "tmp" / task_id / agent)
+        await tmp.mkdir(parents=True, exist_ok=True)
         return str(tmp)
 
     async def aclose(self) -> None:

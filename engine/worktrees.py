@@ -51,7 +51,7 @@ class Worktrees:
         cost, runs outside it, so parallel attempts check out in parallel (each its own index and
         files; the object store is only read). The checkout is the `reset --hard` git's own add runs."""
         path, branch = self.path(task_id, agent), branch_name(task_id, agent)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)  # not on the loop: disks stall
         async with self.lock(repo):
             for attempt in range(3):
                 try:
