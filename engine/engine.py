@@ -995,7 +995,9 @@ class Engine:
     async def _attempt_body(self, task: Task, attempt: Attempt, adapter: Adapter) -> None:
         if attempt.rounds > 1:  # a follow-up in the worktree it already has
             return await rounds.body(self, task, attempt, adapter)
-        work = await self.host.workspace(self, task, attempt)
+        # The attempt's TMPDIR is made while its worktree is: both are on the path of the agent's start.
+        work, _ = await concurrently(lambda: self.host.workspace(self, task, attempt),
+                                     lambda: self.host.tmpdir(self.home, task.task_id, attempt.agent))
         if work is None:
             return
         try:

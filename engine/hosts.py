@@ -81,8 +81,9 @@ class LocalHost:
     async def tmpdir(self, home: Path, task_id: str, agent: str) -> str | None:
         """A private TMPDIR, removed when the task ends: CLIs leave files there (gemini's error reports).
         Made in a worker thread: a mkdir on a busy disk can take milliseconds, which the loop can't spare."""
-        tmp = anyio.Path(home / "tmp" / task_id / agent)
-        await tmp.mkdir(parents=True, exist_ok=True)
+        tmp = home / "tmp" / task_id / agent
+        if not tmp.is_dir():  # made already (beside the attempt's worktree): no thread to wait for
+            await anyio.Path(tmp).mkdir(parents=True, exist_ok=True)
         return str(tmp)
 
     async def aclose(self) -> None:

@@ -245,9 +245,13 @@ class Pool:
         entry = next((e for e in fits if e.base == base), fits[0])  # same base: nothing to rewrite
         entries.remove(entry)
         dest, branch = self.worktrees.path(task_id, agent), branch_name(task_id, agent)
-        where, made_branch, ok = entry.path, False, False
+        made_branch, ok = False, False
+        moved: list[Path] = []  # the entry's new place once it is there, even if its registration failed
+
+        def parent() -> Awaitable[None]:
+            return anyio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
+
         try:
-            await anyio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
             if entry.base == base:  # only the branch is new: no file to touch, no index to refresh
                 # The check and the new branch at once (a take is on the path of the agent's start): with
                 # HEAD still detached at the base, the status reads the tree the branch is made at.
@@ -256,14 +260,12 @@ class Pool:
                     await git(repo, "update-ref", f"refs/heads/{branch}", base, "")  # "": it must not exist yet
                     made_branch = True
 
-                _, status = await concurrently(new_branch, lambda: setup.untracked_and_changed(entry.path))
-                admin = await anyio.to_thread.run_sync(_rename, entry.path, dest)
-                where, head = dest, base
-                await anyio.to_thread.run_sync(_register, admin, dest, branch)
+                _, status, _ = await concurrently(new_branch, lambda: setup.untracked_and_changed(entry.path), parent)
+                await anyio.to_thread.run_sync(_move, entry.path, dest, branch, moved)
+                head = base
             else:
-                admin = await anyio.to_thread.run_sync(_rename, entry.path, dest)
-                where = dest
-                await anyio.to_thread.run_sync(_register, admin, dest, None)
+                await parent()
+                await anyio.to_thread.run_sync(_move, entry.path, dest, None, moved)
                 await git(dest, "checkout", "--quiet", "--no-recurse-submodules", "-b", branch, base)
                 made_branch = True
                 head = await resolve_commit(dest, "HEAD")
@@ -282,7 +284,7 @@ class Pool:
         finally:
             if not ok:
                 with anyio.CancelScope(shield=True):
-                    await self._discard(repo, where)
+                    await self._discard(repo, moved[0] if moved else entry.path)
                     if made_branch:
                         await git(repo, "branch", "-D", branch, check=False)
 
@@ -329,6 +331,14 @@ def _rename(src: Path, dest: Path) -> Path:
             raise OSError(f"cannot move {src} to {dest}: {refusal} exists")
     os.rename(src, dest)
     return admin
+
+
+def _move(src: Path, dest: Path, branch: str | None, moved: list[Path]) -> None:
+    """_rename, then _register (one worker thread for both: a take is on the path of the agent's
+    start); `moved` gets `dest` as soon as the directory is there."""
+    admin = _rename(src, dest)
+    moved.append(dest)
+    _register(admin, dest, branch)
 
 
 def _register(admin: Path, worktree: Path, branch: str | None) -> None:
