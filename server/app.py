@@ -553,8 +553,8 @@ def build_server(config: Config | None = None, home: Path | None = None, require
 
     server = CouncilServer("cli-council", title="cli-council", version=_version(), instructions=INSTRUCTIONS,
                        lifespan=lifespan, subscriptions=bus, log_level="WARNING")
-    for fn, annotations in TOOLS:
-        server.add_tool(fn, description=inspect.cleandoc(fn.__doc__), annotations=annotations)
+    for fn, hints in TOOLS:
+        server.add_tool(fn, description=inspect.cleandoc(fn.__doc__), annotations=hints)
         _strict(server._tool_manager.get_tool(fn.__name__))  # MCPServer has no public handle on a tool
     server.resource("council://tasks/{task_id}", name="task", title="Task", mime_type="application/json",
                     description="The task with all its attempts, as get_status returns it.")(_task_json)

@@ -192,7 +192,6 @@ def routes(get_engine: Callable[[], Engine], token: str | None, host: str = "127
                                         dry_run=dry_run))
 
     async def events(request: Request, engine: Engine) -> Response:
-        nonlocal streams
         task_id = request.path_params["task_id"]
         task = await engine.get(task_id)  # 404 now, not inside the stream
         # EventSource sends the last `id:` it saw when it reconnects: the stream goes on from there.

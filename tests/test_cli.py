@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fake, git, pid_running
+from conftest import fake, pid_running
 
 
 def write_config(path: Path, agents: dict, **engine) -> None:

@@ -5,7 +5,6 @@ it too; and a subscriber that never reads stays bounded without holding the publ
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
