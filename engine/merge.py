@@ -229,14 +229,28 @@ async def _git_dir(worktree: str) -> Path:
             or Path(await git(worktree, "rev-parse", "--absolute-git-dir")))
 
 
+_HEAD_MAX = 4096  # a HEAD file is one short line
+
+
 def read_head(worktree: str | Path) -> str | None:
     """The checkout's HEAD file as git writes it (`ref: refs/heads/main`, or a commit id), or None
-    when it can't be read that way (no git dir found, a symlink HEAD, not text): then ask git."""
+    when it can't be read that way (no git dir found, a symlink HEAD, not text, more than one word
+    after `ref: `, too long): then ask git. git accepts a repo whose HEAD has lines after its ref,
+    and then finds no ref there; read whole, that would name a branch with a newline in it."""
     git_dir = _read_git_dir(worktree)
+    if git_dir is None:
+        return None
     try:
-        return None if git_dir is None or (git_dir / "HEAD").is_symlink() else (git_dir / "HEAD").read_text().strip()
+        if (git_dir / "HEAD").is_symlink():
+            return None
+        with open(git_dir / "HEAD", "rb") as f:
+            data = f.read(_HEAD_MAX + 1)
+        text = data.decode().strip()
     except (OSError, UnicodeDecodeError):
         return None
+    if len(data) > _HEAD_MAX or any(c.isspace() for c in text.removeprefix("ref: ")):
+        return None
+    return text
 
 
 def _on_branch(worktree: str | Path, ref: str) -> bool:

@@ -172,8 +172,8 @@ async def test_the_checkout_branch_a_task_merges_into_is_read_from_head_as_git_a
     linked = tmp_path / "linked"
     g(repo, "worktree", "add", "-q", "-b", "feat/linked", str(linked))
     async with make_engine({"one": fake("--write", "x=1")}) as engine:
-        async def into(path=repo):
-            return (await engine.submit(str(path), "do it", agents=["one"], base="HEAD")).into
+        async def into(path=repo, base="HEAD"):
+            return (await engine.submit(str(path), "do it", agents=["one"], base=base)).into
 
         assert await into() == "main"
         assert await into(linked) == "feat/linked"
@@ -186,6 +186,10 @@ async def test_the_checkout_branch_a_task_merges_into_is_read_from_head_as_git_a
         head.write_text("ref:refs/heads/main\n")
         assert g(repo, "symbolic-ref", "HEAD") == "refs/heads/main"
         assert await into() == "main"
+        head.write_text("ref: refs/heads/main\nmore\n")  # git takes the repo, and finds no ref in HEAD
+        assert subprocess.run(["git", "symbolic-ref", "HEAD"], cwd=repo, capture_output=True).returncode != 0
+        assert await into(base="main") is None  # (HEAD itself names no commit then)
+        head.write_text("ref: refs/heads/main\n")
         head.unlink()
         head.symlink_to("refs/heads/x")  # the symlink HEAD of old gits
         assert await into() == "x"
