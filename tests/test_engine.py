@@ -8,7 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from engine.engine import CouncilError, NotFound
+from engine.engine import CouncilError, NotFound, _Later
 from engine.models import ACTIVE_TASK, AttemptState, TaskState
 
 from conftest import fake, git, pid_running
@@ -273,6 +273,21 @@ async def test_a_dirty_checkout_is_warned_of_in_the_answer_and_in_the_stored_tas
         assert any("uncommitted changes" in w for w in done.warnings), done.warnings
         clean = await engine.submit(str(repo), "do it", agents=["gone"], base="HEAD")
         assert clean.warnings == []
+
+
+async def test_a_background_question_that_fails_or_is_cancelled_answers_none_and_raises_nowhere():
+    """The dirty check runs as a _Later in the engine's own task group: what goes wrong in it must not
+    end that group, and a submission refused meanwhile cancels it without waiting for its answer."""
+    async def gone():
+        raise OSError("the checkout went away")
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            failed, cancelled = _Later(), _Later()
+            tg.start_soon(failed.ask, gone)
+            tg.start_soon(cancelled.ask, lambda: anyio.sleep(3600))
+            cancelled.scope.cancel()
+            assert await failed.get() is None and await cancelled.get() is None
 
 
 async def test_a_submission_refused_after_the_dirty_check_began_leaves_the_engine_whole(make_engine, repo):
