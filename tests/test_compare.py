@@ -41,7 +41,9 @@ def test_same_line_rewritten_differently_is_not_the_same_change():
 
 
 async def test_agreement_beats_a_smaller_diff_and_is_named_in_the_reason(make_engine, repo):
-    agents = {"alpha": fake("--write", FIX + "\n# a"), "beta": fake("--write", FIX + "\n# b"),
+    # alpha and beta tie on everything but their speed: beta is made the slower, so the runner-up the
+    # reason names is alpha, not whichever happened to finish first
+    agents = {"alpha": fake("--write", FIX + "\n# a"), "beta": fake("--sleep", "1", "--write", FIX + "\n# b"),
               "gamma": fake("--write", FIX), "delta": fake("--write", "notes.txt=x")}
     async with make_engine(agents) as engine:
         task = await run_task(engine, repo, agents=list(agents))
