@@ -7,6 +7,7 @@ import math
 import os
 import sys
 
+import anyio
 import pytest
 from mcp import Client
 
@@ -116,6 +117,11 @@ async def test_local_model_gets_the_earlier_exchange(make_engine, repo):
 
 
 async def snapshot(engine: Engine, repo, task_id: str) -> tuple:
+    # The warm pool refills in the background after a task: its entries come and go on their own (one
+    # half made shows in `worktree list` as "locked initializing"), not because of a refusal.
+    with anyio.fail_after(60):
+        while engine.pool.filling((await engine.store.get_task(task_id)).repo):
+            await anyio.sleep(0.05)
     stored = (await engine.store.get_task(task_id)).model_dump_json()
     return stored, git(repo, "for-each-ref"), git(repo, "worktree", "list", "--porcelain")
 
