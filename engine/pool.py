@@ -6,9 +6,11 @@ already run, refilled in the background (in the Engine's task group) after each 
 moves it to the attempt's path and branch (as `git worktree move`, then `git checkout -b BRANCH BASE`,
 which rewrites only the files that differ; an entry whose setup ran is only used at the commit it
 ran at, as its output may depend on any file) and verifies it clean before the agent starts: HEAD at
-the base, and `git status` showing exactly what its setup left. Anything else (a stray file, a
-setup that changed since the entry was made, git refusing) discards the entry and the attempt gets
-a fresh worktree. An entry is used once: a taken worktree never returns to the pool.
+the base, and `git status` showing exactly what its setup left. That status runs when the entry is
+made, under a watch (watch.py) of the directories it reads; a take at the entry's base whose watch
+saw nothing since needs no other. Anything else (a stray file, a setup that changed since the entry
+was made, git refusing) discards the entry and the attempt gets a fresh worktree. An entry is used
+once: a taken worktree never returns to the pool.
 
 Entries live under CLI_COUNCIL_HOME/worktrees/pool/<pid>-<start>/<id>: the directory names the
 process that owns them, so a later process (its start, `gc`) removes those of a process that is
@@ -35,6 +37,7 @@ from .config import Config, ConfigError
 from .gitcmd import GitError, concurrently, git, resolve_commit
 from .models import GcReport
 from .repoconfig import RepoConfigs, WorktreeSetup
+from .watch import Watch
 from .worktrees import Worktrees, branch_name
 
 POOL_DIR = "pool"
@@ -51,6 +54,8 @@ class Entry:
     output: list[str]  # what `git status` showed after its copies and setup: allowed, never committed
     lines: list[tuple[str, str]] = field(default_factory=list)  # the setup's output, for the attempt's log
     made_at: float = field(default_factory=time.time)
+    watch: Watch | None = None  # on since before its last status; None: a take runs one
+    watched: bool = False  # its take found the watch untouched and ran no status
 
 
 @dataclass
@@ -84,7 +89,7 @@ class Pool:
         self.kill_grace_s = kill_grace_s
         self._entries: dict[str, list[Entry]] = {}
         self._filling: set[str] = set()
-        self._sizes: dict[tuple[str, str], int] = {}
+        self._trees: dict[tuple[str, str], tuple[int, frozenset[str]]] = {}
         self._failed: set[tuple[str, str, str | None]] = set()  # (repo, commit, setup) whose setup failed here
         self._tg: TaskGroup | None = None
         self._config: Config | None = None
@@ -110,7 +115,8 @@ class Pool:
             await note(w)
         if work.pooled is not None:
             when = time.strftime("%H:%M:%S", time.localtime(work.pooled.made_at))
-            await note(f"worktree ready from the warm pool (made at {when} at {work.pooled.base[:12]})"
+            await note(f"worktree ready from the warm pool (made at {when} at {work.pooled.base[:12]}"
+                       + ("; watched since it was verified clean: unchanged)" if work.pooled.watched else ")")
                        + (f"; its setup `{ws.setup}` ran then, its output:" if ws.setup else ""))
             for stream, text in work.pooled.lines:
                 await log(stream, text)
@@ -158,7 +164,7 @@ class Pool:
             while True:
                 config = self._config
                 head = await resolve_commit(repo, "HEAD")
-                if head is None or not await self._small_enough(repo, head, config.pool.max_files):
+                if head is None or (dirs := await self._small_enough(repo, head, config.pool.max_files)) is None:
                     return
                 try:
                     ws = await self.repo_configs.settings(config, repo, head)
@@ -170,10 +176,10 @@ class Pool:
                 entries = self._entries.setdefault(repo, [])
                 for old in [e for e in entries if not _fits(e, head, ws)]:  # another setup, or its output is stale
                     entries.remove(old)
-                    await self._discard(old.repo, old.path)
+                    await self._drop(old)
                 if len(entries) >= config.pool.size:
                     return
-                entry = await self._make(repo, head, ws)
+                entry = await self._make(repo, head, ws, dirs)
                 if entry is None:
                     self._failed.add((repo, head, ws.setup))
                     return
@@ -183,24 +189,26 @@ class Pool:
         finally:
             self._filling.discard(repo)
 
-    async def _small_enough(self, repo: str, commit: str, max_files: int) -> bool:
-        """Whether the commit tracks at most max_files files (counted once per commit)."""
-        if (repo, commit) not in self._sizes:
-            if len(self._sizes) > 256:
-                self._sizes.clear()
+    async def _small_enough(self, repo: str, commit: str, max_files: int) -> frozenset[str] | None:
+        """The directories holding the commit's files ("" the top) if it tracks at most max_files
+        files, else None (read once per commit)."""
+        if (repo, commit) not in self._trees:
+            if len(self._trees) > 64:
+                self._trees.clear()
             out = await git(repo, "ls-tree", "-r", "-z", "--name-only", "--full-tree", commit)
-            self._sizes[(repo, commit)] = out.count("\0")
-        if self._sizes[(repo, commit)] > max_files:
-            logger.info("no warm pool for %s: %d files, over [pool] max_files = %d", repo,
-                        self._sizes[(repo, commit)], max_files)
-            return False
-        return True
+            self._trees[(repo, commit)] = (out.count("\0"), await anyio.to_thread.run_sync(_dirs_of, out))
+        files, dirs = self._trees[(repo, commit)]
+        if files > max_files:
+            logger.info("no warm pool for %s: %d files, over [pool] max_files = %d", repo, files, max_files)
+            return None
+        return dirs
 
-    async def _make(self, repo: str, base: str, ws: WorktreeSetup) -> Entry | None:
+    async def _make(self, repo: str, base: str, ws: WorktreeSetup, dirs: frozenset[str]) -> Entry | None:
         entry_id = uuid.uuid4().hex[:12]
         path = self.dir / entry_id
         await anyio.Path(self.dir).mkdir(parents=True, exist_ok=True)
         lines: list[tuple[str, str]] = []
+        entry: Entry | None = None
 
         async def keep(stream: str, text: str) -> None:
             if len(lines) < setup.KEEP_LINES:
@@ -226,11 +234,19 @@ class Pool:
             # index makes the take's check a stat per file.
             await anyio.sleep(math.floor(time.time()) + 1.01 - time.time())
             output = await setup.untracked_and_changed(path, keep=True)
+            entry = Entry(repo=repo, base=base, path=path, setup=ws.setup, output=output, lines=lines)
+            # Watched from before a second status (which writes nothing): whatever changes from then
+            # on shows in the watch, whatever changed before in the status.
+            entry.watch = await anyio.to_thread.run_sync(_watch, path, dirs)
+            if entry.watch is not None and await setup.untracked_and_changed(path) != output:
+                await self._unwatch(entry)
             ok = True
-            return Entry(repo=repo, base=base, path=path, setup=ws.setup, output=output, lines=lines)
+            return entry
         finally:
             if not ok:
                 with anyio.CancelScope(shield=True):
+                    if entry is not None:
+                        await self._unwatch(entry)
                     await self._discard(repo, path)
 
     async def _take(self, repo: str, task_id: str, agent: str, base: str, ws: WorktreeSetup) -> Workspace | None:
@@ -239,11 +255,15 @@ class Pool:
         for old in [e for e in entries if not _fits(e, base, ws)]:  # never used: the refill replaces them
             entries.remove(old)
             if self._tg is not None:
-                self._tg.start_soon(self._discard, old.repo, old.path)
+                self._tg.start_soon(self._drop, old)
         if not fits:
             return None
         entry = next((e for e in fits if e.base == base), fits[0])  # same base: nothing to rewrite
         entries.remove(entry)
+        # Asked before anything of the take happens; the watch itself is closed off its path.
+        entry.watched = entry.base == base and entry.watch is not None and entry.watch.untouched()
+        if entry.watch is not None and self._tg is not None:
+            self._tg.start_soon(self._unwatch, entry)
         dest, branch = self.worktrees.path(task_id, agent), branch_name(task_id, agent)
         made_branch, ok = False, False
         moved: list[Path] = []  # the entry's new place once it is there, even if its registration failed
@@ -260,7 +280,12 @@ class Pool:
                     await git(repo, "update-ref", f"refs/heads/{branch}", base, "")  # "": it must not exist yet
                     made_branch = True
 
-                _, status, _ = await concurrently(new_branch, lambda: setup.untracked_and_changed(entry.path), parent)
+                if entry.watched:  # nothing changed since the status that made it: that one answers
+                    await concurrently(new_branch, parent)
+                    status = entry.output
+                else:
+                    _, status, _ = await concurrently(new_branch, lambda: setup.untracked_and_changed(entry.path),
+                                                      parent)
                 await anyio.to_thread.run_sync(_move, entry.path, dest, branch, moved)
                 head = base
             else:
@@ -288,6 +313,17 @@ class Pool:
                     if made_branch:
                         await git(repo, "branch", "-D", branch, check=False)
 
+    async def _unwatch(self, entry: Entry) -> None:
+        watch, entry.watch = entry.watch, None
+        if watch is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(watch.close)
+
+    async def _drop(self, entry: Entry) -> None:
+        """An entry that will not be taken: its watch closed, its worktree removed."""
+        await self._unwatch(entry)
+        await self._discard(entry.repo, entry.path)
+
     async def _discard(self, repo: str | Path, path: Path) -> None:
         """Remove one entry, whatever cancellation comes meanwhile (a half-removed one would be litter)."""
         with anyio.CancelScope(shield=True):
@@ -302,7 +338,7 @@ class Pool:
         entries = [e for es in self._entries.values() for e in es]
         self._entries.clear()
         for entry in entries:
-            await self._discard(entry.repo, entry.path)
+            await self._drop(entry)
         for left in await _subdirs(self.dir):
             await _remove_dir(left)
         await anyio.to_thread.run_sync(_rmdirs, self.dir)
@@ -317,6 +353,28 @@ def _fits(entry: Entry, base: str, ws: WorktreeSetup) -> bool:
 # A take moves the entry as `git worktree move` does, then (same base) points its HEAD at the new
 # branch as `git symbolic-ref` does: without their two processes, half of a take's, which are on the
 # path of the agent's start. What git would refuse to move is refused with OSError.
+
+def _dirs_of(names: str) -> frozenset[str]:
+    """The directories holding the NUL-separated paths, and all above them ("" the top)."""
+    dirs = {""}
+    for name in names.split("\0"):
+        d = name.rpartition("/")[0]
+        while d not in dirs:
+            dirs.add(d)
+            d = d.rpartition("/")[0]
+    return frozenset(dirs)
+
+
+def _watch(path: Path, dirs: frozenset[str]) -> Watch | None:
+    """A watch of what `git status` reads in the worktree at `path`: its git dir (index, HEAD) and the
+    directories holding tracked files, where any new, changed or removed file shows. Not the inside of
+    an untracked directory: a status shows it as one `dir/` line whatever it holds."""
+    try:
+        admin = setup.own_git_dir(path)
+    except OSError:
+        return None
+    return Watch.start([admin, *(path / d for d in sorted(dirs))])
+
 
 def _rename(src: Path, dest: Path) -> Path:
     """The worktree's directory to its new place, unless git would refuse: a locked worktree, one with

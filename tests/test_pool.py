@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import anyio
+import pytest
 
 from engine import cleanup
 from engine.config import parse_config
@@ -21,6 +22,7 @@ from conftest import FAKES, fake, git, pid_running
 
 OBSERVER = [sys.executable, str(FAKES / "observer.py")]
 AHEAD = "from the warm pool"
+WATCHED = "watched since it was verified clean: unchanged"
 
 
 def observer() -> dict:
@@ -90,6 +92,7 @@ async def test_an_attempt_starts_in_a_ready_worktree_and_the_pool_refills(counci
         assert seen(repo, a.branch)["files"]["node_modules/dep.js"]["text"] == "built\n"
         log = await notes(engine, warm.task_id)
         assert any(AHEAD in n for n in log) and "setup says hi" in log, "the setup's output is shown all the same"
+        assert any(WATCHED in n for n in log), "nothing touched the entry: its take ran no status"
         assert a.worktree not in runs.read_text().splitlines(), "no setup ran in the taken worktree"
         assert sum(str(e) == a.worktree for e in pool_entries(council_home)) == 0
         # git knows the taken worktree where it now is, on its branch (a prune drops one whose place it lost)
@@ -149,6 +152,49 @@ async def test_an_agent_never_sees_another_tasks_files_and_entries_are_used_once
         assert not any(AHEAD in n for n in await notes(engine, three.task_id))
         assert "src/pkg/stray.py" not in seen(repo, three.attempt("obs").branch)["files"]
         assert not entry.exists() and str(entry) not in registered(repo)
+
+
+def _rewrite(entry: Path) -> None:
+    (entry / "src" / "pkg" / "mod.py").write_text("x = 2  # not the base's\n")
+
+
+def _new_dir(entry: Path) -> None:
+    (entry / "src" / "pkg" / "new").mkdir()
+    (entry / "src" / "pkg" / "new" / "stray.py").write_text("stray\n")
+
+
+DISTURBANCES = {
+    "rewrite": _rewrite,
+    "chmod": lambda entry: (entry / "src" / "pkg" / "mod.py").chmod(0o755),
+    "delete": lambda entry: (entry / "src" / "pkg" / "mod.py").unlink(),
+    "new dir": _new_dir,
+    "index": lambda entry: git(entry, "rm", "-q", "--cached", "src/pkg/mod.py"),
+    "touch": lambda entry: os.utime(entry / "src" / "pkg" / "mod.py", ns=(10**18, 10**18)),
+}
+
+
+@pytest.mark.parametrize("how", DISTURBANCES)
+async def test_a_take_trusts_no_entry_touched_since_it_was_verified(council_home, repo, how):
+    """Whatever happens to a ready entry (a file rewritten, its mode changed, one deleted, a new
+    directory below the top, the entry's index changed, a file only touched) ends its watch: the take
+    runs `git status` again, which refuses the entry unless it is still clean (the touch)."""
+    (repo / "src" / "pkg").mkdir(parents=True)
+    (repo / "src" / "pkg" / "mod.py").write_text("x = 1\n")
+    git(repo, "add", "src")
+    git(repo, "commit", "-qm", "a package")
+    async with pool_engine(council_home, {"obs": observer()}, size=1) as engine:
+        top = (await run(engine, repo)).repo
+        await until(lambda: engine.pool.ready(top) == 1 and not engine.pool.filling(top), "the pool filled")
+        [entry] = pool_entries(council_home)
+        DISTURBANCES[how](entry)
+        task = await run(engine, repo)
+        log, a = await notes(engine, task.task_id), task.attempt("obs")
+        assert a.state == "succeeded", a.error
+        assert not any(WATCHED in n for n in log)
+        assert any(AHEAD in n for n in log) == (how == "touch"), log
+        assert seen(repo, a.branch)["files"]["src/pkg/mod.py"]["text"] == "x = 1\n"
+        assert git(repo, "ls-tree", "--name-only", "-r", a.branch, "src") == "src/pkg/mod.py"
+        assert git(repo, "ls-tree", a.branch, "src/pkg/mod.py").startswith("100644 ")
 
 
 async def test_an_entry_a_take_cannot_move_as_git_does_is_removed(council_home, repo, caplog):

@@ -1,0 +1,70 @@
+"""The watch a pool entry's take trusts instead of a `git status`: reads never end it, any change in a
+watched directory does, and what it can't watch it refuses to vouch for."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from engine.watch import Watch
+
+
+def tree(tmp_path: Path) -> list[Path]:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f.txt").write_text("one\n")
+    return [tmp_path, tmp_path / "a", tmp_path / "a" / "b"]
+
+
+def started(dirs: list[Path]) -> Watch:
+    watch = Watch.start(dirs)
+    assert watch is not None
+    return watch
+
+
+def test_reads_and_what_came_before_the_start_leave_it_untouched(tmp_path):
+    dirs = tree(tmp_path)
+    (tmp_path / "a" / "before.txt").write_text("made before\n")
+    watch = started(dirs)
+    try:
+        for _ in range(2):
+            assert (tmp_path / "a" / "b" / "f.txt").read_text() == "one\n"
+            assert sorted(os.listdir(tmp_path / "a")) == ["b", "before.txt"]
+            os.stat(tmp_path / "a" / "b" / "f.txt")
+            assert watch.untouched()
+    finally:
+        watch.close()
+
+
+@pytest.mark.parametrize("change", ["write", "append", "create", "delete", "rename", "chmod", "utime", "mkdir"])
+def test_any_change_below_ends_it_for_good(tmp_path, change):
+    dirs = tree(tmp_path)
+    f = tmp_path / "a" / "b" / "f.txt"
+    watch = started(dirs)
+    try:
+        assert watch.untouched()
+        {"write": lambda: f.write_text("two\n"),
+         "append": lambda: f.open("a").write("more\n"),
+         "create": lambda: (tmp_path / "a" / "new.txt").write_text(""),
+         "delete": f.unlink,
+         "rename": lambda: f.rename(f.with_name("g.txt")),
+         "chmod": lambda: f.chmod(0o755),
+         "utime": lambda: os.utime(f, ns=(1, 1)),
+         "mkdir": lambda: (tmp_path / "a" / "b" / "c").mkdir()}[change]()
+        assert not watch.untouched()
+        assert not watch.untouched(), "an ended watch stays ended"
+    finally:
+        watch.close()
+
+
+def test_what_cannot_be_watched_is_vouched_for_by_nothing(tmp_path):
+    dirs = tree(tmp_path)
+    (tmp_path / "link").symlink_to(tmp_path / "a", target_is_directory=True)
+    assert Watch.start([*dirs, tmp_path / "gone"]) is None
+    assert Watch.start([*dirs, tmp_path / "a" / "b" / "f.txt"]) is None, "a file is no directory"
+    assert Watch.start([*dirs, tmp_path / "link"]) is None, "a symlink is not followed"
+    watch = started(dirs)
+    watch.close()
+    watch.close()
+    assert not watch.untouched(), "a closed watch vouches for nothing"
