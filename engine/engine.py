@@ -687,7 +687,7 @@ class Engine:
         top = await self._toplevel(repo)
         if dirty is not None:
             self._tg.start_soon(dirty.ask, partial(git, top, "status", "--porcelain", "--untracked-files=no",
-                                                   check=False))
+                                                   check=False, idle=True))
         ref = base or "HEAD"
         # On the path of every submit_task call: the base's commit and whether a branch named `council`
         # blocks every attempt's, from one git process; beside it, the checkout's branch, from its HEAD

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -43,6 +44,7 @@ _GIT_PASS = ("GIT_EXEC_PATH", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM", "GIT_CON
 _GIT_FIXED = {"GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
 _IDENT = re.compile(r"(.+) <(.*)> \d+ [+-]\d{4}")
 _OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+_NICE = ("nice", "-n", "19") if shutil.which("nice") else ()
 
 
 def is_object_id(text: str) -> bool:
@@ -66,16 +68,17 @@ class GitError(RuntimeError):
 
 
 async def _run(cwd: str | Path, args: tuple[str, ...], input: bytes | None = None,
-               env: dict[str, str] | None = None, hooks: bool = False):
-    return await anyio.run_process(["git", *(NO_FSMONITOR if hooks else NO_HOOKS), *args], cwd=str(cwd),
-                                   input=input, check=False, env=git_env(**(env or {})))
+               env: dict[str, str] | None = None, hooks: bool = False, idle: bool = False):
+    return await anyio.run_process([*(_NICE if idle else ()), "git", *(NO_FSMONITOR if hooks else NO_HOOKS), *args],
+                                   cwd=str(cwd), input=input, check=False, env=git_env(**(env or {})))
 
 
 async def git(cwd: str | Path, *args: str, check: bool = True, input: bytes | None = None,
-              env: dict[str, str] | None = None, hooks: bool = False) -> str:
+              env: dict[str, str] | None = None, hooks: bool = False, idle: bool = False) -> str:
     """Run git in `cwd` and return stdout (stripped of the final newline). `env` adds variables;
-    `hooks=True` lets this one command run the repo's hooks (only ever on the user's say-so)."""
-    result = await _run(cwd, args, input, env, hooks)
+    `hooks=True` lets this one command run the repo's hooks (only ever on the user's say-so);
+    `idle=True` runs it at the lowest CPU priority (`nice`), behind the agents it should not delay."""
+    result = await _run(cwd, args, input, env, hooks, idle)
     if check and result.returncode != 0:
         raise GitError(list(args), result.returncode, result.stderr.decode(errors="replace"))
     return result.stdout.decode(errors="replace").rstrip("\n")

@@ -11,12 +11,21 @@ import pytest
 
 from engine.config import parse_config
 from engine.engine import Engine
-from engine.gitcmd import resolve_many
+from engine.gitcmd import git, resolve_many
 from engine.inputs import CouncilError
 from engine.merge import MergeRefused, changes_in
 from engine.worktrees import Worktrees
 from conftest import fake
 from test_merge import attempt, commit, edited, g, merge, repo, root, snapshot  # noqa: F401 (fixtures)
+
+
+async def test_an_idle_git_runs_at_the_lowest_cpu_priority(repo):
+    """The uncommitted-changes status of a submission's checkout (only a warning) yields the CPU to
+    the agents starting beside it. `nice` without arguments prints the niceness it runs at."""
+    alias = ("-c", "alias.niceness=!nice")
+    normal = int(await git(repo, *alias, "niceness"))
+    niced = int(await git(repo, *alias, "niceness", idle=True))
+    assert niced == min(19, normal + 19) and (niced > normal or normal == 19)
 
 
 async def test_resolve_many_answers_each_rev_or_none_and_never_reads_an_option(repo):
