@@ -350,10 +350,6 @@ def _fits(entry: Entry, base: str, ws: WorktreeSetup) -> bool:
     return entry.setup == ws.setup and (entry.base == base or not ws.setup)
 
 
-# A take moves the entry as `git worktree move` does, then (same base) points its HEAD at the new
-# branch as `git symbolic-ref` does: without their two processes, half of a take's, which are on the
-# path of the agent's start. What git would refuse to move is refused with OSError.
-
 def _dirs_of(names: str) -> frozenset[str]:
     """The directories holding the NUL-separated paths, and all above them ("" the top)."""
     dirs = {""}
@@ -375,6 +371,10 @@ def _watch(path: Path, dirs: frozenset[str]) -> Watch | None:
         return None
     return Watch.start([admin, *(path / d for d in sorted(dirs))])
 
+
+# A take moves the entry as `git worktree move` does, then (same base) points its HEAD at the new
+# branch as `git symbolic-ref` does: without their two processes, half of a take's, which are on the
+# path of the agent's start. What git would refuse to move is refused with OSError.
 
 def _rename(src: Path, dest: Path) -> Path:
     """The worktree's directory to its new place, unless git would refuse: a locked worktree, one with

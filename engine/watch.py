@@ -5,7 +5,9 @@ which stats every file on the path of the agents' start (4 of them: ~140 ms of C
 
 Any event counts: a read makes none, a write, chmod, create, delete or rename in a watched
 directory (or of it) does. Where inotify is missing or refuses (another OS, the watch or instance
-limit, a directory gone), nothing is vouched for and the take runs `git status` as before.
+limit, a directory gone), nothing is vouched for and the take runs `git status` as before. A process
+holds at most MAX_OPEN watches (an inotify instance each): the user's 128 instances by default are
+shared with their editors and tools.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,6 +36,8 @@ def _inotify():
 
 
 _LIBC = _inotify()
+MAX_OPEN = 16
+_SLOTS = threading.BoundedSemaphore(MAX_OPEN)
 
 
 class Watch:
@@ -46,20 +51,18 @@ class Watch:
     @classmethod
     def start(cls, dirs: Iterable[str | Path]) -> Watch | None:
         """Watch every one of `dirs` (blocking: run it in a worker thread); None if any can't be."""
-        if _LIBC is None:
+        if _LIBC is None or not _SLOTS.acquire(blocking=False):
             return None
-        fd = _LIBC.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            return None
+        fd, ok = _LIBC.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC), False
         try:
-            for d in dirs:
-                if _LIBC.inotify_add_watch(fd, os.fsencode(d), _CHANGES | _ONLYDIR | _DONT_FOLLOW) < 0:
+            ok = fd >= 0 and all(_LIBC.inotify_add_watch(fd, os.fsencode(d), _CHANGES | _ONLYDIR | _DONT_FOLLOW) >= 0
+                                 for d in dirs)
+            return cls(fd) if ok else None
+        finally:
+            if not ok:
+                if fd >= 0:
                     os.close(fd)
-                    return None
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(fd)
+                _SLOTS.release()
 
     def untouched(self) -> bool:
         """Nothing happened in the directories since `start`: one non-blocking read, no thread."""
@@ -76,6 +79,7 @@ class Watch:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+            _SLOTS.release()
 
 
 __all__ = ["Watch"]

@@ -92,7 +92,8 @@ async def test_an_attempt_starts_in_a_ready_worktree_and_the_pool_refills(counci
         assert seen(repo, a.branch)["files"]["node_modules/dep.js"]["text"] == "built\n"
         log = await notes(engine, warm.task_id)
         assert any(AHEAD in n for n in log) and "setup says hi" in log, "the setup's output is shown all the same"
-        assert any(WATCHED in n for n in log), "nothing touched the entry: its take ran no status"
+        assert any(WATCHED in n for n in log) or not sys.platform.startswith("linux"), \
+            "nothing touched the entry: its take ran no status"
         assert a.worktree not in runs.read_text().splitlines(), "no setup ran in the taken worktree"
         assert sum(str(e) == a.worktree for e in pool_entries(council_home)) == 0
         # git knows the taken worktree where it now is, on its branch (a prune drops one whose place it lost)

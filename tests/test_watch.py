@@ -4,11 +4,14 @@ watched directory does, and what it can't watch it refuses to vouch for."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from engine.watch import Watch
+from engine.watch import MAX_OPEN, Watch
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
 
 
 def tree(tmp_path: Path) -> list[Path]:
@@ -68,3 +71,19 @@ def test_what_cannot_be_watched_is_vouched_for_by_nothing(tmp_path):
     watch.close()
     watch.close()
     assert not watch.untouched(), "a closed watch vouches for nothing"
+
+
+def test_a_process_holds_at_most_max_open_watches(tmp_path):
+    """Each is an inotify instance, of the 128 a user has by default beside their editors' and tools'."""
+    dirs = tree(tmp_path)
+    held = [started(dirs) for _ in range(MAX_OPEN - 1)]
+    try:
+        assert Watch.start([tmp_path / "gone"]) is None
+        held.append(started(dirs))  # the last one: the refused one gave its slot back
+        assert Watch.start(dirs) is None
+        held.pop().close()
+        held.append(started(dirs))
+    finally:
+        for w in held:
+            w.close()
+    started(dirs).close()
