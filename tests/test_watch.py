@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.watch import MAX_OPEN, Watch
+from engine.watch import BUDGET, MAX_OPEN, Watch
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
 
@@ -87,3 +87,18 @@ def test_a_process_holds_at_most_max_open_watches(tmp_path):
         for w in held:
             w.close()
     started(dirs).close()
+
+
+def test_a_process_watches_at_most_its_share_of_the_users_directory_watches(tmp_path, monkeypatch):
+    dirs = tree(tmp_path)
+    monkeypatch.setattr(BUDGET, "dirs", 5)
+    first = started(dirs)
+    try:
+        assert Watch.start(dirs) is None, "3 more directories than the 2 left"
+        assert Watch.start([tmp_path / "gone", tmp_path]) is None
+        second = started(dirs[:2])  # the refused ones gave their share back
+        second.close()
+    finally:
+        first.close()
+    started(dirs).close()
+    assert BUDGET.dirs == 5
