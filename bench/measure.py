@@ -187,21 +187,41 @@ async def warm_fanout(world: World, repos: dict[str, Path], samples: int) -> dic
 
 
 async def efficiency(world: World, repo_src: Path, samples: int, sleep_s: float = 2.0) -> dict:
-    """4 agents that each sleep `sleep_s`: sleep_s / (submit_task call -> task finished)."""
+    """4 agents that each sleep `sleep_s`: sleep_s / (submit_task call -> task finished), each sample on
+    a fresh clone (4 cold worktrees); then `warm`: the same with `[pool] size = 4`, measured once the
+    pool holds 4 entries again (as warm_fanout)."""
     names = [f"s{i}" for i in range(AGENTS)]
     config = {"agents": {n: agent(SLEEPER, str(sleep_s)) for n in names}}
-    walls = []
+
+    async def sample(s, repo: Path) -> tuple[float, str]:
+        await anyio.to_thread.run_sync(settle)
+        t0 = time.perf_counter()
+        task = await s.call("submit_task", repo=str(repo), prompt="sleep", agents=names)
+        task = await s.finish(task["task_id"])
+        assert task["state"] == "succeeded", task
+        return time.perf_counter() - t0, task["task_id"]
+
+    walls, warm, hits = [], [], []
     async with world.serve("efficiency", config) as s:
         for k in range(samples):
             repo = fresh_clone(repo_src, world.root / f"eff-{k}", world.env)
             await anyio.to_thread.run_sync(refresh_indexes, [repo], world.env)
-            await anyio.to_thread.run_sync(settle)
-            t0 = time.perf_counter()
-            task = await s.call("submit_task", repo=str(repo), prompt="sleep", agents=names)
-            task = await s.finish(task["task_id"])
-            walls.append(time.perf_counter() - t0)
-            assert task["state"] == "succeeded", task
-    return {"sleep_s": sleep_s, "wall_s": median(walls), "efficiency": sleep_s / median(walls), "samples": walls}
+            walls.append((await sample(s, repo))[0])
+    async with world.serve("efficiency-warm", {**config, "pool": {"size": AGENTS}}) as s:
+        repo = fresh_clone(repo_src, world.root / "eff-warm", world.env)
+        await anyio.to_thread.run_sync(refresh_indexes, [repo], world.env)
+        for k in range(samples + 1):  # the first task makes the pool; it is not counted
+            if k:
+                await pool_full(s.home, repo, AGENTS)
+            wall, task_id = await sample(s, repo)
+            if k:
+                warm.append(wall)
+                hits.append(await _pool_hits(s, task_id))
+            await s.call("discard_task", task_id=task_id)
+    full = [w for w, h in zip(warm, hits) if h == AGENTS]
+    return {"sleep_s": sleep_s, "wall_s": median(walls), "efficiency": sleep_s / median(walls), "samples": walls,
+            "warm": {"wall_s": median(full), "efficiency": sleep_s / median(full) if full else None,
+                     "samples": warm, "pool_hits": hits}}
 
 
 async def logs(world: World, repo_src: Path, ticks: int, flood_lines: int) -> dict:
