@@ -5,7 +5,11 @@ which stats every file on the path of the agents' start (4 of them: ~140 ms of C
 
 Any event counts: a read makes none, a write, chmod, create, delete or rename in a watched
 directory (or of it) does. Where inotify is missing or refuses (another OS, a directory gone, the
-limits below), nothing is vouched for and the take runs `git status` as before.
+limits below), nothing is vouched for and the take runs `git status` as before. What inotify does
+not see, as git's fsmonitor does not: a write through a hard link made from another directory, a
+write into a file mapped in memory, a change made by another machine on a network filesystem. The
+check is against accidents (a stray write, a leftover), as the status was: any agent runs as the
+user and can reach the user's files whatever the pool checks.
 
 inotify's limits are the user's, shared with their editors and file watchers (an IDE that can't add
 its watches stops seeing changes): a process holds at most MAX_OPEN watches (an instance each, of
