@@ -89,7 +89,7 @@ class Pool:
         self.kill_grace_s = kill_grace_s
         self._entries: dict[str, list[Entry]] = {}
         self._filling: set[str] = set()
-        self._trees: dict[tuple[str, str], tuple[int, frozenset[str]]] = {}
+        self._trees: dict[tuple[str, str], tuple[int, frozenset[str] | None]] = {}  # files, dirs
         self._failed: set[tuple[str, str, str | None]] = set()  # (repo, commit, setup) whose setup failed here
         self._tg: TaskGroup | None = None
         self._config: Config | None = None
@@ -164,7 +164,7 @@ class Pool:
             while True:
                 config = self._config
                 head = await resolve_commit(repo, "HEAD")
-                if head is None or (dirs := await self._small_enough(repo, head, config.pool.max_files)) is None:
+                if head is None or (dirs := await self._dirs_if_small(repo, head, config.pool.max_files)) is None:
                     return
                 try:
                     ws = await self.repo_configs.settings(config, repo, head)
@@ -189,15 +189,18 @@ class Pool:
         finally:
             self._filling.discard(repo)
 
-    async def _small_enough(self, repo: str, commit: str, max_files: int) -> frozenset[str] | None:
+    async def _dirs_if_small(self, repo: str, commit: str, max_files: int) -> frozenset[str] | None:
         """The directories holding the commit's files ("" the top) if it tracks at most max_files
-        files, else None (read once per commit)."""
-        if (repo, commit) not in self._trees:
+        files, else None. The tree is listed once per commit, its directories only gathered for a
+        commit small enough to get a pool."""
+        files, dirs = self._trees.get((repo, commit), (None, None))
+        if dirs is None and (files is None or files <= max_files):
             if len(self._trees) > 64:
                 self._trees.clear()
             out = await git(repo, "ls-tree", "-r", "-z", "--name-only", "--full-tree", commit)
-            self._trees[(repo, commit)] = (out.count("\0"), await anyio.to_thread.run_sync(_dirs_of, out))
-        files, dirs = self._trees[(repo, commit)]
+            files = out.count("\0")
+            dirs = await anyio.to_thread.run_sync(_dirs_of, out) if files <= max_files else None
+            self._trees[(repo, commit)] = (files, dirs)
         if files > max_files:
             logger.info("no warm pool for %s: %d files, over [pool] max_files = %d", repo, files, max_files)
             return None
